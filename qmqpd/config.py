@@ -1,0 +1,249 @@
+"""One frozen Config built from one key table.
+
+Every setting has one name: its environment variable (IndiMail's name where one exists) and,
+in lower case, its key in the TOML file. Precedence: rule env > process env > config file >
+built-in default. A bad value stops startup naming the key, where it came from, and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names key, source and what is allowed."""
+
+
+TRUE_WORDS = frozenset({"1", "yes", "true", "on"})
+FALSE_WORDS = frozenset({"", "0", "no", "false", "off"})
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int):
+        if raw in (0, 1):
+            return bool(raw)
+        raise ValueError
+    word = str(raw).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError
+
+
+def _int_parser(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = raw if isinstance(raw, int) else int(str(raw).strip(), 10)
+        if value < low or (high is not None and value > high):
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _str(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError
+    return raw
+
+
+def _choice(*words: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        word = str(raw).strip().lower()
+        if word not in words:
+            raise ValueError
+        return word
+
+    return parse
+
+
+def _address_list(raw: Any) -> tuple[str, ...]:
+    """LOCALIP: one or more addresses, comma or space separated; `0` = all IPv4."""
+    items = raw if isinstance(raw, list) else str(raw).replace(",", " ").split()
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        out.append("0.0.0.0" if item == "0" else item)
+    if not out:
+        raise ValueError
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    allowed: str
+    doc: str
+    group: str = "core"
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+def _s(name: str, parse: Callable[[Any], Any], default: Any, allowed: str, doc: str,
+       group: str = "core") -> Setting:
+    return Setting(name, parse, default, allowed, doc, group)
+
+
+# The one table. Later stages append their settings here (group names them in the docs).
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        _s("LOCALIP", _address_list, ("127.0.0.1",),
+           "IP addresses, comma separated; 0 = all IPv4, :: = all",
+           "addresses `qmqpd serve` listens on", "master"),
+        _s("PORT", _int_parser(0, 65535), 6280, "a port number 0-65535",
+           "TCP port to listen on", "master"),
+        _s("USER", _str, "", "a user name or uid", "drop to this user after binding", "master"),
+        _s("GROUP", _str, "", "a group name or gid", "drop to this group after binding", "master"),
+        _s("RULES", _str, "", "path of a tcprules cdb (or its text file)",
+           "client access rules; unset = loopback only", "master"),
+        _s("MAXDAEMONS", _int_parser(1, 100000), 75, "an integer >= 1",
+           "sessions served at once (tcpserver -c)", "master"),
+        _s("MAXPERIP", _int_parser(0, 100000), 25, "an integer >= 0 (0 = no limit)",
+           "sessions at once from one client IP (tcpserver -C); rule MAXPERIP overrides", "master"),
+        _s("PREFORK", _int_parser(0, 100000), 4, "an integer >= 0",
+           "idle workers kept ready", "master"),
+        _s("MAX_REQUESTS", _int_parser(0), 1000, "an integer >= 0 (0 = never recycle)",
+           "sessions a worker serves before it is replaced (with jitter)", "master"),
+        _s("SOFT_MEM", _int_parser(0), 0, "bytes, 0 = no cap",
+           "address-space cap of each worker (softlimit -m)", "master"),
+        _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
+           "idle timeout of each read and write"),
+        _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",
+           "limit on one whole session"),
+        _s("DATABYTES", _int_parser(0), 20_000_000, "bytes, 0 = no limit",
+           "largest message accepted"),
+        _s("QUEUEDIR", _str, "", "path of one qmail queue",
+           "the queue; if unset QUEUE_BASE/queueN are used"),
+        _s("QUEUE_BASE", _str, "", "path holding queueN directories",
+           "base of the queues qmail-multi style"),
+        _s("QUEUE_COUNT", _int_parser(1, 1000), 1, "an integer 1-1000",
+           "number of queues under QUEUE_BASE"),
+        _s("QUEUE_START", _int_parser(0, 100000), 1, "an integer >= 0",
+           "number of the first queue under QUEUE_BASE"),
+        _s("TODO_LAYOUT", _choice("flat", "split"), "flat", "flat or split",
+           "todo/ and intd/ flat (qmail) or split like mess/ (IndiMail bigtodo)"),
+        _s("SPLIT", _int_parser(1, 10000), 23, "an integer >= 1", "conf-split of the queue"),
+        _s("USE_FSYNC", _parse_bool, True, "1/0, yes/no, on/off; empty = off",
+           "fsync message and envelope before the commit"),
+        _s("USE_SYNCDIR", _parse_bool, True, "1/0, yes/no, on/off; empty = off",
+           "also fsync each directory after a create or link"),
+        _s("MIN_FREE", _int_parser(0), 0, "bytes, 0 = no check",
+           "refuse with Z when the queue filesystem has less free space"),
+        _s("QMAILQUEUE", _str, "", "path of a qmail-queue style program, optionally with args",
+           "hand messages to this program instead of writing the queue"),
+    )
+}
+
+
+class Config:
+    """Frozen settings: attribute per key (lower case), plus where each value came from."""
+
+    __slots__ = ("_sources", "_values")
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_sources", dict(sources))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key.upper()]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("Config is frozen")
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def source(self, name: str) -> str:
+        return self._sources.get(name, "default")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def overlay(self, env: Mapping[str, str | None], source: str) -> Config:
+        """Settings overridden by env (a rule's env): known names only, None = unset."""
+        values = dict(self._values)
+        sources = dict(self._sources)
+        for name, raw in env.items():
+            setting = SETTINGS.get(name)
+            if setting is None:
+                continue
+            if raw is None:
+                values[name] = setting.default
+                sources[name] = "default"
+            else:
+                values[name] = _parse(setting, raw, source)
+                sources[name] = source
+        return Config(values, sources)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._values == other._values
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _parse(setting: Setting, raw: Any, source: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{setting.name} ({setting.key}) from {source}: bad value {raw!r}; "
+            f"allowed: {setting.allowed}"
+        ) from None
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """A TOML config file: flat keys in lower case, each a known setting."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.upper()
+        if name not in SETTINGS or key != key.lower():
+            raise ConfigError(
+                f"config file {path}: unknown key {key!r}; allowed keys: "
+                + ", ".join(s.key for s in SETTINGS.values())
+            )
+        out[name] = value
+    return out
+
+
+def load(config_file: str | None = None, environ: Mapping[str, str] | None = None,
+         defaults: Mapping[str, Any] | None = None) -> Config:
+    """Built-in defaults, then `defaults` (an embedded profile), the file, the environment."""
+    values: dict[str, Any] = {name: s.default for name, s in SETTINGS.items()}
+    sources: dict[str, str] = {}
+    layers: list[tuple[Mapping[str, Any], str]] = []
+    if defaults:
+        layers.append((defaults, "embedded defaults"))
+    if config_file:
+        layers.append((read_file(config_file), f"config file {config_file}"))
+    if environ:
+        layers.append(({k: v for k, v in environ.items() if k in SETTINGS}, "environment"))
+    for layer, source in layers:
+        for name, raw in layer.items():
+            values[name] = _parse(SETTINGS[name], raw, source)
+            sources[name] = source
+    return Config(values, sources)
