@@ -1,0 +1,518 @@
+"""The native qmail queue: a writer that follows qmail-queue byte for byte, and readers.
+
+Queue states (as qmail-send sees them), one message id N = inode of its mess file:
+
+| state | files present | meaning |
+| --- | --- | --- |
+| S1 | pid/<pid>.<time>.<seq> | writer started; scratch name only |
+| S2 | mess/<N%split>/N (+ pid name) | message being written |
+| S3 | mess + intd/N | envelope being written (not yet visible to qmail-send) |
+| S4 | mess + intd/N + todo/N | committed: the todo link is the one commit point |
+| S5 | mess + info/N + local/remote | qmail-send owns it (todo/intd cleaned) |
+
+Anything before S4 that fails is removed by the writer; nothing half-written reaches todo/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import itertools
+import os
+import pwd
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qmqpd.message import Message
+
+# qmail-queue's limit: an address of this many bytes or more gets exit 11.
+ADDRESS_LIMIT = 1003
+FILE_MODE = 0o644
+PID_ATTEMPTS = 20
+
+# Exit codes (IndiMail's qmail.h names); the injector turns them into replies.
+EXIT_TOO_LONG = 11
+EXIT_WRITE = 53
+EXIT_READ = 54
+EXIT_QUEUE_DIR = 61
+EXIT_FSYNC = 64
+EXIT_INTD = 65
+EXIT_TODO = 66
+EXIT_LINK_MESS = 67
+EXIT_SYNCDIR = 69
+EXIT_PID_FILE = 70
+EXIT_ENVELOPE = 91
+
+LAYOUTS = ("flat", "split")
+
+_sequence = itertools.count(1)
+
+
+class QueueError(Exception):
+    """A failed queue write: the qmail-queue exit code and why."""
+
+    def __init__(self, exit_code: int, reason: str) -> None:
+        super().__init__(f"{reason} (exit {exit_code})")
+        self.exit_code = exit_code
+        self.reason = reason
+
+
+class QueueSetupError(Exception):
+    """A queue directory that cannot be created or fixed."""
+
+
+def envelope_bytes(sender: bytes, recipients: list[bytes], uid: int, pid: int) -> bytes:
+    """The intd/todo file: u, p, F and one T record per recipient, each NUL-terminated."""
+    for address in (sender, *recipients):
+        if len(address) >= ADDRESS_LIMIT:
+            raise QueueError(EXIT_TOO_LONG, "envelope address too long")
+        if b"\0" in address:
+            raise QueueError(EXIT_ENVELOPE, "envelope address contains NUL")
+    parts = [b"u%d\0p%d\0F" % (uid, pid), sender, b"\0"]
+    for recipient in recipients:
+        parts += (b"T", recipient, b"\0")
+    return b"".join(parts)
+
+
+def _check_layout(todo_layout: str, split: int) -> None:
+    if todo_layout not in LAYOUTS:
+        raise ValueError(f"todo_layout must be one of {LAYOUTS}, not {todo_layout!r}")
+    if split < 1:
+        raise ValueError("split must be >= 1")
+
+
+class Queue:
+    """Writes messages into one qmail queue directory."""
+
+    def __init__(self, path: str, split: int = 23, todo_layout: str = "flat",
+                 fsync: bool = True, syncdir: bool = True) -> None:
+        _check_layout(todo_layout, split)
+        self.path = path
+        self.split = split
+        self.todo_layout = todo_layout
+        self.fsync = fsync
+        self.syncdir = syncdir
+        self._owner: tuple[int, int] | None = None
+
+    # -- names ------------------------------------------------------------------------
+    def mess_name(self, qid: int) -> str:
+        return os.path.join(self.path, "mess", str(qid % self.split), str(qid))
+
+    def intd_name(self, qid: int) -> str:
+        return self._todo_style("intd", qid)
+
+    def todo_name(self, qid: int) -> str:
+        return self._todo_style("todo", qid)
+
+    def _todo_style(self, top: str, qid: int) -> str:
+        if self.todo_layout == "split":
+            return os.path.join(self.path, top, str(qid % self.split), str(qid))
+        return os.path.join(self.path, top, str(qid))
+
+    # -- writing ----------------------------------------------------------------------
+    def write(self, message: Message, uid: int | None = None) -> int:
+        """Queue one message; returns its id N. Raises QueueError, leaving nothing behind."""
+        envelope = envelope_bytes(message.sender, message.recipients,
+                                  os.getuid() if uid is None else uid, os.getpid())
+        made: list[str] = []
+        try:
+            qid = self._write_message(message, made)
+            self._write_envelope(qid, envelope, made)
+            self._commit(qid, made)
+        except BaseException:
+            # Also on KeyboardInterrupt or a worker's shutdown signal: no debris.
+            _remove_all(made)
+            raise
+        self.trigger()
+        return qid
+
+    def _write_message(self, message: Message, made: list[str]) -> int:
+        fd, pid_name = self._create_pid_file()
+        try:
+            made.append(pid_name)
+            info = os.fstat(fd)
+            qid = info.st_ino
+            self._fix_file(fd, info)
+            mess = self.mess_name(qid)
+            _step(EXIT_LINK_MESS, "link pid file to mess", os.link, pid_name, mess)
+            made.append(mess)
+            self._sync_dir(mess)
+            _step(EXIT_PID_FILE, "unlink pid file", os.unlink, pid_name)
+            made.remove(pid_name)
+            self._sync_dir(pid_name)
+            _step(EXIT_WRITE, "write message", message.write_final, fd)
+            self._sync_file(fd, "message")
+        finally:
+            os.close(fd)
+        return qid
+
+    def _create_pid_file(self) -> tuple[int, str]:
+        pid_dir = os.path.join(self.path, "pid")
+        for _ in range(PID_ATTEMPTS):
+            name = os.path.join(pid_dir, f"{os.getpid()}.{int(time.time())}.{next(_sequence)}")
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             FILE_MODE)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                code = EXIT_QUEUE_DIR if not os.path.isdir(self.path) else EXIT_PID_FILE
+                raise QueueError(code, f"create pid file {name}: {exc.strerror}") from None
+            try:
+                self._sync_dir(name)
+            except QueueError:
+                os.close(fd)
+                _remove_all([name])
+                raise
+            return fd, name
+        raise QueueError(EXIT_PID_FILE, f"no free pid file name in {pid_dir}")
+
+    def _write_envelope(self, qid: int, envelope: bytes, made: list[str]) -> None:
+        intd = self.intd_name(qid)
+        try:
+            fd = os.open(intd, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise QueueError(EXIT_INTD, f"create {intd}: {exc.strerror}") from None
+        made.append(intd)
+        try:
+            self._fix_file(fd, os.fstat(fd))
+            self._sync_dir(intd)
+            _step(EXIT_WRITE, "write envelope", _write_all, fd, envelope)
+            self._sync_file(fd, "envelope")
+        finally:
+            os.close(fd)
+
+    def _commit(self, qid: int, made: list[str]) -> None:
+        todo = self.todo_name(qid)
+        _step(EXIT_TODO, "link intd to todo", os.link, self.intd_name(qid), todo)
+        written = list(made)
+        made.clear()  # committed: from here on nothing may be removed behind todo/N
+        try:
+            self._sync_dir(todo)
+        except QueueError:
+            # The link is visible but not durable: take it back so the client retries.
+            try:
+                os.unlink(todo)
+            except FileNotFoundError:
+                return  # qmail-send already took the message over; it is queued
+            made.extend(written)
+            raise
+
+    def trigger(self) -> None:
+        """Wake qmail-send; with no reader the open fails, which is fine."""
+        try:
+            fd = os.open(os.path.join(self.path, "lock", "trigger"),
+                         os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.write(fd, b"\0")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _fix_file(self, fd: int, info: os.stat_result) -> None:
+        """0644 whatever the umask; owned like the queue when running as root."""
+        if stat.S_IMODE(info.st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+        if os.geteuid() == 0:
+            uid, gid = self._queue_owner()
+            if (info.st_uid, info.st_gid) != (uid, gid):
+                os.fchown(fd, uid, gid)
+
+    def _queue_owner(self) -> tuple[int, int]:
+        if self._owner is None:
+            info = os.stat(self.path)
+            self._owner = (info.st_uid, info.st_gid)
+        return self._owner
+
+    def _sync_file(self, fd: int, what: str) -> None:
+        if self.fsync:
+            _step(EXIT_FSYNC, f"fsync {what}", os.fsync, fd)
+
+    def _sync_dir(self, name: str) -> None:
+        if not self.syncdir:
+            return
+        directory = os.path.dirname(name)
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise QueueError(EXIT_SYNCDIR, f"fsync directory {directory}: {exc.strerror}") from None
+
+
+def _step(code: int, what: str, func: Callable[..., object], *args: object) -> None:
+    try:
+        func(*args)
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        raise QueueError(code, f"{what}: {detail}") from None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _remove_all(names: list[str]) -> None:
+    for name in reversed(names):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    names.clear()
+
+
+# -- creating a queue (queue-fix) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueueOwners:
+    """The uids of qmailq, qmails, qmailr and the gid of group qmail."""
+
+    qmailq: int
+    qmails: int
+    qmailr: int
+    gid: int
+    source: str = "given"
+
+    @classmethod
+    def current(cls, why: str) -> QueueOwners:
+        uid, gid = os.getuid(), os.getgid()
+        return cls(uid, uid, uid, gid, f"current user ({why})")
+
+    @classmethod
+    def detect(cls) -> QueueOwners:
+        """qmail's users when running as root and they exist, else the current user."""
+        if os.geteuid() != 0:
+            return cls.current("not running as root")
+        try:
+            return cls(pwd.getpwnam("qmailq").pw_uid, pwd.getpwnam("qmails").pw_uid,
+                       pwd.getpwnam("qmailr").pw_uid, grp.getgrnam("qmail").gr_gid,
+                       "qmail users")
+        except KeyError:
+            return cls.current("users qmailq/qmails/qmailr or group qmail not found")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    owner: str  # attribute of QueueOwners
+    mode: int
+    kind: str = "dir"  # dir, split (dir with <n> subdirs), file, fifo
+    size: int = 0
+
+
+def queue_table(todo_layout: str = "flat") -> list[_Entry]:
+    """The directories and files of a qmail queue (qmail-queue.md section 3)."""
+    todo_kind = "split" if todo_layout == "split" else "dir"
+    return [
+        _Entry("", "qmailq", 0o750),
+        _Entry("pid", "qmailq", 0o700),
+        _Entry("mess", "qmailq", 0o750, "split"),
+        _Entry("intd", "qmailq", 0o700, todo_kind),
+        _Entry("todo", "qmailq", 0o750, todo_kind),
+        _Entry("info", "qmails", 0o700, "split"),
+        _Entry("local", "qmails", 0o700, "split"),
+        _Entry("remote", "qmails", 0o700, "split"),
+        _Entry("bounce", "qmails", 0o700),
+        _Entry("lock", "qmailq", 0o750),
+        _Entry("lock/sendmutex", "qmails", 0o600, "file"),
+        _Entry("lock/tcpto", "qmailr", 0o644, "file", 1024),
+        _Entry("lock/trigger", "qmails", 0o622, "fifo"),
+    ]
+
+
+def create_queue(path: str, split: int = 23, todo_layout: str = "flat",
+                 owners: QueueOwners | None = None) -> QueueOwners:
+    """Create or fix a queue like queue-fix; returns the owners used (with their source)."""
+    _check_layout(todo_layout, split)
+    owners = owners or QueueOwners.detect()
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise QueueSetupError(f"{path}: exists and is not a directory")
+    for entry in queue_table(todo_layout):
+        target = os.path.join(path, entry.name) if entry.name else path
+        uid = getattr(owners, entry.owner)
+        try:
+            _make_entry(target, entry, uid, owners.gid)
+            if entry.kind == "split":
+                for n in range(split):
+                    _make_entry(os.path.join(target, str(n)), _Entry("", entry.owner, entry.mode),
+                                uid, owners.gid)
+        except OSError as exc:
+            raise QueueSetupError(f"{target}: {exc.strerror or exc}") from None
+    return owners
+
+
+def _make_entry(target: str, entry: _Entry, uid: int, gid: int) -> None:
+    if entry.kind in ("dir", "split"):
+        if not os.path.lexists(target):
+            os.makedirs(target, mode=entry.mode)
+        elif not os.path.isdir(target) or os.path.islink(target):
+            raise QueueSetupError(f"{target}: exists and is not a directory")
+    elif entry.kind == "fifo":
+        if os.path.lexists(target) and not stat.S_ISFIFO(os.lstat(target).st_mode):
+            raise QueueSetupError(f"{target}: exists and is not a FIFO")
+        if not os.path.lexists(target):
+            os.mkfifo(target, entry.mode)
+    elif not os.path.lexists(target):
+        with open(target, "xb") as handle:
+            handle.write(b"\0" * entry.size)
+    elif not os.path.isfile(target) or os.path.islink(target):
+        raise QueueSetupError(f"{target}: exists and is not a regular file")
+    info = os.lstat(target)
+    if stat.S_IMODE(info.st_mode) != entry.mode:
+        os.chmod(target, entry.mode)
+    if (info.st_uid, info.st_gid) != (uid, gid):
+        os.chown(target, uid, gid)
+
+
+# -- readers for operators ------------------------------------------------------------
+
+@dataclass
+class QueuedMessage:
+    """One message as qmail-send would see it."""
+
+    id: int
+    state: str  # "todo" (not yet preprocessed) or "queued" (info/ present)
+    sender: bytes | None = None
+    recipients: list[bytes] = field(default_factory=list)  # still to be delivered
+    done: list[bytes] = field(default_factory=list)  # delivered (marked D)
+    size: int | None = None  # bytes of the mess file; None when it is missing
+    age: float = 0.0  # seconds since the message file was written
+    broken: str = ""  # why qmail-send cannot process it, if it cannot
+
+
+@dataclass
+class QueueStats:
+    todo: int = 0
+    queued: int = 0
+    broken: int = 0
+    oldest_age: float | None = None
+    total_bytes: int = 0
+    pid_leftovers: int = 0
+    intd_leftovers: int = 0
+
+
+def _numeric_entries(directory: str) -> Iterator[tuple[int, str]]:
+    """Ids and paths of the pure-decimal names in a directory (others are ignored)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.isascii() and name.isdigit():
+            yield int(name), os.path.join(directory, name)
+
+
+def _scan(path: str, top: str, split: int, is_split: bool) -> dict[int, str]:
+    base = os.path.join(path, top)
+    if not is_split:
+        return dict(_numeric_entries(base))
+    found: dict[int, str] = {}
+    for n in range(split):
+        found.update(_numeric_entries(os.path.join(base, str(n))))
+    return found
+
+
+TODO_RECORDS = "upFT"
+DELIVERY_RECORDS = "TD"
+
+
+def parse_envelope(data: bytes, allowed: str = TODO_RECORDS) -> tuple[dict[str, list[bytes]], str]:
+    """Records of a todo (or local/remote) file by qmail-send's rules.
+
+    Returns records by type and a reason when a record type is unknown (an empty record,
+    as from an extra trailing NUL, counts as unknown). An unterminated tail is ignored.
+    """
+    records: dict[str, list[bytes]] = {}
+    *complete, _tail = data.split(b"\0")
+    for record in complete:
+        kind = chr(record[0]) if record else ""
+        if not kind or kind not in allowed:
+            return records, f"unknown record type {kind!r}"
+        records.setdefault(kind, []).append(record[1:])
+    return records, ""
+
+
+def _read(name: str) -> bytes | None:
+    try:
+        with open(name, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def _describe(path: str, split: int, qid: int, state: str, envelope: str,
+              now: float) -> QueuedMessage:
+    mess = os.path.join(path, "mess", str(qid % split), str(qid))
+    record = QueuedMessage(id=qid, state=state)
+    try:
+        info = os.stat(mess)
+        record.size = info.st_size
+        record.age = max(0.0, now - info.st_mtime)
+    except FileNotFoundError:
+        record.broken = "mess file missing"
+    records, reason = parse_envelope(_read(envelope) or b"",
+                                     TODO_RECORDS if state == "todo" else "F")
+    record.broken = record.broken or reason
+    senders = records.get("F", [])
+    record.sender = senders[0] if senders else None
+    if state == "todo":
+        record.recipients = records.get("T", [])
+        return record
+    for part in ("local", "remote"):
+        name = os.path.join(path, part, str(qid % split), str(qid))
+        parts, bad = parse_envelope(_read(name) or b"", DELIVERY_RECORDS)
+        record.broken = record.broken or bad
+        record.recipients += parts.get("T", [])
+        record.done += parts.get("D", [])
+    return record
+
+
+def list_messages(path: str, split: int = 23, todo_layout: str = "flat") -> Iterator[QueuedMessage]:
+    """Every message in todo/ (state "todo") or info/ (state "queued"), by id."""
+    _check_layout(todo_layout, split)
+    now = time.time()
+    todo = _scan(path, "todo", split, todo_layout == "split")
+    info = _scan(path, "info", split, True)
+    for qid in sorted(set(todo) | set(info)):
+        if qid in todo:
+            # qmail-send redoes a todo entry even if stale info exists; todo wins.
+            yield _describe(path, split, qid, "todo", todo[qid], now)
+        else:
+            yield _describe(path, split, qid, "queued", info[qid], now)
+
+
+def stat_queue(path: str, split: int = 23, todo_layout: str = "flat") -> QueueStats:
+    """Counts for operators, including leftovers of interrupted writers."""
+    stats = QueueStats()
+    for record in list_messages(path, split, todo_layout):
+        if record.state == "todo":
+            stats.todo += 1
+        else:
+            stats.queued += 1
+        stats.broken += bool(record.broken)
+        stats.total_bytes += record.size or 0
+        if record.size is not None and (stats.oldest_age is None or record.age > stats.oldest_age):
+            stats.oldest_age = record.age
+    with contextlib.suppress(FileNotFoundError):
+        stats.pid_leftovers = len(os.listdir(os.path.join(path, "pid")))
+    todo = _scan(path, "todo", split, todo_layout == "split")
+    intd = _scan(path, "intd", split, todo_layout == "split")
+    stats.intd_leftovers = len(set(intd) - set(todo))
+    return stats
+
+
+def free_bytes(path: str) -> int:
+    """Space available to unprivileged users on the filesystem holding path."""
+    info = os.statvfs(path)
+    return info.f_bavail * info.f_frsize
+
