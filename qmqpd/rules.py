@@ -50,6 +50,7 @@ import contextlib
 import ipaddress
 import os
 import stat
+import struct
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ import cdbx
 _IPV4_BIT_LETTERS = b"abcdefghijklmnopqrstuvwxyz123456"
 _TRAILING_BLANKS = " \t\n"
 _ULONG = 2**64
+_HEADER_SIZE = 2048
 
 
 class RulesError(ValueError):
@@ -317,26 +319,54 @@ def _looks_like_text(path: str) -> bool:
     return b"\0" not in head
 
 
-def _open_cdb(path: str) -> tuple[cdbx.CDB, tuple[int, int, int, int]]:
-    """Open the cdb and return it with the identity of the file actually opened."""
+def _open_cdb(path: str) -> tuple[cdbx.CDB, tuple[int, int, int, int], frozenset[int]]:
+    """Open and read through the cdb; returns it, the file's identity and its CIDR lengths.
+
+    Reading every key once finds a file that is not a cdb before any client is judged by
+    it, and tells lookups which CIDR prefix lengths exist.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise RulesError(f"{path}: not a regular file")
-        try:
-            db = cdbx.CDB(fd, close=True)
-        except OSError as error:
-            if _looks_like_text(path):
-                raise RulesError(
-                    f"{path} is a rules text file, not a cdb; compile it first: "
-                    f"qmqpd rules compile {path} {path}.cdb"
-                ) from None
-            raise RulesError(f"{path}: not a cdb ({error})") from None
+        db, lengths = _read_cdb(fd, info.st_size)
+    except OSError as error:
+        os.close(fd)
+        if _looks_like_text(path):
+            raise RulesError(
+                f"{path} is a rules text file, not a cdb; compile it first: "
+                f"qmqpd rules compile {path} {path}.cdb"
+            ) from None
+        raise RulesError(f"{path}: not a cdb ({error})") from None
     except BaseException:
         os.close(fd)
         raise
-    return db, _identity(info)
+    return db, _identity(info), lengths
+
+
+def _read_cdb(fd: int, size: int) -> tuple[cdbx.CDB, frozenset[int]]:
+    if not _valid_header(os.pread(fd, _HEADER_SIZE, 0), size):
+        raise OSError("Format Error")
+    db = cdbx.CDB(os.dup(fd), close=True)
+    try:
+        lengths = frozenset(len(key) for key in db if key[:1] in (b"_", b"^"))
+    except BaseException:
+        db.close()
+        raise
+    os.close(fd)
+    return db, lengths
+
+
+def _valid_header(header: bytes, size: int) -> bool:
+    """Every one of the 256 hash tables the header names lies inside the file."""
+    if len(header) < _HEADER_SIZE:
+        return False
+    for table in range(256):
+        position, slots = struct.unpack_from("<II", header, table * 8)
+        if position < _HEADER_SIZE or position + 8 * slots > size:
+            return False
+    return True
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
@@ -407,11 +437,6 @@ def candidate_keys(
     yield ""
 
 
-def _cidr_lengths(db: cdbx.CDB) -> frozenset[int]:
-    """Lengths of the CIDR keys in a cdb, so a lookup tries only those (read once per open)."""
-    return frozenset(len(key) for key in db if key[:1] in (b"_", b"^"))
-
-
 def _find(
     db: cdbx.CDB, ip: str, host: str, info: str, cidr_lengths: frozenset[int] | None = None
 ) -> tuple[str, bytes] | None:
@@ -464,9 +489,9 @@ def check(path: str, ip: str, host: str = "", info: str = "") -> str:
 
     Raises RulesError (or OSError) when the cdb cannot be read, as tcprulescheck exits 111.
     """
-    db, _ = _open_cdb(path)
+    db, _, lengths = _open_cdb(path)
     try:
-        found = _find(db, ip, host, info)
+        found = _find(db, ip, host, info, lengths)
     finally:
         db.close()
     return describe(None, b"") if found is None else describe(*found)
@@ -511,7 +536,11 @@ class RuleTable:
         self._refresh()
         if self._db is None:
             return Rule(False, {}, None, self._error)
-        found = _find(self._db, ip, host, info, self._cidr_lengths)
+        try:
+            found = _find(self._db, ip, host, info, self._cidr_lengths)
+        except OSError as error:  # a cdb damaged in place, not replaced by rename
+            self._fail(f"unable to read {self.path}: {error}")
+            return Rule(False, {}, None, self._error)
         return Rule(True, {}, None) if found is None else rule_from_data(*found)
 
     def close(self) -> None:
@@ -531,7 +560,7 @@ class RuleTable:
         if current == self._identity and self._db is not None:
             return
         try:
-            db, identity = _open_cdb(self.path)
+            db, identity, lengths = _open_cdb(self.path)
         except RulesError as error:
             self._fail(str(error))
             return
@@ -540,7 +569,7 @@ class RuleTable:
             return
         self.close()
         self._db, self._identity, self._error = db, identity, ""
-        self._cidr_lengths = _cidr_lengths(db)
+        self._cidr_lengths = lengths
 
     def _fail(self, reason: str) -> None:
         self.close()
