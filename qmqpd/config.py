@@ -121,6 +121,8 @@ SETTINGS: dict[str, Setting] = {
            "sessions a worker serves before it is replaced (with jitter)", "master"),
         _s("SOFT_MEM", _int_parser(0), 0, "bytes, 0 = no cap",
            "address-space cap of each worker (softlimit -m)", "master"),
+        _s("SHUTDOWN_TIMEOUT", _int_parser(0, 86400), 30, "seconds 0-86400",
+           "on TERM, how long sessions in progress may take to finish", "master"),
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
            "idle timeout of each read and write"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",

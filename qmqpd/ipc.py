@@ -1,0 +1,158 @@
+"""Master <-> worker records on an AF_UNIX SOCK_SEQPACKET socketpair.
+
+One record is one packet: a kind byte, then fields, each a 2-byte big-endian length and
+that many bytes. A handoff carries the client's fd (SCM_RIGHTS via socket.send_fds) and its
+facts; rule env entries are encoded as tcprules stores them (``+NAME=value``, ``-NAME``).
+Sizes are bounded so neither side can be made to hold more than MAX_RECORD bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from qmqpd.message import Client
+
+MAX_RECORD = 64 * 1024
+_FIELD = struct.Struct(">H")
+# Client facts in record order; the rule env follows them.
+_FACTS = ("remote_ip", "remote_port", "local_ip", "local_port", "remote_host",
+          "remote_info", "local_host", "proto")
+
+
+class Kind(enum.IntEnum):
+    HANDOFF = 1  # master -> worker: serve this fd
+    READY = 2  # worker -> master: booted, waiting for work
+    DONE = 3  # worker -> master: session over (flag: the worker exits now)
+    RETIRE = 4  # master -> worker: exit when idle
+
+
+class ChannelError(Exception):
+    """A malformed, oversized or unexpected record: the peer cannot be trusted further."""
+
+
+@dataclass
+class Record:
+    kind: Kind
+    client: Client | None = None
+    fd: int | None = None
+    exiting: bool = False
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """(master end, worker end); both close-on-exec, the worker end is kept across fork."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def _pack(kind: Kind, fields: list[bytes]) -> bytes:
+    parts = [bytes([kind])]
+    for value in fields:
+        if len(value) > 0xFFFF:
+            raise ChannelError("record field too long")
+        parts.append(_FIELD.pack(len(value)))
+        parts.append(value)
+    packet = b"".join(parts)
+    if len(packet) > MAX_RECORD:
+        raise ChannelError("record too long")
+    return packet
+
+
+def _unpack(packet: bytes) -> tuple[Kind, list[bytes]]:
+    if not packet:
+        raise ChannelError("empty record")
+    try:
+        kind = Kind(packet[0])
+    except ValueError:
+        raise ChannelError(f"unknown record kind {packet[0]}") from None
+    fields: list[bytes] = []
+    pos = 1
+    while pos < len(packet):
+        if pos + _FIELD.size > len(packet):
+            raise ChannelError("truncated field length")
+        (size,) = _FIELD.unpack_from(packet, pos)
+        pos += _FIELD.size
+        if pos + size > len(packet):
+            raise ChannelError("truncated field")
+        fields.append(packet[pos : pos + size])
+        pos += size
+    return kind, fields
+
+
+def encode_client(client: Client) -> list[bytes]:
+    fields = [str(getattr(client, name)).encode("utf-8", "surrogateescape") for name in _FACTS]
+    for name, value in client.rule_env.items():
+        item = f"-{name}" if value is None else f"+{name}={value}"
+        fields.append(item.encode("utf-8", "surrogateescape"))
+    return fields
+
+
+def decode_client(fields: list[bytes]) -> Client:
+    if len(fields) < len(_FACTS):
+        raise ChannelError("handoff without client facts")
+    text = [f.decode("utf-8", "surrogateescape") for f in fields]
+    facts = dict(zip(_FACTS, text[: len(_FACTS)], strict=True))
+    env: dict[str, str | None] = {}
+    for item in text[len(_FACTS) :]:
+        if item.startswith("+") and "=" in item:
+            name, value = item[1:].split("=", 1)
+            env[name] = value
+        elif item.startswith("-") and len(item) > 1:
+            env[item[1:]] = None
+        else:
+            raise ChannelError("bad rule env entry in handoff")
+    return Client(rule_env=env, **facts)
+
+
+def send_handoff(channel: socket.socket, fd: int, client: Client) -> None:
+    packet = _pack(Kind.HANDOFF, encode_client(client))
+    socket.send_fds(channel, [packet], [fd])
+
+
+def _send(channel: socket.socket, kind: Kind, fields: list[bytes] | None = None) -> None:
+    channel.send(_pack(kind, fields or []))
+
+
+def send_ready(channel: socket.socket) -> None:
+    _send(channel, Kind.READY)
+
+
+def send_done(channel: socket.socket, exiting: bool = False) -> None:
+    _send(channel, Kind.DONE, [b"1" if exiting else b"0"])
+
+
+def send_retire(channel: socket.socket) -> None:
+    _send(channel, Kind.RETIRE)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def receive(channel: socket.socket) -> Record | None:
+    """The next record, or None when the peer has closed its end."""
+    packet, fds, flags, _ = socket.recv_fds(channel, MAX_RECORD, 1)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        _close_all(fds)
+        raise ChannelError("record truncated")
+    if not packet and not fds:
+        return None
+    try:
+        kind, fields = _unpack(packet)
+        if kind is Kind.HANDOFF:
+            if len(fds) != 1:
+                raise ChannelError("handoff without exactly one fd")
+            return Record(kind, client=decode_client(fields), fd=fds[0])
+        if fds:
+            raise ChannelError(f"unexpected fd with {kind.name}")
+        if kind is Kind.DONE:
+            return Record(kind, exiting=fields[:1] == [b"1"])
+        return Record(kind)
+    except ChannelError:
+        _close_all(fds)
+        raise

@@ -1,0 +1,382 @@
+"""Worker slots as a state machine: fork, hand work, reap, deadlines, recycling, throttle.
+
+    STARTING --ready--> IDLE --handoff--> BUSY --done--> IDLE
+        |                 |                 |   \\--done + recycle--> RETIRING
+        +-- dies: boot    +-- retire ------>+------------------------> RETIRING --exit--> gone
+            failure
+
+The pool never imports the worker code: the entry function is passed in, so the master
+side does not load protocol, filter or queue code paths. Deadlines use time.monotonic().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gc
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmqpd import ipc, log
+from qmqpd.config import Config
+
+WorkerEntry = Callable[[socket.socket, Config], None]
+
+# A worker that has not said ready by then is killed (counts as a boot failure).
+BOOT_TIMEOUT = 30.0
+# Workers dying before ready this many times in a row stop the master.
+BOOT_FAILURE_LIMIT = 5
+# Respawn delay after a boot failure: doubles per failure up to the cap.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+# Between TERM and KILL for a worker past its deadline.
+KILL_GRACE = 5.0
+# A busy worker may overrun SESSION_TIMEOUT by the drain of an early answer and this slack.
+SESSION_SLACK = 10.0
+# Idle workers beyond PREFORK are retired after this long without work.
+IDLE_SURPLUS_TIMEOUT = 60.0
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RETIRING = "retiring"
+
+
+class BootFailure(Exception):
+    """Workers keep dying before they are ready: respawning would only loop."""
+
+
+@dataclass(eq=False)
+class Worker:
+    pid: int
+    channel: socket.socket
+    generation: int
+    started: float
+    max_requests: int
+    state: State = State.STARTING
+    served: int = 0
+    session: Any = None  # what the master must release when the session ends
+    busy_since: float = 0.0
+    idle_since: float = 0.0
+    deadline: float | None = None  # next escalation (TERM, then KILL)
+    signals_sent: list[int] = field(default_factory=list)
+    retire_when_done: bool = False
+    channel_open: bool = True
+
+
+@dataclass
+class Exit:
+    """A reaped worker; `session` is not None when it died holding a session."""
+
+    worker: Worker
+    status: int
+    session: Any
+
+    @property
+    def description(self) -> str:
+        if os.WIFSIGNALED(self.status):
+            return f"killed by signal {os.WTERMSIG(self.status)}"
+        return f"exit {os.waitstatus_to_exitcode(self.status)}"
+
+
+def jittered(max_requests: int) -> int:
+    """Recycling point per worker, spread so workers do not all restart together."""
+    if max_requests <= 0:
+        return 0
+    return max_requests + random.randint(0, max_requests // 10)
+
+
+class Pool:
+    def __init__(self, entry: WorkerEntry, config: Config, selector: selectors.BaseSelector,
+                 after_fork: Callable[[], None] | None = None) -> None:
+        self.entry = entry
+        self.config = config
+        self.selector = selector
+        self.after_fork = after_fork
+        self.workers: dict[int, Worker] = {}
+        self.generation = 0
+        self.boot_failures = 0
+        self.last_boot_failure = ""
+        self.next_spawn_at = 0.0
+        self.spawning = True
+
+    # ---- counts -------------------------------------------------------------------------
+    def in_state(self, state: State) -> list[Worker]:
+        return [w for w in self.workers.values() if w.state is state]
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state is State.BUSY)
+
+    @property
+    def idle(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state is State.IDLE)
+
+    def _current(self, *states: State) -> list[Worker]:
+        return [w for w in self.workers.values()
+                if w.generation == self.generation and w.state in states]
+
+    # ---- fork ---------------------------------------------------------------------------
+    def spawn(self, now: float) -> Worker:
+        master_end, worker_end = ipc.channel_pair()
+        gc.freeze()  # keep the master's objects in shared pages after fork
+        pid = os.fork()
+        if pid == 0:
+            self._child(master_end, worker_end)
+        worker_end.close()
+        worker = Worker(pid=pid, channel=master_end, generation=self.generation, started=now,
+                        max_requests=jittered(self.config.max_requests))
+        worker.deadline = now + BOOT_TIMEOUT
+        self.workers[pid] = worker
+        self.selector.register(master_end, selectors.EVENT_READ, worker)
+        return worker
+
+    def _child(self, master_end: socket.socket, worker_end: socket.socket) -> None:
+        code = 70
+        try:
+            master_end.close()
+            for other in self.workers.values():
+                other.channel.close()
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            # Ctrl-C and HUP go to the process group: the master decides for its workers.
+            for sig in (signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            if self.after_fork is not None:
+                self.after_fork()
+            self.entry(worker_end, self.config)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    # ---- work ---------------------------------------------------------------------------
+    def take_idle(self) -> Worker | None:
+        """An idle worker, preferring the current generation (after a reload)."""
+        idle = self.in_state(State.IDLE)
+        if not idle:
+            return None
+        idle.sort(key=lambda w: (w.generation != self.generation, -w.idle_since))
+        return idle[0]
+
+    def hand(self, worker: Worker, fd: int, client: ipc.Client, session: Any,
+             now: float) -> bool:
+        """Pass the connection; False (worker being retired) when it cannot take it."""
+        try:
+            ipc.send_handoff(worker.channel, fd, client)
+        except OSError as error:
+            log.warning("handoff failed", worker=worker.pid, error=error.strerror)
+            self._close_channel(worker)
+            self._retire(worker, now)
+            return False
+        worker.state = State.BUSY
+        worker.session = session
+        worker.busy_since = now
+        worker.deadline = now + self.config.session_timeout + self.config.timeout + SESSION_SLACK
+        worker.signals_sent.clear()
+        return True
+
+    def on_readable(self, worker: Worker, now: float) -> Any:
+        """Handle one record; returns the session a DONE released, else None."""
+        try:
+            record = ipc.receive(worker.channel)
+        except (ipc.ChannelError, OSError) as error:
+            log.error("bad record from worker; killing it", worker=worker.pid, error=str(error))
+            self._close_channel(worker)
+            self._signal(worker, signal.SIGKILL)
+            worker.state = State.RETIRING
+            return None
+        if record is None:  # the worker is exiting; reap will tell how
+            self._close_channel(worker)
+            if worker.state is State.IDLE:  # starting and busy keep their state for reap
+                worker.state = State.RETIRING
+            worker.deadline = now + KILL_GRACE
+            worker.signals_sent.clear()
+            return None
+        if record.kind is ipc.Kind.READY and worker.state is State.STARTING:
+            self.boot_failures = 0
+            self._set_idle(worker, now)
+            return None
+        if record.kind is ipc.Kind.DONE and worker.state is State.BUSY:
+            return self._done(worker, record.exiting, now)
+        log.error("unexpected record from worker; killing it", worker=worker.pid,
+                  kind=record.kind.name, state=worker.state.value)
+        self._signal(worker, signal.SIGKILL)
+        return None
+
+    def _done(self, worker: Worker, exiting: bool, now: float) -> Any:
+        session, worker.session = worker.session, None
+        worker.served += 1
+        recycle = worker.max_requests and worker.served >= worker.max_requests
+        if exiting:
+            worker.state = State.RETIRING
+            worker.deadline = now + KILL_GRACE
+        elif recycle or worker.retire_when_done or worker.generation != self.generation:
+            self._retire(worker, now)
+        else:
+            self._set_idle(worker, now)
+        return session
+
+    def _set_idle(self, worker: Worker, now: float) -> None:
+        worker.state = State.IDLE
+        worker.idle_since = now
+        worker.deadline = None
+        worker.signals_sent.clear()
+
+    def _retire(self, worker: Worker, now: float) -> None:
+        """Idle: told to exit now. Busy: exits after its session. Bounded by KILL_GRACE."""
+        if worker.state is State.BUSY:
+            worker.retire_when_done = True
+            return
+        if worker.state is State.RETIRING:
+            return
+        worker.state = State.RETIRING
+        worker.deadline = now + KILL_GRACE
+        if worker.channel_open:
+            try:
+                ipc.send_retire(worker.channel)
+            except OSError:
+                self._signal(worker, signal.SIGTERM)
+
+    def _close_channel(self, worker: Worker) -> None:
+        if worker.channel_open:
+            worker.channel_open = False
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(worker.channel)
+            worker.channel.close()
+
+    def _signal(self, worker: Worker, sig: int) -> None:
+        worker.signals_sent.append(sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, sig)
+
+    # ---- reap ---------------------------------------------------------------------------
+    def reap(self, now: float) -> list[Exit]:
+        exits = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self._close_channel(worker)
+            gone = Exit(worker, status, worker.session)
+            worker.session = None
+            if worker.state is State.STARTING and self.spawning:
+                self._boot_failed(gone, now)
+            exits.append(gone)
+        return exits
+
+    def _boot_failed(self, gone: Exit, now: float) -> None:
+        self.boot_failures += 1
+        self.last_boot_failure = gone.description
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.boot_failures - 1))
+        self.next_spawn_at = now + delay
+        log.error("worker died before it was ready", worker=gone.worker.pid,
+                  status=gone.description, failures=self.boot_failures, respawn_in=delay)
+
+    # ---- keep the pool at size ----------------------------------------------------------
+    def maintain(self, now: float) -> None:
+        """Deadlines, then respawn; raises BootFailure when workers cannot start."""
+        self._enforce_deadlines(now)
+        if self.boot_failures >= BOOT_FAILURE_LIMIT:
+            raise BootFailure(
+                f"{self.boot_failures} workers in a row died before becoming ready "
+                f"(last: {self.last_boot_failure}); see the worker errors above")
+        if not self.spawning:
+            return
+        self._retire_stale(now)
+        self._retire_surplus(now)
+        want = max(self.config.prefork, 1)
+        while now >= self.next_spawn_at:
+            ready = len(self._current(State.IDLE, State.STARTING))
+            active = len(self._current(State.IDLE, State.STARTING, State.BUSY))
+            if ready >= want or active >= self.config.maxdaemons:
+                break
+            self.spawn(now)
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for worker in list(self.workers.values()):
+            if worker.deadline is None or now < worker.deadline:
+                continue
+            if signal.SIGTERM not in worker.signals_sent:
+                log.warning("worker past its deadline; TERM", worker=worker.pid,
+                            state=worker.state.value)
+                self._signal(worker, signal.SIGTERM)
+                worker.deadline = now + KILL_GRACE
+            else:
+                log.warning("worker ignored TERM; KILL", worker=worker.pid,
+                            state=worker.state.value)
+                self._signal(worker, signal.SIGKILL)
+                worker.deadline = now + KILL_GRACE
+
+    def _retire_stale(self, now: float) -> None:
+        """After a reload: old idle workers go once a new one is ready to take work."""
+        if not self._current(State.IDLE) and self.config.prefork > 0:
+            return
+        for worker in self.in_state(State.IDLE):
+            if worker.generation != self.generation:
+                self._retire(worker, now)
+
+    def _retire_surplus(self, now: float) -> None:
+        idle = sorted(self._current(State.IDLE), key=lambda w: w.idle_since)
+        surplus = len(idle) - max(self.config.prefork, 1)
+        for worker in idle[: max(surplus, 0)]:
+            if now - worker.idle_since >= IDLE_SURPLUS_TIMEOUT:
+                self._retire(worker, now)
+
+    def next_deadline(self) -> float | None:
+        times = [w.deadline for w in self.workers.values() if w.deadline is not None]
+        if self.spawning and self.next_spawn_at > 0:
+            times.append(self.next_spawn_at)
+        return min(times) if times else None
+
+    # ---- reload and stop ----------------------------------------------------------------
+    def reload(self, config: Config) -> None:
+        """New workers get the new config; old ones retire once new ones are ready."""
+        self.config = config
+        self.generation += 1
+        for worker in self.in_state(State.BUSY):
+            worker.retire_when_done = True
+
+    def stop(self, now: float) -> None:
+        """No more spawning; idle and starting workers go now, busy ones after their session."""
+        self.spawning = False
+        for worker in list(self.workers.values()):
+            if worker.state is State.STARTING:
+                self._signal(worker, signal.SIGTERM)
+                worker.state = State.RETIRING
+                worker.deadline = now + KILL_GRACE
+            else:
+                self._retire(worker, now)
+
+    def hurry(self, deadline: float) -> None:
+        """Shorten every busy worker's deadline (drain bound, second TERM)."""
+        for worker in self.workers.values():
+            if worker.deadline is None or worker.deadline > deadline:
+                worker.deadline = deadline
+
+    def kill_all(self) -> None:
+        for worker in self.workers.values():
+            self._signal(worker, signal.SIGKILL)

@@ -1,0 +1,121 @@
+"""Process control: privilege drop, resource limits, titles, dying with the parent."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import grp
+import os
+import pwd
+import resource
+import signal
+import sys
+
+import setproctitle
+
+PR_SET_PDEATHSIG = 1
+
+
+class ProcError(Exception):
+    """A user, group or limit that cannot be applied; the message says which and why."""
+
+
+def resolve_user(user: str) -> tuple[int, int, str]:
+    """(uid, primary gid, name) for a user name or numeric uid."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        if user.isdigit():  # a bare uid without a passwd entry: no primary group known
+            return int(user), -1, ""
+        raise ProcError(f"USER {user!r}: no such user") from None
+    return entry.pw_uid, entry.pw_gid, entry.pw_name
+
+
+def resolve_groups(group: str) -> list[int]:
+    """Group ids for `name`, `gid` or a comma list of them (tcpserver -g gid,gid)."""
+    gids = []
+    for item in (part.strip() for part in group.split(",")):
+        if not item:
+            continue
+        if item.isdigit():
+            gids.append(int(item))
+            continue
+        try:
+            gids.append(grp.getgrnam(item).gr_gid)
+        except KeyError:
+            raise ProcError(f"GROUP {item!r}: no such group") from None
+    return gids
+
+
+def drop_privileges(user: str = "", group: str = "") -> None:
+    """Switch to user/group for good (groups first, uid last, like setuidgid)."""
+    if not user and not group:
+        return
+    uid, gid, name = resolve_user(user) if user else (-1, -1, "")
+    gids = resolve_groups(group) if group else []
+    primary = gids[0] if gids else gid
+    try:
+        if gids:
+            os.setgroups(gids)
+        elif name:
+            os.initgroups(name, primary)
+        elif user:
+            os.setgroups([primary] if primary >= 0 else [])
+        if primary >= 0:
+            os.setgid(primary)
+        if uid >= 0:
+            os.setuid(uid)
+    except PermissionError as error:
+        raise ProcError(f"cannot drop privileges to {user or '-'}:{group or '-'}: "
+                        f"{error.strerror}") from None
+    if uid > 0 and _can_regain_root():
+        raise ProcError("privilege drop did not stick: root can be regained")
+
+
+def _can_regain_root() -> bool:
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return False
+    return True
+
+
+def _lower_soft(limit: int, value: int) -> None:
+    _soft, hard = resource.getrlimit(limit)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(limit, (value, hard))
+
+
+def set_memory_limit(max_bytes: int) -> None:
+    """softlimit -m: cap address space and data segment (0 = leave as is)."""
+    if max_bytes <= 0:
+        return
+    for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        _lower_soft(limit, max_bytes)
+
+
+def set_open_files(count: int) -> None:
+    """softlimit -o: cap open files (0 = leave as is)."""
+    if count > 0:
+        _lower_soft(resource.RLIMIT_NOFILE, count)
+
+
+def set_title(title: str) -> None:
+    setproctitle.setproctitle(title)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to signal us when the parent dies; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def parent_alive(expected_ppid: int) -> bool:
+    """The getppid check that covers the race before PR_SET_PDEATHSIG took effect."""
+    return os.getppid() == expected_ppid

@@ -1,0 +1,71 @@
+"""A preforked worker: serve handed-over connections one at a time, report each as done.
+
+The worker caps its own memory after fork (SOFT_MEM), so a session that blows the cap
+answers Z, the worker exits, and the master lives on. It exits when the master retires it,
+closes the channel, or dies (PR_SET_PDEATHSIG plus a getppid check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from types import FrameType
+
+from qmqpd import ipc, log, procctl
+from qmqpd.config import Config
+from qmqpd.handler import serve_connection
+
+IDLE_TITLE = "qmqpd: worker idle"
+
+
+class _Lifecycle:
+    """TERM while idle exits at once; TERM while busy lets the session finish first."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.stop = False
+
+    def on_term(self, _signum: int, _frame: FrameType | None) -> None:
+        if not self.busy:
+            raise SystemExit(0)
+        self.stop = True
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def worker_main(channel: socket.socket, config: Config) -> None:
+    master_pid = os.getppid()
+    procctl.die_with_parent(signal.SIGTERM)
+    if not procctl.parent_alive(master_pid):
+        return
+    procctl.set_memory_limit(config.soft_mem)
+    life = _Lifecycle()
+    signal.signal(signal.SIGTERM, life.on_term)
+    procctl.set_title(IDLE_TITLE)
+    ipc.send_ready(channel)
+    while True:
+        record = ipc.receive(channel)
+        if record is None or record.kind is ipc.Kind.RETIRE:
+            return
+        if record.kind is not ipc.Kind.HANDOFF or record.fd is None or record.client is None:
+            log.error("unexpected record from master", kind=record.kind.name)
+            return
+        life.busy = True
+        procctl.set_title(f"qmqpd: worker {record.client.remote_ip} receiving")
+        try:
+            result = serve_connection(record.fd, record.fd, record.client, config)
+        finally:
+            _close(record.fd)
+        exiting = result.fatal or life.stop or not procctl.parent_alive(master_pid)
+        ipc.send_done(channel, exiting=exiting)
+        if exiting:
+            return
+        life.busy = False
+        if life.stop:  # TERM arrived between the session's end and now
+            return
+        procctl.set_title(IDLE_TITLE)
