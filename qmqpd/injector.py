@@ -74,6 +74,11 @@ class Injector:
     def external(self) -> bool:
         return bool(self.program)
 
+    @property
+    def spool_dir(self) -> str | None:
+        """Where a large message waits: the queue's own pid/, so it is on the queue's disk."""
+        return None if self.program else os.path.join(self.queue_path, "pid")
+
     def check_space(self) -> Reply | None:
         """None when there is room (or no check); the Z answer when below MIN_FREE."""
         if not self.config.min_free or not self.queue_path:
