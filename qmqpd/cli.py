@@ -1,0 +1,162 @@
+"""`qmqpd serve / session / rules / queue / config`: the command line.
+
+Subcommands import what they need lazily: `qmqpd session` runs once per connection under
+tcpserver, so its start-up must stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from qmqpd import config as config_mod
+
+# `qmqpd serve` with no --config: a working server for a first look, on an unprivileged
+# port, a queue under ./var/queue and loopback-only access (no rules file).
+EMBEDDED_DEFAULTS = {
+    "LOCALIP": "127.0.0.1",
+    "PORT": 6280,
+    "QUEUEDIR": "./var/queue",
+}
+
+
+def _fail(message: str, code: int = 111) -> int:
+    print(f"qmqpd: {message}", file=sys.stderr)
+    return code
+
+
+def _load(args: argparse.Namespace, embedded: bool = False) -> config_mod.Config:
+    use_embedded = embedded and not args.config
+    return config_mod.load(
+        args.config,
+        os.environ,
+        defaults=EMBEDDED_DEFAULTS if use_embedded else None,
+    )
+
+
+def _queue_paths(cfg: config_mod.Config) -> list[str]:
+    if cfg.queuedir:
+        return [cfg.queuedir]
+    if cfg.queue_base:
+        start = cfg.queue_start
+        return [
+            os.path.join(cfg.queue_base, f"queue{n}")
+            for n in range(start, start + cfg.queue_count)
+        ]
+    return []
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    from qmqpd.session import run_session
+
+    return run_session(_load(args))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qmqpd import master, queue, worker
+
+    cfg = _load(args, embedded=True)
+    if not args.config and not os.path.isdir(os.path.join(cfg.queuedir, "todo")):
+        queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
+
+    def reload() -> config_mod.Config:
+        return _load(args, embedded=True)
+
+    return master.run(cfg, worker.worker_main, reload)
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from qmqpd import rules
+
+    if args.rules_command == "compile":
+        rules.compile_rules(args.text, args.cdb)
+        return 0
+    cdb = args.rules or _load(args).rules or None
+    print(rules.check(cdb, args.ip, host=args.host, info=args.info))
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from qmqpd import queue
+
+    cfg = _load(args)
+    paths = args.dirs or _queue_paths(cfg)
+    if not paths:
+        return _fail("no queue given: name a directory, or set QUEUEDIR or QUEUE_BASE", 100)
+    if args.queue_command == "create":
+        for path in paths:
+            queue.create_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
+            print(f"created {path}")
+        return 0
+    if args.queue_command == "list":
+        for path in paths:
+            for item in queue.list_messages(path, split=cfg.split, todo_layout=cfg.todo_layout):
+                print(queue.format_listing(path, item))
+        return 0
+    for path in paths:
+        print(queue.format_stat(path, queue.stat_queue(path, split=cfg.split,
+                                                       todo_layout=cfg.todo_layout)))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args, embedded=args.embedded)
+    for name, value in cfg.as_dict().items():
+        print(f"{name}={value!r}  # {cfg.source(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qmqpd", description="filtering QMQP server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="TOML config file (keys are setting names in lower case)")
+        return p
+
+    with_config(sub.add_parser("serve", help="run the prefork server")).set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("session", help="serve one QMQP session on fd 0/1")).set_defaults(
+        func=cmd_session
+    )
+
+    rules = sub.add_parser("rules", help="compile or check tcprules-format access rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    compile_p = rules_sub.add_parser("compile", help="compile tcp.qmqp to a cdb (atomic rename)")
+    compile_p.add_argument("text")
+    compile_p.add_argument("cdb")
+    check_p = with_config(rules_sub.add_parser("check", help="show the rule an IP gets"))
+    check_p.add_argument("ip")
+    check_p.add_argument("--rules", help="the cdb (default: RULES setting)")
+    check_p.add_argument("--host", default="")
+    check_p.add_argument("--info", default="")
+    rules.set_defaults(func=cmd_rules)
+
+    queue_p = sub.add_parser("queue", help="create, list or count qmail queues")
+    queue_sub = queue_p.add_subparsers(dest="queue_command", required=True)
+    for name, text in (("create", "lay out an empty queue (like queue-fix)"),
+                       ("list", "one line per queued message"),
+                       ("stat", "counts, oldest age and bytes per queue")):
+        p = with_config(queue_sub.add_parser(name, help=text))
+        p.add_argument("dirs", nargs="*", help="queue directories (default: configured queues)")
+    queue_p.set_defaults(func=cmd_queue)
+
+    cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
+    cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")
+    cfg_p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except config_mod.ConfigError as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""One QMQP session on a connected fd: read, filter, inject, answer, log one line.
+
+Shared by `qmqpd session` (fd 0/1 under tcpserver, inetd, systemd) and the prefork
+workers, so both serving paths behave identically.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from qmqpd import log
+from qmqpd.config import Config, ConfigError
+from qmqpd.injector import Injector
+from qmqpd.message import Client, Message, Reply
+from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError
+from qmqpd.protocol import (
+    BadEnvelope,
+    Refused,
+    protocol_error,
+    read_request,
+    received_line,
+    write_reply,
+)
+
+# After an early answer the client may still be sending; read and drop at most this much
+# (and for at most DRAIN_SECONDS) so the answer is not destroyed by a TCP reset.
+DRAIN_BYTES = 256 << 20
+DRAIN_SECONDS = 30.0
+
+
+@dataclass
+class SessionResult:
+    reply: Reply | None = None
+    fatal: bool = False
+    queue: str = ""
+    qid: str = ""
+    size: int = 0
+    sender: bytes = b""
+    recipients: int = 0
+    error: str = ""
+
+
+def _shutdown_write(fd: int) -> None:
+    """Half-close a socket so the client sees our answer followed by EOF."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _answer_and_drain(source: FdSource, wfd: int, reply: Reply, unread: int,
+                      timeout: float) -> None:
+    write_reply(wfd, reply, timeout)
+    _shutdown_write(wfd)
+    source.drain(min(unread, DRAIN_BYTES), min(DRAIN_SECONDS, timeout))
+
+
+def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Config,
+                        result: SessionResult) -> None:
+    injector = Injector(config, client)
+    result.queue = injector.queue_path or config.qmailqueue
+    message: Message | None = None
+    try:
+        message = read_request(
+            source,
+            config.databytes,
+            received_line(client, time.time()),
+            spool_dir=injector.spool_dir,
+            before_body=lambda _length: injector.check_space(),
+        )
+        result.size = message.size
+        result.sender = message.sender
+        result.recipients = len(message.recipients)
+        outcome = injector.inject(message, source.deadline)
+        result.reply = outcome.reply
+        result.qid = outcome.qid
+        result.queue = outcome.queue or result.queue
+    finally:
+        if message is not None:
+            message.close()
+    write_reply(wfd, result.reply, config.timeout)
+
+
+def serve_connection(rfd: int, wfd: int, client: Client, config: Config) -> SessionResult:
+    """Serve exactly one request; never raises for anything the client or the queue does."""
+    started = time.monotonic()
+    result = SessionResult()
+    source = FdSource(rfd, config.timeout, started + config.session_timeout)
+    try:
+        session_config = config.overlay(client.rule_env, "rule env") if client.rule_env else config
+        source = FdSource(rfd, session_config.timeout, started + session_config.session_timeout)
+        _receive_and_inject(source, wfd, client, session_config, result)
+    except Refused as refusal:
+        result.reply = refusal.reply
+        _answer_and_drain(source, wfd, refusal.reply, refusal.unread, config.timeout)
+    except BadEnvelope as bad:
+        result.reply = bad.reply
+        write_reply(wfd, bad.reply, config.timeout)
+    except EarlyEOF:
+        result.error = "early eof"
+    except IdleTimeout as timeout:
+        result.error = f"timeout {timeout}"
+    except NetstringError as error:
+        result.error = error.reason
+        result.reply = protocol_error(error)
+        _answer_and_drain(source, wfd, result.reply, 1 << 20, 1.0)
+    except ConfigError as error:
+        result.error = str(error)
+        result.reply = Reply.named("config")
+        write_reply(wfd, result.reply, config.timeout)
+    except MemoryError:
+        # The worker's memory cap was hit: answer while we still can, then the worker exits.
+        result.error = "memory cap reached"
+        result.reply = Reply.named("out_of_memory")
+        result.fatal = True
+        write_reply(wfd, result.reply, config.timeout)
+    except Exception as error:  # unknown outcome: temporary failure, never a lost K
+        result.error = f"{type(error).__name__}: {error}"
+        result.reply = Reply.named("temporary")
+        write_reply(wfd, result.reply, config.timeout)
+    _log_session(client, result, started)
+    return result
+
+
+def _log_session(client: Client, result: SessionResult, started: float) -> None:
+    log.event(
+        "session",
+        ip=client.remote_ip,
+        port=client.remote_port or None,
+        bytes=result.size,
+        sender=result.sender,
+        rcpts=result.recipients,
+        queue=result.queue or None,
+        id=result.qid or None,
+        answer=result.reply.line if result.reply else "none",
+        error=result.error or None,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )

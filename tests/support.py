@@ -1,0 +1,112 @@
+"""Helpers shared by the integration tests: free ports, raw QMQP requests, real processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qmqpd.netstring import encode
+
+BIN = Path(sys.executable).parent
+
+
+def command(name: str) -> list[str]:
+    """The installed console script, or the module when running from a checkout."""
+    script = BIN / name
+    if script.exists():
+        return [str(script)]
+    module = {"qmqpd": "qmqpd", "qmqpc": "qmqpd.client"}[name]
+    return [sys.executable, "-m", module]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def request(message: bytes, sender: bytes, recipients: list[bytes]) -> bytes:
+    inner = encode(message) + encode(sender) + b"".join(encode(r) for r in recipients)
+    return encode(inner)
+
+
+def read_reply(sock: socket.socket, limit: int = 4096) -> bytes:
+    """Everything the server sends until it closes (bounded)."""
+    data = b""
+    while len(data) < limit:
+        try:
+            block = sock.recv(limit - len(data))
+        except ConnectionResetError:
+            break
+        if not block:
+            break
+        data += block
+    return data
+
+
+def exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20,
+             source: str | None = None) -> bytes:
+    """Send raw bytes, half-close, return the raw answer."""
+    with socket.create_connection((host, port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return read_reply(sock)
+
+
+def need(program: str) -> str:
+    path = shutil.which(program) or (program if os.path.exists(program) else None)
+    if path is None:
+        raise RuntimeError(f"{program} is not installed: run .ci/run (it installs the test peers)")
+    return path
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10) -> None:
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {seconds}s")
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, seconds: float = 10) -> None:
+    """Stop a process we started, by its PID, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(seconds)
+
+
+class TcpServerSession:
+    """Debian's ucspi-tcp tcpserver running `qmqpd session` on loopback."""
+
+    def __init__(self, env: dict[str, str], log: Path, host: str = "127.0.0.1",
+                 rules_cdb: str | None = None, limit: int = 40) -> None:
+        self.host = host
+        self.port = free_port(host)
+        self.log = log
+        argv = [need("tcpserver"), "-v", "-H", "-R", "-l", "qmqpd.test", "-c", str(limit)]
+        if rules_cdb:
+            argv += ["-x", rules_cdb]
+        argv += [host, str(self.port), *command("qmqpd"), "session"]
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+        self._log_file = open(log, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(argv, env=full_env, stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for_port(self.port, host)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self._log_file.close()
