@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from filters import pipeline
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
 from qmqpd.injector import Injector
@@ -41,6 +42,7 @@ class SessionResult:
     sender: bytes = b""
     recipients: int = 0
     error: str = ""
+    facts: dict[str, object] = field(default_factory=dict)
 
 
 def _shutdown_write(fd: int) -> None:
@@ -80,10 +82,18 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
         result.size = message.size
         result.sender = message.sender
         result.recipients = len(message.recipients)
-        outcome = injector.inject(message, source.deadline)
-        result.reply = outcome.reply
-        result.qid = outcome.qid
-        result.queue = outcome.queue or result.queue
+        filtered = pipeline.run(pipeline.build_stages(config), message)
+        result.facts = filtered.facts
+        if filtered.reply is not None:
+            result.reply = filtered.reply
+        elif filtered.discard:
+            result.reply = Reply.ok(int(time.time()), 0)
+            result.queue = "discarded"
+        else:
+            outcome = injector.inject(message, source.deadline)
+            result.reply = outcome.reply
+            result.qid = outcome.qid
+            result.queue = outcome.queue or result.queue
     finally:
         if message is not None:
             message.close()
@@ -144,4 +154,5 @@ def _log_session(client: Client, result: SessionResult, started: float) -> None:
         answer=result.reply.line if result.reply else "none",
         error=result.error or None,
         ms=round((time.monotonic() - started) * 1000, 1),
+        **result.facts,
     )
