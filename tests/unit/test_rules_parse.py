@@ -278,8 +278,9 @@ def test_atomic_swap_is_seen_by_the_next_lookup(tmp_path):
 def test_rewrite_in_place_with_new_size_is_seen(tmp_path):
     table = make_table(tmp_path, ":deny\n")
     assert not table.lookup("192.0.2.1").allow
-    (tmp_path / "tcp.qmqp").write_text(":allow,A=\"1\"\n")
-    compile_rules(str(tmp_path / "tcp.qmqp"), str(tmp_path / "tcp.qmqp.cdb"))
+    rules.write_cdb(parse_text(':allow,A="1"\n'), str(tmp_path / "other.cdb"))
+    # same inode, new content: caught by size and mtime
+    (tmp_path / "tcp.qmqp.cdb").write_bytes((tmp_path / "other.cdb").read_bytes())
     assert table.lookup("192.0.2.1").env == {"A": "1"}
 
 
@@ -372,3 +373,29 @@ def test_parse_never_fails_other_than_rules_error(line):
         assert str(error).startswith("tcp.qmqp:1: ")
     else:
         assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in records)
+
+
+ipv6_values = st.integers(0, 2**128 - 1).filter(
+    lambda v: ipaddress.IPv6Address(v).ipv4_mapped is None
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(ipv6_values, st.integers(1, 128), st.booleans()), max_size=6),
+    st.lists(ipv6_values, max_size=4),
+    st.data(),
+)
+def test_ipv6_cidr_decision_is_longest_prefix(tmp_path_factory, networks, ips, data):
+    nets: dict[ipaddress.IPv6Network, bool] = {}
+    for value, length, allow in networks:
+        nets.setdefault(ipaddress.IPv6Network((value, length), strict=False), allow)
+    for net in nets:  # an address inside each network, or few would ever match
+        ips.append(int(net.network_address) + data.draw(st.integers(0, net.num_addresses - 1)))
+    text = "".join(f"{net}:{'allow' if ok else 'deny'}\n" for net, ok in nets.items())
+    table = make_table(tmp_path_factory.mktemp("v6"), text + ":deny\n")
+    for value in ips:
+        address = ipaddress.IPv6Address(value)
+        containing = [net for net in nets if address in net]
+        expected = nets[max(containing, key=lambda n: n.prefixlen)] if containing else False
+        assert table.lookup(str(address)).allow is expected, (address, text)
