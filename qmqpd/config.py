@@ -249,3 +249,30 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
             values[name] = _parse(SETTINGS[name], raw, source)
             sources[name] = source
     return Config(values, sources)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sample_toml() -> str:
+    """A commented config file listing every setting with its default (conf/qmqpd.toml)."""
+    lines = [
+        "# qmqpd configuration (TOML). Every key is a setting name in lower case; the same",
+        "# setting can come from the environment under its upper-case name. Precedence:",
+        "# rule env > process env > this file > built-in default. Uncomment to change.",
+    ]
+    group = None
+    for setting in SETTINGS.values():
+        if setting.group != group:
+            group = setting.group
+            lines += ["", f"# --- {group} ---"]
+        lines.append(f"# {setting.doc} ({setting.allowed})")
+        lines.append(f"#{setting.key} = {_toml_value(setting.default)}")
+    return "\n".join(lines) + "\n"
