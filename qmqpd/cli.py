@@ -10,8 +10,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from qmqpd import config as config_mod
+
+if TYPE_CHECKING:
+    from qmqpd.queue import QueuedMessage, QueueStats
 
 # `qmqpd serve` with no --config: a working server for a first look, on an unprivileged
 # port, a queue under ./var/queue and loopback-only access (no rules file).
@@ -70,11 +74,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from qmqpd import rules
 
-    if args.rules_command == "compile":
-        rules.compile_rules(args.text, args.cdb)
-        return 0
-    cdb = args.rules or _load(args).rules or None
-    print(rules.check(cdb, args.ip, host=args.host, info=args.info))
+    try:
+        if args.rules_command == "compile":
+            count = rules.compile_rules(args.text, args.cdb)
+            print(f"{args.cdb}: {count} keys")
+            return 0
+        cdb = args.rules or _load(args).rules
+        if not cdb:
+            return _fail("no rules cdb: give --rules or set RULES (without one, serve allows "
+                         "loopback only)", 100)
+        print(rules.check(cdb, args.ip, host=args.host, info=args.info))
+    except (rules.RulesError, OSError) as error:
+        return _fail(str(error), 100)
     return 0
 
 
@@ -87,18 +98,51 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return _fail("no queue given: name a directory, or set QUEUEDIR or QUEUE_BASE", 100)
     if args.queue_command == "create":
         for path in paths:
-            queue.create_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
-            print(f"created {path}")
+            try:
+                owners = queue.create_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
+            except queue.QueueSetupError as error:
+                return _fail(str(error), 100)
+            print(f"created {path} (owners: {owners.source})")
         return 0
     if args.queue_command == "list":
         for path in paths:
             for item in queue.list_messages(path, split=cfg.split, todo_layout=cfg.todo_layout):
-                print(queue.format_listing(path, item))
+                print(_listing_line(path, item))
         return 0
     for path in paths:
-        print(queue.format_stat(path, queue.stat_queue(path, split=cfg.split,
-                                                       todo_layout=cfg.todo_layout)))
+        stats = queue.stat_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
+        print(_stat_line(path, stats))
     return 0
+
+
+def _text(value: bytes | None) -> str:
+    return "?" if value is None else (value.decode("utf-8", "backslashreplace") or "<>")
+
+
+def _listing_line(path: str, item: QueuedMessage) -> str:
+    fields = [
+        path,
+        str(item.id),
+        item.state,
+        f"age={item.age:.0f}s",
+        f"size={'?' if item.size is None else item.size}",
+        f"from={_text(item.sender)}",
+        "to=" + (",".join(_text(r) for r in item.recipients) or "-"),
+    ]
+    if item.done:
+        fields.append("done=" + ",".join(_text(r) for r in item.done))
+    if item.broken:
+        fields.append(f"broken={item.broken!r}")
+    return " ".join(fields)
+
+
+def _stat_line(path: str, stats: QueueStats) -> str:
+    oldest = "-" if stats.oldest_age is None else f"{stats.oldest_age:.0f}s"
+    return (
+        f"{path} todo={stats.todo} queued={stats.queued} broken={stats.broken} "
+        f"oldest={oldest} bytes={stats.total_bytes} "
+        f"pid_leftovers={stats.pid_leftovers} intd_leftovers={stats.intd_leftovers}"
+    )
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -160,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(error))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `qmqpd queue list | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
