@@ -74,18 +74,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_rules(args: argparse.Namespace) -> int:
     from qmqpd import rules
 
-    try:
-        if args.rules_command == "compile":
+    if args.rules_command == "compile":
+        try:
             count = rules.compile_rules(args.text, args.cdb)
-            print(f"{args.cdb}: {count} keys")
-            return 0
-        cdb = args.rules or _load(args).rules
-        if not cdb:
-            return _fail("no rules cdb: give --rules or set RULES (without one, serve allows "
-                         "loopback only)", 100)
-        print(rules.check(cdb, args.ip, host=args.host, info=args.info))
+        except (rules.RulesError, OSError) as error:
+            return _fail(str(error), 100)  # tcprules' exit code for bad input
+        print(f"{args.cdb}: {count} keys")
+        return 0
+    cdb = args.rules or _load(args).rules
+    if not cdb:
+        return _fail("no rules cdb: give --rules or set RULES (without one, serve allows "
+                     "loopback only)", 100)
+    try:
+        sys.stdout.write(rules.check(cdb, args.ip, host=args.host, info=args.info))
     except (rules.RulesError, OSError) as error:
-        return _fail(str(error), 100)
+        return _fail(f"fatal: unable to read {cdb}: {error}")
     return 0
 
 
