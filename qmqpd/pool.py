@@ -225,6 +225,7 @@ class Pool:
         session, worker.session = worker.session, None
         worker.served += 1
         recycle = worker.max_requests and worker.served >= worker.max_requests
+        worker.state = State.IDLE  # the session is over; retiring starts from idle
         if exiting:
             worker.state = State.RETIRING
             worker.deadline = now + KILL_GRACE
