@@ -459,3 +459,58 @@ def test_worker_that_cannot_boot_stops_master(server_factory: Callable[..., Serv
     assert "worker cannot boot" in log
     assert "cannot start workers" in log and "died before becoming ready" in log
     assert not server.workers()
+
+
+# A qmail-queue stand-in: reads message (fd 0) and envelope (fd 1), records its env.
+DUMP_ENV = """#!/bin/sh
+cat > /dev/null
+cat <&1 > /dev/null
+env | grep -E '^(TCP|PROTO|MARK)' | sort > "{out}"
+exit 0
+"""
+
+
+def test_handoff_facts_and_rule_env_reach_the_session(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    out = tmp_path / "env.txt"
+    program = tmp_path / "dump-env"
+    program.write_text(DUMP_ENV.format(out=out))
+    program.chmod(0o755)
+    cdb = tcprules(tmp_path, f'127.0.0.6:allow,QMAILQUEUE="{program}",MARK="six"\n:allow\n')
+    server = server_factory(rules=str(cdb)).start()
+    server.wait_idle(2)
+    assert is_ok(deliver(server.port, "127.0.0.6"))
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert env["TCPREMOTEIP"] == "127.0.0.6" and env["PROTO"] == "TCP"
+    assert env["TCPLOCALIP"] == "127.0.0.1" and env["TCPLOCALPORT"] == str(server.port)
+    assert env["TCPLOCALHOST"] == socket.gethostname()
+    assert env["MARK"] == "six" and int(env["TCPREMOTEPORT"]) > 0
+    out.unlink()
+    assert is_ok(deliver(server.port, "127.0.0.7"))  # other clients: the native queue
+    assert not out.exists()
+    assert server.queued() == 1
+
+
+def test_listen_on_all_ipv6_folds_mapped_clients(server_factory: Callable[..., Server]) -> None:
+    server = server_factory(localip="::", prefork=1).start()
+    server.wait_idle(1)
+    assert is_ok(deliver(server.port))  # IPv4 client on a dual-stack socket
+    with socket.create_connection(("::1", server.port), timeout=10) as sock:
+        assert is_ok(send_message(sock))
+    log = server.log()
+    assert re.search(r"event=session pid=\d+ ip=127\.0\.0\.1 ", log), log
+    assert re.search(r"event=session pid=\d+ ip=::1 ", log), log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_drops_to_user_before_forking(server_factory: Callable[..., Server]) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    server = server_factory(user="nobody", prefork=1)
+    server.start()
+    (worker,) = server.wait_idle(1)
+    for pid in (server.pid, worker):
+        with open(f"/proc/{pid}/status") as status:
+            uids = next(line.split()[1:] for line in status if line.startswith("Uid:"))
+        assert uids == [str(nobody.pw_uid)] * 4
