@@ -148,6 +148,12 @@ def _stat_line(path: str, stats: QueueStats) -> str:
     )
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from qmqpd import service
+
+    return service.main(args.options)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.sample:
         sys.stdout.write(config_mod.sample_toml())
@@ -191,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = with_config(queue_sub.add_parser(name, help=text))
         p.add_argument("dirs", nargs="*", help="queue directories (default: configured queues)")
     queue_p.set_defaults(func=cmd_queue)
+
+    service_p = sub.add_parser("service", add_help=False,
+                               help="write a supervised service (svctool --qmqp options)")
+    service_p.add_argument("options", nargs=argparse.REMAINDER)
+    service_p.set_defaults(func=cmd_service)
 
     cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
     cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")

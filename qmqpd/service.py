@@ -1,0 +1,264 @@
+"""`qmqpd service`: supervised service directories and systemd units, like `svctool --qmqp`.
+
+A daemontools/runit service is `run` (envdir ./variables, then `qmqpd serve`), a
+`variables/` envdir holding one file per setting, `log/run` (multilog), `.options` (the
+command line that made it) and a `down` file unless asked to start it. The systemd unit
+carries the same settings as Environment= lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from string import Template
+
+from qmqpd import config as config_mod
+
+SERVICE_PREFIX = "qmqpd"
+DEFAULT_LOG_BASE = "/var/log"
+DEFAULT_KEY_PATTERN = "domainkeys/%/default"
+
+
+def _templates_dir() -> Path:
+    """packaging/ beside the package in a checkout, or where an install put it."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "packaging",
+        Path(sys.prefix) / "share" / "qmqpd" / "packaging",
+    ):
+        if (candidate / "systemd" / "qmqpd.service").exists():
+            return candidate
+    raise FileNotFoundError("qmqpd's packaging templates are not installed")
+
+
+def _render(name: str, **values: str) -> str:
+    return Template((_templates_dir() / name).read_text()).substitute(values)
+
+
+class ServiceError(Exception):
+    """A bad option or a directory that cannot be written; the text says which."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qmqpd service",
+        description="write a supervised qmqpd service (svctool --qmqp options)",
+    )
+    p.add_argument("action", choices=("create",), nargs="?", default="create")
+    p.add_argument("--qmqp", type=int, required=True, metavar="PORT", help="port (service name)")
+    p.add_argument("--servicedir", default="/service", help="where the service directory goes")
+    p.add_argument("--servicetag", help="service name instead of qmqpd.PORT")
+    p.add_argument("--qbase", help="QUEUE_BASE: directory of the queueN queues")
+    p.add_argument("--qcount", type=int, help="QUEUE_COUNT")
+    p.add_argument("--qstart", type=int, help="QUEUE_START")
+    p.add_argument("--queuedir", help="QUEUEDIR: one queue instead of qbase/qcount/qstart")
+    p.add_argument("--cntrldir", default="/etc/qmqpd",
+                   help="control directory (relative: under /etc/qmqpd); rules and keys live here")
+    p.add_argument("--localip", default="0", help="LOCALIP (0 = all IPv4, :: = all)")
+    p.add_argument("--maxdaemons", type=int, help="MAXDAEMONS")
+    p.add_argument("--maxperip", type=int, help="MAXPERIP")
+    p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
+                   help="USE_FSYNC (on unless --no-fsync)")
+    p.add_argument("--syncdir", action=argparse.BooleanOptionalAction, default=None,
+                   help="USE_SYNCDIR (on unless --no-syncdir)")
+    p.add_argument("--memory", type=int, help="SOFT_MEM: bytes per worker")
+    p.add_argument("--min-free", type=int, help="MIN_FREE: bytes")
+    p.add_argument("--rules", help="RULES: the access-rules cdb (default CNTRLDIR/tcp.qmqp.cdb)")
+    p.add_argument("--user", help="USER to run as after binding")
+    p.add_argument("--group", help="GROUP to run as after binding")
+    p.add_argument("--virus-filter", "--qhpsi", dest="virus", nargs="?", const="",
+                   metavar="CLAMD_SOCKET", help="scan with clamd (QHPSI=1[, CLAMD_SOCKET])")
+    p.add_argument("--dksign", "--dkfilter", dest="dksign", nargs="?", const=DEFAULT_KEY_PATTERN,
+                   metavar="KEY", help="DomainKeys signing (DKSIGN, %% = domain)")
+    p.add_argument("--dkimsign", nargs="?", const=DEFAULT_KEY_PATTERN, metavar="KEY",
+                   help="DKIM signing (DKIMSIGN, %% = domain)")
+    p.add_argument("--dkimverify", nargs="?", const="", metavar="LETTERS",
+                   help="DKIM verification (DKIMVERIFY result letters to refuse)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="any other setting, written to variables/NAME")
+    p.add_argument("--supervisor", choices=("daemontools", "runit"), default="daemontools")
+    p.add_argument("--logdir", help="multilog directory (default /var/log/qmqpd.PORT)")
+    p.add_argument("--loguser", help="run multilog as this user (setuidgid)")
+    p.add_argument("--up", action="store_true", help="no down file: start when supervised")
+    p.add_argument("--rmsvc", action="store_true", help="remove the service instead")
+    p.add_argument("--systemd", metavar="UNIT_FILE",
+                   help="write a systemd unit with the same settings instead")
+    p.add_argument("--qmqpd", default=None, help="path of the qmqpd program to run")
+    return p
+
+
+def _control_path(cntrldir: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(cntrldir, path)
+
+
+def settings_from_options(opts: argparse.Namespace) -> dict[str, str]:
+    """The variables/ files: setting name -> value, only what the options say."""
+    cntrldir = _control_path("/etc/qmqpd", opts.cntrldir)
+    values: dict[str, str] = {
+        "PORT": str(opts.qmqp),
+        "LOCALIP": opts.localip,
+        "CONTROLDIR": cntrldir,
+        "RULES": opts.rules or os.path.join(cntrldir, "tcp.qmqp.cdb"),
+    }
+    optional = {
+        "QUEUEDIR": opts.queuedir,
+        "QUEUE_BASE": opts.qbase,
+        "QUEUE_COUNT": opts.qcount,
+        "QUEUE_START": opts.qstart,
+        "MAXDAEMONS": opts.maxdaemons,
+        "MAXPERIP": opts.maxperip,
+        "SOFT_MEM": opts.memory,
+        "MIN_FREE": opts.min_free,
+        "USER": opts.user,
+        "GROUP": opts.group,
+    }
+    values.update({name: str(v) for name, v in optional.items() if v is not None})
+    for name, flag in (("USE_FSYNC", opts.fsync), ("USE_SYNCDIR", opts.syncdir)):
+        if flag is not None:
+            values[name] = "1" if flag else "0"
+    if opts.virus is not None:
+        values["QHPSI"] = "1"
+        if opts.virus:
+            values["CLAMD_SOCKET"] = opts.virus
+    if opts.dksign is not None:
+        values["DKSIGN"] = _control_path(cntrldir, opts.dksign)
+    if opts.dkimsign is not None:
+        values["DKIMSIGN"] = _control_path(cntrldir, opts.dkimsign)
+    if opts.dkimverify is not None:
+        values["DKIMVERIFY"] = opts.dkimverify
+    for item in opts.set:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ServiceError(f"--set wants NAME=VALUE, not {item!r}")
+        values[name] = value
+    if not (values.get("QUEUEDIR") or values.get("QUEUE_BASE")):
+        raise ServiceError("give --qbase (with --qcount/--qstart) or --queuedir")
+    return values
+
+
+def validate(values: Mapping[str, str]) -> None:
+    """Every value must be one `qmqpd serve` accepts, before anything is written."""
+    unknown = sorted(set(values) - set(config_mod.SETTINGS) - {"CONTROLDIR"})
+    if unknown:
+        raise ServiceError("unknown settings: " + ", ".join(unknown))
+    try:
+        config_mod.load(environ=dict(values))
+    except config_mod.ConfigError as error:
+        raise ServiceError(str(error)) from None
+
+
+def _qmqpd_program(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "qmqpd"
+    return str(beside) if beside.exists() else (shutil.which("qmqpd") or "qmqpd")
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Write atomically: a half-written run script must never be executed by supervise."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _service_name(opts: argparse.Namespace) -> str:
+    return opts.servicetag or f"{SERVICE_PREFIX}.{opts.qmqp}"
+
+
+def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
+    values = settings_from_options(opts)
+    validate(values)
+    name = _service_name(opts)
+    service = Path(opts.servicedir) / name
+    qmqpd = _qmqpd_program(opts.qmqpd)
+    logdir = opts.logdir or os.path.join(DEFAULT_LOG_BASE, name)
+    runit = opts.supervisor == "runit"
+    tools = {
+        "envdir": shutil.which("envdir") or "envdir",
+        "chpst": shutil.which("chpst") or "chpst",
+        "multilog": shutil.which("multilog") or "multilog",
+    }
+    setuidgid = ""
+    if opts.loguser:
+        setuidgid = (f"{tools['chpst']} -u {opts.loguser} " if runit
+                     else f"{shutil.which('setuidgid') or 'setuidgid'} {opts.loguser} ")
+    (service / "log").mkdir(parents=True, exist_ok=True)
+    variables = service / "variables"
+    variables.mkdir(exist_ok=True)
+    for old in variables.iterdir():
+        if not old.name.startswith("."):
+            old.unlink()
+    for key, value in values.items():
+        _write(variables / key, value + "\n", 0o644)
+    _write(variables / ".options", shlex.join(["qmqpd", "service", *argv]) + "\n", 0o644)
+    if not opts.up:
+        (service / "down").touch()
+    elif (service / "down").exists():
+        (service / "down").unlink()
+    kind = "runit" if runit else "daemontools"
+    common = {"service": name, "qmqpd": shlex.quote(qmqpd), "logdir": shlex.quote(logdir),
+              "setuidgid": setuidgid, **tools}
+    # The log service is written first, so supervise never runs the server unlogged.
+    _write(service / "log" / "run", _render(f"{kind}/log-run", **common), 0o755)
+    _write(service / "run", _render(f"{kind}/run", **common), 0o755)
+    os.makedirs(logdir, exist_ok=True)
+    return service
+
+
+def remove_service(opts: argparse.Namespace) -> Path:
+    service = Path(opts.servicedir) / _service_name(opts)
+    if not service.is_dir():
+        raise ServiceError(f"no service at {service}")
+    shutil.rmtree(service)
+    return service
+
+
+def systemd_unit(opts: argparse.Namespace) -> str:
+    values = settings_from_options(opts)
+    validate(values)
+    writable = sorted({values.get("QUEUEDIR") or values["QUEUE_BASE"]})
+    environment = "\n".join(
+        f'Environment="{key}={value}"' for key, value in values.items()
+    )
+    caps = ("CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_CHOWN "
+            "CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL")
+    return _render(
+        "systemd/qmqpd.service",
+        service=_service_name(opts),
+        port=str(opts.qmqp),
+        environment=environment,
+        qmqpd=_qmqpd_program(opts.qmqpd),
+        writable=" ".join(writable),
+        capabilities=caps,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        if opts.rmsvc:
+            print(f"removed {remove_service(opts)}")
+        elif opts.systemd:
+            unit = systemd_unit(opts)
+            _write(Path(opts.systemd), unit, 0o644)
+            print(f"wrote {opts.systemd}")
+        else:
+            service = create_service(opts, argv)
+            state = "up" if opts.up else "down (remove the down file or `svc -u` to start)"
+            print(f"created {service}, {state}")
+    except (ServiceError, OSError) as error:
+        print(f"qmqpd service: {error}", file=sys.stderr)
+        return 100
+    return 0
