@@ -37,6 +37,8 @@ LINGER_BYTES = 64 * 1024
 LINGER_MAX = 1024
 # At most one "all MAXDAEMONS busy" warning per this many seconds.
 BUSY_WARNING_INTERVAL = 60.0
+# After an accept error such as EMFILE, stop accepting this long.
+ACCEPT_PAUSE = 0.5
 # Longest sleep of the loop: bounds how late a deadline is noticed.
 TICK = 1.0
 # Settings a HUP cannot change: the sockets are bound and privileges dropped.
@@ -113,6 +115,7 @@ class Master:
         self.watching = False
         self.stop_deadline: float | None = None
         self.next_busy_warning = 0.0
+        self.accept_paused_until = 0.0
         self.title = ""
 
     # ---- start --------------------------------------------------------------------------
@@ -217,6 +220,8 @@ class Master:
     # ---- accept -------------------------------------------------------------------------
     def _can_take(self) -> bool:
         assert self.pool is not None
+        if time.monotonic() < self.accept_paused_until:
+            return False
         return self.accepting and not self.capacity.full and self.pool.idle > 0
 
     def _watch_listeners(self, now: float) -> None:
@@ -249,7 +254,9 @@ class Master:
                 return
             except OSError as error:
                 if error.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    log.error("accept failed", error=error.strerror)
+                    # e.g. EMFILE: the connection stays queued; pause instead of spinning
+                    log.error("accept failed; pausing", error=error.strerror)
+                    self.accept_paused_until = now + ACCEPT_PAUSE
                     return
                 continue
             try:
@@ -350,7 +357,7 @@ class Master:
                 self._release(gone.session)
                 log.warning("worker died during a session", worker=gone.worker.pid,
                             ip=gone.session, status=gone.description)
-            elif gone.status != 0:
+            elif gone.status != 0 and not gone.worker.signals_sent:  # not one we stopped
                 log.event("worker_exit", worker=gone.worker.pid, status=gone.description)
 
     # ---- signals ------------------------------------------------------------------------
