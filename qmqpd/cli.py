@@ -31,13 +31,19 @@ def _fail(message: str, code: int = 111) -> int:
     return code
 
 
+def _embedded(args: argparse.Namespace) -> dict[str, object] | None:
+    """Embedded defaults apply without --config; the queue only if none is named in env."""
+    if args.config:
+        return None
+    defaults = dict(EMBEDDED_DEFAULTS)
+    if any(os.environ.get(name) for name in ("QUEUEDIR", "QUEUE_BASE", "QMAILQUEUE")):
+        del defaults["QUEUEDIR"]
+    return defaults
+
+
 def _load(args: argparse.Namespace, embedded: bool = False) -> config_mod.Config:
-    use_embedded = embedded and not args.config
-    return config_mod.load(
-        args.config,
-        os.environ,
-        defaults=EMBEDDED_DEFAULTS if use_embedded else None,
-    )
+    return config_mod.load(args.config, os.environ,
+                           defaults=_embedded(args) if embedded else None)
 
 
 def _queue_paths(cfg: config_mod.Config) -> list[str]:
@@ -62,7 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qmqpd import master, queue, worker
 
     cfg = _load(args, embedded=True)
-    if not args.config and not os.path.isdir(os.path.join(cfg.queuedir, "todo")):
+    uses_embedded_queue = cfg.source("QUEUEDIR") == "embedded defaults"
+    if uses_embedded_queue and not os.path.isdir(os.path.join(cfg.queuedir, "todo")):
         queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
 
     def reload() -> config_mod.Config:
