@@ -145,7 +145,9 @@ def test_supervised_service(tmp_path: Path, layout, supervisor: str) -> None:
         wait_until(lambda: send(port, tmp_path, "x@example.net").returncode != 0,
                    what="the service to stop")
         assert todo_count(base) == 2
-        assert "event=exit" in _log_text(logdir) and "status=0" in _log_text(logdir)
+        wait_until(lambda: "event=exit" in _log_text(logdir), what="the exit log line")
+        exit_line = next(line for line in _log_text(logdir).splitlines() if "event=exit" in line)
+        assert "status=0" in exit_line
     finally:
         for path in (service, service / "log"):
             subprocess.run([svc, "-dx", str(path)], timeout=10, check=False)
