@@ -165,6 +165,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.sample:
         sys.stdout.write(config_mod.sample_toml())
         return 0
+    if args.markdown:
+        sys.stdout.write(config_mod.settings_markdown())
+        return 0
     cfg = _load(args, embedded=args.embedded)
     for name, value in cfg.as_dict().items():
         print(f"{name}={value!r}  # {cfg.source(name)}")
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
     cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")
     cfg_p.add_argument("--sample", action="store_true", help="print a commented config file")
+    cfg_p.add_argument("--markdown", action="store_true", help="print the settings reference")
     cfg_p.set_defaults(func=cmd_config)
     return parser
 
