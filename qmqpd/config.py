@@ -79,6 +79,59 @@ def _address_list(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _optional_str(raw: Any) -> str | None:
+    """Unset (None) differs from set-but-empty: `DKIMVERIFY=""` verifies without rejecting."""
+    if raw is None:
+        return None
+    return _str(raw)
+
+
+def _letters(allowed: str) -> Callable[[Any], str | None]:
+    def parse(raw: Any) -> str | None:
+        value = _optional_str(raw)
+        if value is not None and any(ch not in allowed for ch in value):
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _optional_seconds(raw: Any) -> int | str | None:
+    """DKIMEXPIRE: unset (None), empty (no x= tag) or seconds."""
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+        return raw if raw is None else ""
+    return _int_parser(0)(raw)
+
+
+def _float_parser(low: float, high: float) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw)
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _servers(raw: Any) -> tuple[str, ...]:
+    """DNS_SERVERS: addresses with an optional port, comma or space separated."""
+    items = raw if isinstance(raw, list) else str(raw).replace(",", " ").split()
+    out = []
+    for item in items:
+        item = str(item).strip()
+        host = item[1:].split("]")[0] if item.startswith("[") else item
+        if item.count(":") == 1 and not item.startswith("["):
+            host, port = item.split(":")
+            if not 0 < int(port) < 65536:
+                raise ValueError
+        if not host:
+            raise ValueError
+        out.append(item)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -148,6 +201,42 @@ SETTINGS: dict[str, Setting] = {
            "refuse with Z when the queue filesystem has less free space"),
         _s("QMAILQUEUE", _str, "", "path of a qmail-queue style program, optionally with args",
            "hand messages to this program instead of writing the queue"),
+        _s("CONTROLDIR", _str, "/etc/qmqpd", "a directory",
+           "base of relative key paths and of the dkimkeys file", "signing"),
+        _s("DKIMSIGN", _optional_str, None, "unset, empty (= DKIMKEY) or a key path; % = domain",
+           "sign with DKIM using this private key; selector = file name", "signing"),
+        _s("DKIMKEY", _str, "domainkeys/%/default", "a key path; % = domain",
+           "key path used when DKIMSIGN is set but empty", "signing"),
+        _s("DKIMKEYS", _str, "dkimkeys", "a path (relative = under CONTROLDIR); empty = none",
+           "file of domain:keypath lines overriding DKIMSIGN per domain", "signing"),
+        _s("DKIMSIGNOPTIONS", _str, "", "-c r|s|t|u -l -q -t -i identity -x secs|- -z 1|2|3|4",
+           "DKIM signing options as qmail-dkim takes them", "signing"),
+        _s("DKIMSIGNEXTRA", _optional_str, None, "unset or a key path; % = domain",
+           "a second DKIM signature with this key (e.g. Ed25519 beside RSA)", "signing"),
+        _s("DKIMSIGNOPTIONSEXTRA", _str, "", "as DKIMSIGNOPTIONS",
+           "signing options of the second signature", "signing"),
+        _s("DKIMEXPIRE", _optional_seconds, None, "unset, empty (no x=) or seconds",
+           "x= = signing time + this; unset = -x of DKIMSIGNOPTIONS or 604800", "signing"),
+        _s("EXCLUDE_DKIMSIGN", _str, "", "header names, colon separated (prefix match)",
+           "headers left out of DKIM signatures", "signing"),
+        _s("DKIMVERIFY", _letters("ABCDEFGHIJKLMNOPQRSTUVWXYabcdefghijklmnopqrstuvwxy"), None,
+           "unset, or result letters A-Y (upper = D, lower = Z)",
+           "verify DKIM signatures, add Authentication-Results, reject listed results",
+           "signing"),
+        _s("DKSIGN", _optional_str, None, "unset, empty (= DKKEY) or a key path; % = domain",
+           "sign with DomainKeys (RFC 4870) using this RSA key", "signing"),
+        _s("DKKEY", _str, "domainkeys/%/default", "a key path; % = domain",
+           "key path used when DKSIGN is set but empty", "signing"),
+        _s("DKSIGNOPTIONS", _str, "", "-c nofws|simple -h -b N -s keyfile",
+           "DomainKeys signing options as qmail-dk takes them", "signing"),
+        _s("DKVERIFY", _letters("ABCDEFGHIJKLMabcdefghijklm"), None,
+           "unset, or result letters A-M (upper = D, lower = Z)",
+           "verify DomainKey signatures, add Authentication-Results, reject listed results",
+           "signing"),
+        _s("DNS_SERVERS", _servers, (), "addresses[:port], comma separated; empty = resolv.conf",
+           "name servers asked for DKIM/DomainKeys public keys", "signing"),
+        _s("DNS_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
+           "limit on one public key lookup; a timeout is a temporary result", "signing"),
     )
 }
 
@@ -252,6 +341,8 @@ def load(config_file: str | None = None, environ: Mapping[str, str] | None = Non
 
 
 def _toml_value(value: Any) -> str:
+    if value is None:
+        return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
