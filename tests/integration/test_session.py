@@ -195,6 +195,17 @@ def test_qmqpc_through_tcpserver(server, queue: Path, tmp_path: Path) -> None:
         mess, _ = queued_files(queue, int(item.id))
         assert mess.endswith(message)
         assert item.sender == b"a@example.org"
+    listing = subprocess.run([*command("qmqpd"), "queue", "list", str(queue)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = listing.splitlines()
+    assert len(lines) == 20
+    for line in lines:
+        assert re.fullmatch(
+            re.escape(str(queue)) + r" \d+ todo age=\d+s size=\d+ from=a@example\.org "
+            r"to=r\d+@example\.net", line), line
+    stat_line = subprocess.run([*command("qmqpd"), "queue", "stat", str(queue)],
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"{queue} todo=20 queued=0 broken=0" in stat_line
 
 
 def answer_of(raw: bytes) -> bytes:
