@@ -7,6 +7,7 @@ never let through by accident.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,22 @@ from qmqpd.message import Message, Reply
 StageFactory = Callable[[Config], Stage | None]
 
 
+def _when_set(module: str, *switches: str) -> StageFactory:
+    """A factory importing its stage module only when one of its switches is set, so that
+    sessions without signing do not pay for loading the crypto libraries."""
+
+    def factory(config: Config) -> Stage | None:
+        if all(config[name] is None for name in switches):
+            return None
+        return importlib.import_module(module).from_config(config)
+
+    return factory
+
+
 def _factories() -> list[StageFactory]:
     factories: list[StageFactory] = []
+    factories.append(_when_set("filters.dk", "DKSIGN", "DKVERIFY"))
+    factories.append(_when_set("filters.dkim", "DKIMSIGN", "DKIMSIGNEXTRA", "DKIMVERIFY"))
     return factories
 
 

@@ -1,0 +1,444 @@
+"""Signing keys for the DKIM and DomainKeys stages: where they are, loading them, making them.
+
+Key paths follow IndiMail: a pattern such as `domainkeys/%/default` (relative to CONTROLDIR),
+every `%` replaced by the signing domain, the selector being the key file's basename. The
+signing domain comes from a message header, so it is validated as a hostname before it
+touches a path. Public keys of other domains are looked up as DNS TXT records with a short
+timeout; a DNS failure is reported as temporary, never as "no key".
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import email.utils
+import errno
+import os
+import re
+import socket
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.name
+import dns.resolver
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+# name (bytes, as in the signature) -> the TXT key record, None when there is none.
+TxtLookup = Callable[[bytes], bytes | None]
+
+MAX_DOMAIN = 253
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+DEFAULT_CONTROLDIR = "/etc/qmqpd"
+DEFAULT_KEY_PATTERN = "domainkeys/%/default"
+
+
+class KeyProblem(Exception):
+    """Base of the key problems a stage turns into an answer."""
+
+
+class KeyMissing(KeyProblem):
+    """No key file and the pattern had no `%`: the operator promised a key."""
+
+
+class KeyUnreadable(KeyProblem):
+    """The key exists but cannot be used safely (permissions, I/O): temporary."""
+
+
+class KeyUnparsable(KeyProblem):
+    """The key file is not a private key we can sign with: permanent."""
+
+
+class DnsTempError(Exception):
+    """The key lookup failed for a reason that may pass (timeout, SERVFAIL, no resolver)."""
+
+
+# --- the signing domain -------------------------------------------------------------------
+
+def valid_domain(raw: str | bytes | None) -> str | None:
+    """The domain lowercased if it is a plain hostname, else None (it never reaches a path)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    domain = raw.strip().rstrip(".").lower()
+    if not domain or len(domain) > MAX_DOMAIN:
+        return None
+    labels = domain.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        return None
+    return domain
+
+
+def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """(name, unfolded value) of each header field of a message's header block."""
+    fields: list[tuple[bytes, bytes]] = []
+    for line in re.split(rb"\r?\n", head):
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + b" " + line.strip())
+            continue
+        name, colon, value = line.partition(b":")
+        if colon and name and b" " not in name:
+            fields.append((name, value.strip()))
+    return fields
+
+
+def address_domain(value: bytes) -> str | None:
+    """The raw domain of the first address in a From:/Sender: value (not yet validated)."""
+    text = value.decode("ascii", errors="replace")
+    addresses = email.utils.getaddresses([text])
+    for _name, address in addresses:
+        if "@" in address:
+            return address.rsplit("@", 1)[1]
+    return None
+
+
+def identity_header(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None:
+    """The Sender: field, else the From: field (the signing identity of DK and DKIM)."""
+    for wanted in (b"sender", b"from"):
+        for name, value in fields:
+            if name.lower() == wanted:
+                return name, value
+    return None
+
+
+# --- finding and loading private keys ------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeyFile:
+    path: str
+    selector: str
+
+
+def under(controldir: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(controldir, path)
+
+
+def _exists(path: str) -> bool:
+    """True when path is a regular file; False when absent; KeyUnreadable for anything else."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        raise KeyUnreadable(f"{path}: {error.strerror}") from None
+    return stat.S_ISREG(info.st_mode)
+
+
+def resolve_key(pattern: str, domain: str, controldir: str) -> KeyFile | None:
+    """The key file for domain, IndiMail's `%` rules; None = sign nothing (pattern had `%`).
+
+    `%` becomes the domain; if that file is missing the `%` is dropped instead; if that is
+    missing too the message goes unsigned. Without `%` a missing file is KeyMissing.
+    """
+    if "%" not in pattern:
+        path = under(controldir, pattern)
+        if not _exists(path):
+            raise KeyMissing(path)
+        return KeyFile(path, os.path.basename(path))
+    with_domain = under(controldir, pattern.replace("%", domain))
+    if _exists(with_domain):
+        return KeyFile(with_domain, os.path.basename(with_domain))
+    without = re.sub(r"/{2,}", "/", pattern.replace("%", "")).rstrip("/")
+    if without:
+        fallback = under(controldir, without)
+        if _exists(fallback):
+            return KeyFile(fallback, os.path.basename(fallback))
+    return None
+
+
+def domain_key_table(path: str) -> dict[str, str]:
+    """A `dkimkeys` control file: lines `domain:keypath[:envstr]`; # comments; missing = empty."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        raise KeyUnreadable(f"{path}: {error.strerror}") from None
+    table: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        domain, _, rest = line.partition(":")
+        keypath = rest.split(":", 1)[0].strip()
+        clean = valid_domain(domain)
+        if clean and keypath:
+            table.setdefault(clean, keypath)
+    return table
+
+
+# Parsed keys per process, keyed by the file's identity so an edited key is re-read.
+_KEY_CACHE: dict[str, tuple[tuple[int, int, int, int], PrivateKey]] = {}
+
+
+def load_private_key(path: str) -> PrivateKey:
+    """An RSA or Ed25519 private key (PEM, or dkimpy's base64 Ed25519 seed), read safely."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise KeyMissing(path) from None
+        raise KeyUnreadable(f"{path}: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyUnreadable(f"{path}: not a regular file")
+        if info.st_mode & stat.S_IROTH:
+            raise KeyUnreadable(f"{path}: readable by everyone (mode {info.st_mode & 0o777:o});"
+                                " refusing to use it, run chmod o-rwx on it")
+        identity = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        cached = _KEY_CACHE.get(path)
+        if cached and cached[0] == identity:
+            return cached[1]
+        data = handle.read(1 << 16)
+    key = parse_private_key(data, path)
+    _KEY_CACHE[path] = (identity, key)
+    return key
+
+
+def parse_private_key(data: bytes, path: str = "key") -> PrivateKey:
+    if b"-----BEGIN" in data:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as error:
+            raise KeyUnparsable(f"{path}: {error}") from None
+        if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+            raise KeyUnparsable(f"{path}: only RSA and Ed25519 keys can sign")
+        return key
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise KeyUnparsable(f"{path}: neither a PEM key nor a base64 Ed25519 seed")
+    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def key_kind(key: PrivateKey) -> str:
+    return "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
+
+
+# --- public keys from DNS ------------------------------------------------------------------
+
+_RESOLVERS: dict[tuple[tuple[str, ...], float], dns.resolver.Resolver] = {}
+
+
+def _resolver(servers: tuple[str, ...], timeout: float) -> dns.resolver.Resolver:
+    cached = _RESOLVERS.get((servers, timeout))
+    if cached is not None:
+        return cached
+    if servers:
+        resolver = dns.resolver.Resolver(configure=False)
+        addresses, ports = [], {}
+        for server in servers:
+            host, port = _split_server(server)
+            addresses.append(host)
+            ports[host] = port
+        resolver.nameservers = addresses
+        resolver.nameserver_ports = ports
+    else:
+        try:
+            resolver = dns.resolver.Resolver()
+        except dns.resolver.NoResolverConfiguration as error:
+            raise DnsTempError(f"no resolver configuration: {error}") from None
+    resolver.timeout = timeout
+    resolver.lifetime = timeout
+    _RESOLVERS[(servers, timeout)] = resolver
+    return resolver
+
+
+def _split_server(server: str) -> tuple[str, int]:
+    """`1.2.3.4`, `1.2.3.4:5353`, `::1` or `[::1]:5353`."""
+    if server.startswith("["):
+        host, _, port = server[1:].partition("]:")
+        return host.rstrip("]"), int(port or 53)
+    if server.count(":") == 1:
+        host, port = server.split(":")
+        return host, int(port)
+    return server, 53
+
+
+def parse_servers(raw: str) -> tuple[str, ...]:
+    servers = tuple(s for s in raw.replace(",", " ").split() if s)
+    for server in servers:
+        _split_server(server)  # raises ValueError on a bad port
+    return servers
+
+
+def txt_record(name: str, timeout: float, servers: tuple[str, ...] = ()) -> bytes | None:
+    """The key record at name (the first TXT with `p=`), None if there is none for sure."""
+    try:
+        dns.name.from_text(name)
+    except dns.exception.DNSException:
+        return None  # a name that cannot exist in DNS has no key
+    try:
+        answer = _resolver(servers, timeout).resolve(name, "TXT", search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return None
+    except dns.exception.Timeout:
+        raise DnsTempError(f"{name}: DNS timeout after {timeout}s") from None
+    except dns.exception.DNSException as error:
+        raise DnsTempError(f"{name}: {type(error).__name__}: {error}") from None
+    records = [b"".join(rdata.strings) for rdata in answer]
+    for record in records:
+        if re.search(rb"(^|;)\s*p\s*=", record):
+            return record
+    return records[0] if records else None
+
+
+def dns_lookup(servers: tuple[str, ...], timeout: float) -> TxtLookup:
+    def lookup(name: bytes) -> bytes | None:
+        try:
+            text = name.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        return txt_record(text, timeout, servers)
+
+    return lookup
+
+
+def tag_list(record: bytes) -> dict[bytes, bytes]:
+    """A `tag=value; ...` list with whitespace removed from values (DNS key records)."""
+    tags: dict[bytes, bytes] = {}
+    for part in record.split(b";"):
+        name, equals, value = part.partition(b"=")
+        if equals:
+            tags.setdefault(name.strip(), re.sub(rb"\s+", b"", value))
+    return tags
+
+
+_HOSTNAME: list[str] = []
+
+
+def authserv_id() -> str:
+    """The name in our Authentication-Results headers (RFC 8601 authserv-id)."""
+    if not _HOSTNAME:
+        _HOSTNAME.append(socket.gethostname() or "localhost")
+    return _HOSTNAME[0]
+
+
+# --- key generation ------------------------------------------------------------------------
+
+def dns_record(key: PrivateKey) -> str:
+    """The TXT value to publish. An RSA record has no `h=`, so DomainKeys verifiers accept it."""
+    public = key.public_key()
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return "v=DKIM1; k=ed25519; p=" + base64.b64encode(raw).decode()
+    der = public.public_bytes(serialization.Encoding.DER,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+def zone_line(domain: str, selector: str, record: str) -> str:
+    """The record as a zone-file line, split into strings of at most 255 bytes."""
+    parts = [record[i:i + 255] for i in range(0, len(record), 255)]
+    quoted = " ".join(f'"{part}"' for part in parts)
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
+
+
+def keygen(domain: str, selector: str, key_type: str = "rsa", bits: int = 2048,
+           keydir: str = os.path.join(DEFAULT_CONTROLDIR, "domainkeys"),
+           owner: tuple[int, int] | None = None, force: bool = False) -> tuple[str, str]:
+    """Write keydir/domain/selector (mode 0640, directory 0750); return (path, TXT value)."""
+    clean = valid_domain(domain)
+    if clean is None:
+        raise ValueError(f"not a valid domain: {domain!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", selector):
+        raise ValueError(f"not a valid selector: {selector!r}")
+    key: PrivateKey
+    if key_type == "rsa":
+        if not 1024 <= bits <= 8192:
+            raise ValueError("RSA key size must be 1024-8192 bits")
+        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    elif key_type == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        raise ValueError(f"key type must be rsa or ed25519, not {key_type!r}")
+    directory = os.path.join(keydir, clean)
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    path = os.path.join(directory, selector)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    _write_new(path, pem, 0o640, force)
+    record = dns_record(key)
+    _write_new(path + ".pub", (zone_line(clean, selector, record) + "\n").encode(), 0o644, True)
+    if owner is not None:
+        for item in (directory, path, path + ".pub"):
+            os.chown(item, owner[0], owner[1])
+    return path, record
+
+
+def _write_new(path: str, data: bytes, mode: int, replace: bool) -> None:
+    """Create the file with its final mode from the start (no window where it is readable)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have removed bits
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def _owner(user: str | None, group: str | None) -> tuple[int, int] | None:
+    if not user and not group:
+        return None
+    import grp
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid if user else -1
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    return uid, gid
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`qmqpd dkim keygen --domain D --selector S [--type rsa|ed25519] [--bits N] ...`."""
+    parser = argparse.ArgumentParser(prog="qmqpd dkim", description="DKIM/DomainKeys keys")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("keygen", help="make a private key and print its DNS record")
+    gen.add_argument("--domain", required=True)
+    gen.add_argument("--selector", default="default")
+    gen.add_argument("--type", dest="key_type", choices=("rsa", "ed25519"), default="rsa")
+    gen.add_argument("--bits", type=int, default=2048)
+    gen.add_argument("--keydir", default=None,
+                     help="key directory (default: $CONTROLDIR/domainkeys)")
+    gen.add_argument("--user", help="owner of the key (the service user)")
+    gen.add_argument("--group", help="group of the key")
+    gen.add_argument("--force", action="store_true", help="replace an existing key")
+    args = parser.parse_args(argv)
+    keydir = args.keydir or os.path.join(
+        os.environ.get("CONTROLDIR") or DEFAULT_CONTROLDIR, "domainkeys")
+    try:
+        path, record = keygen(args.domain, args.selector, args.key_type, args.bits, keydir,
+                              _owner(args.user, args.group), args.force)
+    except FileExistsError:
+        print(f"qmqpd dkim: key {args.selector} for {args.domain} exists; --force replaces it",
+              file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, OSError) as error:
+        print(f"qmqpd dkim: {error}", file=sys.stderr)
+        return 1
+    print(f"# private key: {path}", file=sys.stderr)
+    print(zone_line(valid_domain(args.domain) or args.domain, args.selector, record))
+    return 0
