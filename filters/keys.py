@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import dns.exception
 import dns.name
 import dns.resolver
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -213,7 +214,7 @@ def parse_private_key(data: bytes, path: str = "key") -> PrivateKey:
     if b"-----BEGIN" in data:
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as error:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as error:
             raise KeyUnparsable(f"{path}: {error}") from None
         if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
             raise KeyUnparsable(f"{path}: only RSA and Ed25519 keys can sign")
