@@ -176,6 +176,8 @@ SETTINGS: dict[str, Setting] = {
            "address-space cap of each worker (softlimit -m)", "master"),
         _s("SHUTDOWN_TIMEOUT", _int_parser(0, 86400), 30, "seconds 0-86400",
            "on TERM, how long sessions in progress may take to finish", "master"),
+        _s("STATUS_FILE", _str, "/run/qmqpd/status.json", "a path; empty = none",
+           "where the master keeps its status for `qmqpd status` (one per server)", "master"),
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
            "idle timeout of each read and write"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",

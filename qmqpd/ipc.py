@@ -3,6 +3,8 @@
 One record is one packet: a kind byte, then fields, each a 2-byte big-endian length and
 that many bytes. A handoff carries the client's fd (SCM_RIGHTS via socket.send_fds) and its
 facts; rule env entries are encoded as tcprules stores them (``+NAME=value``, ``-NAME``).
+A done record carries the exiting flag, then optionally the session's outcome: the answer's
+status letter and ``stage=verdict`` entries (bounded names, at most MAX_STAGES).
 Sizes are bounded so neither side can be made to hold more than MAX_RECORD bytes.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -31,8 +34,29 @@ class Kind(enum.IntEnum):
     RETIRE = 4  # master -> worker: exit when idle
 
 
+# A done record's outcome is bounded: the master keeps counters keyed by these names.
+MAX_STAGES = 16
+ANSWERS = ("K", "Z", "D", "")  # "" = the session ended without an answer
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_ACTION = re.compile(r"[a-z]{1,16}")
+
+
 class ChannelError(Exception):
     """A malformed, oversized or unexpected record: the peer cannot be trusted further."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a session ended, for the master's counters: the answer's status letter ("" when
+    none was sent) and each filter stage's verdict, in the order the stages ran."""
+
+    answer: str = ""
+    stages: tuple[tuple[str, str], ...] = ()
+
+
+def valid_stage(name: str, action: str) -> bool:
+    """A stage name and verdict that fit a done record (short lower-case words)."""
+    return bool(_STAGE_NAME.fullmatch(name) and _ACTION.fullmatch(action))
 
 
 @dataclass
@@ -41,6 +65,7 @@ class Record:
     client: Client | None = None
     fd: int | None = None
     exiting: bool = False
+    outcome: Outcome | None = None  # DONE only; None from a worker that sent no outcome
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -120,8 +145,43 @@ def send_ready(channel: socket.socket) -> None:
     _send(channel, Kind.READY)
 
 
-def send_done(channel: socket.socket, exiting: bool = False) -> None:
-    _send(channel, Kind.DONE, [b"1" if exiting else b"0"])
+def encode_outcome(outcome: Outcome) -> list[bytes]:
+    if outcome.answer not in ANSWERS:
+        raise ChannelError(f"bad answer status {outcome.answer!r}")
+    if len(outcome.stages) > MAX_STAGES:
+        raise ChannelError("too many stages in an outcome")
+    fields = [outcome.answer.encode("ascii")]
+    for name, action in outcome.stages:
+        if not valid_stage(name, action):
+            raise ChannelError(f"bad stage verdict {name!r}={action!r}")
+        fields.append(f"{name}={action}".encode("ascii"))
+    return fields
+
+
+def decode_outcome(fields: list[bytes]) -> Outcome:
+    if len(fields) > MAX_STAGES + 1:
+        raise ChannelError("too many stages in an outcome")
+    try:
+        answer, *entries = (f.decode("ascii") for f in fields)
+    except UnicodeDecodeError:
+        raise ChannelError("outcome is not ASCII") from None
+    if answer not in ANSWERS:
+        raise ChannelError(f"bad answer status {answer!r}")
+    stages = []
+    for entry in entries:
+        name, _, action = entry.partition("=")
+        if not valid_stage(name, action):
+            raise ChannelError(f"bad stage verdict {entry!r}")
+        stages.append((name, action))
+    return Outcome(answer, tuple(stages))
+
+
+def send_done(channel: socket.socket, exiting: bool = False,
+              outcome: Outcome | None = None) -> None:
+    fields = [b"1" if exiting else b"0"]
+    if outcome is not None:
+        fields += encode_outcome(outcome)
+    _send(channel, Kind.DONE, fields)
 
 
 def send_retire(channel: socket.socket) -> None:
@@ -151,7 +211,8 @@ def receive(channel: socket.socket) -> Record | None:
         if fds:
             raise ChannelError(f"unexpected fd with {kind.name}")
         if kind is Kind.DONE:
-            return Record(kind, exiting=fields[:1] == [b"1"])
+            outcome = decode_outcome(fields[1:]) if len(fields) > 1 else None
+            return Record(kind, exiting=fields[:1] == [b"1"], outcome=outcome)
         return Record(kind)
     except ChannelError:
         _close_all(fds)

@@ -7,6 +7,9 @@ when the worker reports done, or when it is reaped holding the session.
 
 Signal handlers only record the signal; the loop acts on it (TERM/INT drain and exit,
 HUP reload, CHLD reap). The master never parses mail.
+
+It counts what it sees (connections handed, denied, refused; each session's answer and
+stage verdicts from the workers' done records) and keeps STATUS_FILE for `qmqpd status`.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from qmqpd import log, procctl
+from qmqpd import log, procctl, status
 from qmqpd.config import Config
 from qmqpd.limits import Capacity, PerIpCounter, fold_ip
 from qmqpd.message import Client, Reply
-from qmqpd.pool import BootFailure, Exit, Pool, Worker, WorkerEntry
+from qmqpd.pool import BootFailure, Ended, Exit, Pool, State, Worker, WorkerEntry
 from qmqpd.rules import Rule, RuleTable
 
 # Refused clients: after the Z, read and drop what they still send (bounded) so the
@@ -42,7 +45,7 @@ ACCEPT_PAUSE = 0.5
 # Longest sleep of the loop: bounds how late a deadline is noticed.
 TICK = 1.0
 # Settings a HUP cannot change: the sockets are bound and privileges dropped.
-RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP")
+RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE")
 
 _LISTEN = "listen"
 _WAKEUP = "wakeup"
@@ -117,6 +120,10 @@ class Master:
         self.next_busy_warning = 0.0
         self.accept_paused_until = 0.0
         self.title = ""
+        self.counters = status.SessionCounters()
+        self.status = status.StatusWriter(config.status_file)
+        self.started_at = time.time()
+        self.listen_names: list[str] = []
 
     # ---- start --------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,6 +132,8 @@ class Master:
         for sock in self.listeners:
             host, port = sock.getsockname()[:2]
             log.event("listen", addr=host, port=port)
+            self.listen_names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.status.prepare(*_owner(cfg))
         procctl.drop_privileges(cfg.user, cfg.group)
         self.rules = self._open_rules(cfg)
         self._install_signals()
@@ -169,7 +178,9 @@ class Master:
         except BootFailure as failure:
             log.error("cannot start workers; stopping", reason=str(failure))
             self._abort()
+            self._final_status(111)
             return 111
+        self._final_status(0)
         log.event("exit", status=0)
         return 0
 
@@ -182,6 +193,7 @@ class Master:
         self._expire_lingering(now)
         self._watch_listeners(now)
         self._set_title()
+        self.status.maybe_write(now, self._status)
         for key, _mask in self.selector.select(self._timeout(now)):
             self._dispatch(key.data, key.fileobj, time.monotonic())
 
@@ -204,9 +216,9 @@ class Master:
             self._accept(fileobj, now)
         elif isinstance(data, Worker):
             if data.pid in self.pool.workers:
-                session = self.pool.on_readable(data, now)
-                if session is not None:
-                    self._release(session)
+                ended = self.pool.on_readable(data, now)
+                if ended is not None:
+                    self._session_ended(ended)
         elif isinstance(data, _Linger):
             self._linger_read(data)
 
@@ -263,6 +275,7 @@ class Master:
                 self._admit(conn, peer, now)
             except OSError as error:  # the client went away while we looked at it
                 log.event("drop", ip=fold_ip(str(peer[0])), error=error.strerror)
+                self.counters.connection("dropped")
                 conn.close()
 
     def _admit(self, conn: socket.socket, peer: tuple, now: float) -> None:
@@ -270,18 +283,23 @@ class Master:
         rule = self._lookup(ip)
         if not rule.allow:
             log.event("deny", ip=ip, rule=rule.key, reason=rule.reason or None)
+            self.counters.connection("denied")
             conn.close()
             return
         limit = _rule_limit(rule, self.config.maxperip)
         if not self.per_ip.acquire(ip, limit):
             log.event("perip_limit", ip=ip, count=self.per_ip.count(ip), maxperip=limit,
                       answer=Reply.named("too_many_per_ip").line)
+            self.counters.connection("refused_perip")
             self._refuse(conn, now)
             return
         self.capacity.acquire()
         client = self._client(conn, ip, peer, rule)
-        if not self._hand(conn, client, ip, now):
+        if self._hand(conn, client, ip, now):
+            self.counters.connection("handed")
+        else:
             self._release(ip)
+            self.counters.connection("dropped")
             log.event("drop", ip=ip, error="no worker could take the connection")
         conn.close()
 
@@ -351,10 +369,18 @@ class Master:
         self.per_ip.release(ip)
         self.capacity.release()
 
+    def _session_ended(self, ended: Ended) -> None:
+        self._release(ended.session)
+        if ended.outcome is None:
+            self.counters.session_ended(None, ())
+        else:
+            self.counters.session_ended(ended.outcome.answer, ended.outcome.stages)
+
     def _release_exits(self, exits: list[Exit]) -> None:
         for gone in exits:
             if gone.session is not None:
                 self._release(gone.session)
+                self.counters.worker_died()
                 log.warning("worker died during a session", worker=gone.worker.pid,
                             ip=gone.session, status=gone.description)
             elif gone.status != 0 and not gone.worker.signals_sent:  # not one we stopped
@@ -420,6 +446,31 @@ class Master:
             time.sleep(0.05)
 
     # ---- status -------------------------------------------------------------------------
+    def _status(self, state: str = "") -> dict[str, object]:
+        """What `qmqpd status` shows; no mail content, only counts and client IPs."""
+        assert self.pool is not None
+        workers = {s.value: len(self.pool.in_state(s)) for s in State}
+        return {
+            "version": status.FORMAT_VERSION,
+            "pid": os.getpid(),
+            "state": state or ("running" if self.accepting else "stopping"),
+            "started": round(self.started_at, 3),
+            "listen": list(self.listen_names),
+            "maxdaemons": self.capacity.maximum,
+            "maxperip": self.config.maxperip,
+            "prefork": self.config.prefork,
+            "generation": self.pool.generation,
+            "workers": {**workers, "total": len(self.pool.workers)},
+            "sessions": self.capacity.busy,
+            "clients": len(self.per_ip),
+            "busiest": [{"ip": ip, "sessions": count}
+                        for ip, count in self.per_ip.busiest(status.TOP_CLIENTS)],
+            **self.counters.as_dict(),
+        }
+
+    def _final_status(self, code: int) -> None:
+        self.status.write(time.monotonic(), {**self._status("stopped"), "exit": code})
+
     def _set_title(self) -> None:
         assert self.pool is not None
         where = ",".join(f"{cfg_ip}:{self.config.port}" for cfg_ip in self.config.localip)
@@ -429,6 +480,17 @@ class Master:
         if title != self.title:
             procctl.set_title(title)
             self.title = title
+
+
+def _owner(cfg: Config) -> tuple[int, int]:
+    """(uid, gid) the master drops to; -1 = unchanged."""
+    uid, gid = -1, -1
+    if cfg.user:
+        uid, gid, _name = procctl.resolve_user(cfg.user)
+    if cfg.group:
+        gids = procctl.resolve_groups(cfg.group)
+        gid = gids[0] if gids else gid
+    return uid, gid
 
 
 def run(config: Config, worker_entry: WorkerEntry, config_loader: Callable[[], Config]) -> int:

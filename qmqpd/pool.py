@@ -89,6 +89,15 @@ class Exit:
         return f"exit {os.waitstatus_to_exitcode(self.status)}"
 
 
+@dataclass
+class Ended:
+    """A session a worker reported done: what the master must release, and how it ended
+    (None when the worker sent no outcome)."""
+
+    session: Any
+    outcome: ipc.Outcome | None
+
+
 def jittered(max_requests: int) -> int:
     """Recycling point per worker, spread so workers do not all restart together."""
     if max_requests <= 0:
@@ -193,8 +202,8 @@ class Pool:
         worker.signals_sent.clear()
         return True
 
-    def on_readable(self, worker: Worker, now: float) -> Any:
-        """Handle one record; returns the session a DONE released, else None."""
+    def on_readable(self, worker: Worker, now: float) -> Ended | None:
+        """Handle one record; a DONE returns the session it ended, anything else None."""
         try:
             record = ipc.receive(worker.channel)
         except (ipc.ChannelError, OSError) as error:
@@ -215,7 +224,7 @@ class Pool:
             self._set_idle(worker, now)
             return None
         if record.kind is ipc.Kind.DONE and worker.state is State.BUSY:
-            return self._done(worker, record.exiting, now)
+            return Ended(self._done(worker, record.exiting, now), record.outcome)
         log.error("unexpected record from worker; killing it", worker=worker.pid,
                   kind=record.kind.name, state=worker.state.value)
         self._signal(worker, signal.SIGKILL)

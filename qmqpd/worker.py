@@ -15,7 +15,7 @@ from types import FrameType
 
 from qmqpd import ipc, log, procctl
 from qmqpd.config import Config
-from qmqpd.handler import serve_connection
+from qmqpd.handler import SessionResult, serve_connection
 
 IDLE_TITLE = "qmqpd: worker idle"
 
@@ -36,6 +36,21 @@ class _Lifecycle:
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def stage_verdicts(facts: dict[str, object]) -> list[tuple[str, str]]:
+    """The stages' verdicts among the session facts: the pipeline records each stage that
+    ran as `name: action` beside its `name_ms` timing."""
+    found = []
+    for name, value in facts.items():
+        if isinstance(value, str) and f"{name}_ms" in facts and ipc.valid_stage(name, value):
+            found.append((name, value))
+    return found[: ipc.MAX_STAGES]
+
+
+def outcome_of(result: SessionResult) -> ipc.Outcome:
+    answer = result.reply.status if result.reply is not None else ""
+    return ipc.Outcome(answer, tuple(stage_verdicts(result.facts)))
 
 
 def worker_main(channel: socket.socket, config: Config) -> None:
@@ -62,7 +77,7 @@ def worker_main(channel: socket.socket, config: Config) -> None:
         finally:
             _close(record.fd)
         exiting = result.fatal or life.stop or not procctl.parent_alive(master_pid)
-        ipc.send_done(channel, exiting=exiting)
+        ipc.send_done(channel, exiting=exiting, outcome=outcome_of(result))
         if exiting:
             return
         life.busy = False

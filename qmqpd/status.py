@@ -1,0 +1,306 @@
+"""`qmqpd status`: what the running master is doing, from the status file it keeps.
+
+The master writes STATUS_FILE (JSON) with tmp + rename: at most once a second when
+something changed, every REFRESH_SECONDS anyway (so a stuck master shows as stale), and
+once more at exit. A file and not a control socket, because
+- the master stays a loop that only serves clients and workers: a slow or stuck reader
+  cannot hold it, and there is no second listener to protect, authorize or bound;
+- reading needs only file permissions, works while the master is busy or hung (the
+  `written` time tells), and the last state survives the master for a post-mortem;
+- the rename is atomic, so a reader never sees half a file.
+The price is up to about two seconds of lag, which is fine for counters read by people.
+
+The writer side (`SessionCounters`, `StatusWriter`) is used by the master; the reader side
+(`read_status`, `render_text`, `run`) by the command. Both share the format, so it lives
+in one module. Imports: config, log and the standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from qmqpd import log
+from qmqpd.config import Config
+
+FORMAT_VERSION = 1
+WRITE_INTERVAL = 1.0
+REFRESH_SECONDS = 10.0
+# A running master's file older than this means the master loop is not turning.
+STALE_AFTER = 3 * REFRESH_SECONDS
+TOP_CLIENTS = 10
+# Bounds on what the counters keep, whatever the workers report.
+MAX_STAGE_NAMES = 32
+ACTIONS = ("accept", "tempfail", "reject", "discard")
+ANSWER_NAMES = {"K": "accepted", "Z": "tempfailed", "D": "rejected", "": "no_answer"}
+ANSWERS = ("accepted", "tempfailed", "rejected", "no_answer", "worker_died", "unreported")
+CONNECTIONS = ("handed", "denied", "refused_perip", "dropped")
+# `qmqpd status` exit codes: running; not running (the last status is shown); no status.
+EXIT_RUNNING = 0
+EXIT_NOT_RUNNING = 1
+EXIT_NO_STATUS = 111
+
+
+class SessionCounters:
+    """Since-start counts kept by the master: connections, answers, stage verdicts."""
+
+    def __init__(self) -> None:
+        self.connections = dict.fromkeys(CONNECTIONS, 0)
+        self.answers = dict.fromkeys(ANSWERS, 0)
+        self.stages: dict[str, dict[str, int]] = {}
+
+    def connection(self, what: str) -> None:
+        self.connections[what] += 1
+
+    def session_ended(self, answer: str | None, stages: Iterable[tuple[str, str]]) -> None:
+        """One session a worker reported; answer None = the worker sent no outcome."""
+        self.answers["unreported" if answer is None else ANSWER_NAMES[answer]] += 1
+        for name, action in stages:
+            self._stage(name)[action if action in ACTIONS else "other"] += 1
+
+    def worker_died(self) -> None:
+        self.answers["worker_died"] += 1
+
+    def _stage(self, name: str) -> dict[str, int]:
+        if name not in self.stages and len(self.stages) >= MAX_STAGE_NAMES:
+            name = "other"
+        counts = self.stages.setdefault(name, dict.fromkeys(ACTIONS, 0))
+        counts.setdefault("other", 0)
+        return counts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connections": dict(self.connections),
+            "answers": dict(self.answers),
+            "stages": {name: dict(self.stages[name]) for name in sorted(self.stages)},
+        }
+
+
+# ---- the file -------------------------------------------------------------------------
+def master_alive(pid: int) -> bool:
+    """pid is a live qmqpd master (its process title says so where /proc can tell)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().startswith(b"qmqpd: master")
+    except OSError:
+        return True  # no /proc: trust the signal check
+
+
+class StatusError(Exception):
+    """No usable status: the message names STATUS_FILE and what is wrong."""
+
+
+def read_status(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise StatusError(f"no status file {path} (STATUS_FILE): is `qmqpd serve` running "
+                          "with this configuration?") from None
+    except OSError as error:
+        raise StatusError(f"cannot read the status file {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise StatusError(f"status file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        raise StatusError(f"status file {path} is not a version {FORMAT_VERSION} status")
+    return data
+
+
+def write_atomic(path: str, data: dict[str, Any]) -> None:
+    """tmp + rename in the same directory: readers see the old file or the new one."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class StatusWriter:
+    """The master's side of the file: rate-limited atomic writes, errors logged once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.enabled = bool(path)
+        self.last_write = float("-inf")
+        self.last_data: dict[str, Any] | None = None
+        self.last_error = ""
+
+    def prepare(self, uid: int = -1, gid: int = -1) -> None:
+        """Before the privilege drop: make the directory (owned by the user the master
+        becomes) and refuse to overwrite another running master's status."""
+        if not self.enabled:
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, 0o755, exist_ok=True)
+                if uid >= 0 or gid >= 0:
+                    os.chown(directory, uid, gid)
+        except OSError as error:
+            self._disable(f"cannot create {directory}: {error.strerror}")
+            return
+        with contextlib.suppress(StatusError):
+            other = read_status(self.path)
+            pid = other.get("pid")
+            if (other.get("state") != "stopped" and isinstance(pid, int)
+                    and pid != os.getpid() and master_alive(pid)):
+                self._disable(f"master {pid} writes it; give each server its own STATUS_FILE")
+
+    def _disable(self, reason: str) -> None:
+        self.enabled = False
+        log.error("no status file; `qmqpd status` will not work", setting="STATUS_FILE",
+                  path=self.path, reason=reason)
+
+    def due(self, now: float) -> bool:
+        return self.enabled and now - self.last_write >= WRITE_INTERVAL
+
+    def maybe_write(self, now: float, build: Callable[[], dict[str, Any]]) -> None:
+        """Write when the status changed (at most once a WRITE_INTERVAL) or got old."""
+        if not self.due(now):
+            return
+        data = build()
+        if data == self.last_data and now - self.last_write < REFRESH_SECONDS:
+            return
+        self.write(now, data)
+
+    def write(self, now: float, data: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.last_write = now
+        self.last_data = data
+        try:
+            write_atomic(self.path, {**data, "written": time.time()})
+        except OSError as error:
+            if error.strerror != self.last_error:  # once per distinct failure
+                log.warning("cannot write the status file", setting="STATUS_FILE",
+                            path=self.path, error=error.strerror)
+            self.last_error = error.strerror or str(error)
+            return
+        self.last_error = ""
+
+
+# ---- the command ----------------------------------------------------------------------
+def assess(data: dict[str, Any], now: float) -> dict[str, Any]:
+    """The file's data plus what the reader concludes: running, stale, uptime, age."""
+    written = float(data.get("written", 0))
+    running = data.get("state") != "stopped" and master_alive(int(data.get("pid", 0)))
+    age = max(0.0, now - written)
+    return {
+        **data,
+        "running": running,
+        "stale": running and age > STALE_AFTER,
+        "age": round(age, 1),
+        "uptime": round(max(0.0, (now if running else written) - float(data.get("started", 0))),
+                        1),
+    }
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+# Shown only when not zero: they count what should not happen.
+_RARE = ("unreported", "other")
+_ANSWER_WORDS = {"accepted": "accepted (K)", "tempfailed": "tempfailed (Z)",
+                 "rejected": "rejected (D)", "no_answer": "without an answer",
+                 "worker_died": "lost with a dying worker", "unreported": "unreported"}
+_ACTION_WORDS = {action: action for action in (*ACTIONS, "other")}
+
+
+def _counts(counts: dict[str, int], words: dict[str, str]) -> str:
+    return ", ".join(f"{counts.get(key, 0)} {word}" for key, word in words.items()
+                     if counts.get(key, 0) or key not in _RARE)
+
+
+def render_text(status: dict[str, Any]) -> str:
+    """The human-readable form of an assessed status."""
+    workers = status.get("workers", {})
+    answers = status.get("answers", {})
+    connections = status.get("connections", {})
+    state = status.get("state", "?")
+    if not status["running"]:
+        head = (f"qmqpd master pid {status.get('pid')} is not running "
+                f"(last status {duration(status['age'])} ago, state {state})")
+    else:
+        head = f"qmqpd master pid {status.get('pid')}, {state}, up {duration(status['uptime'])}"
+    lines = [
+        head,
+        "listening on " + (", ".join(status.get("listen", [])) or "nothing"),
+        (f"workers: {workers.get('busy', 0)} busy, {workers.get('idle', 0)} idle, "
+         f"{workers.get('starting', 0)} starting, {workers.get('retiring', 0)} retiring; "
+         f"{workers.get('total', 0)} in all; MAXDAEMONS {status.get('maxdaemons')}, "
+         f"{status.get('sessions', 0)} sessions in service"),
+    ]
+    busiest = status.get("busiest", [])
+    if busiest:
+        lines.append(f"busiest clients (of {status.get('clients', len(busiest))} connected, "
+                     f"MAXPERIP {status.get('maxperip')}):")
+        lines.extend(f"  {item['ip']} {item['sessions']}" for item in busiest)
+    else:
+        lines.append("no clients connected")
+    lines.append("answers since start: " + _counts(answers, _ANSWER_WORDS))
+    lines.append(
+        f"connections since start: {connections.get('handed', 0)} handed to workers, "
+        f"{connections.get('denied', 0)} denied by rules, "
+        f"{connections.get('refused_perip', 0)} refused over MAXPERIP, "
+        f"{connections.get('dropped', 0)} dropped")
+    for name, counts in status.get("stages", {}).items():
+        lines.append(f"stage {name}: " + _counts(counts, _ACTION_WORDS))
+    if status["stale"]:
+        lines.append(f"warning: the status is {duration(status['age'])} old; "
+                     "the master may be stuck")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: Config, as_json: bool = False, now: float | None = None) -> int:
+    """`qmqpd status [--json]`: print the master's status; the exit status says whether it
+    runs (EXIT_RUNNING), not (EXIT_NOT_RUNNING) or is unknown (EXIT_NO_STATUS)."""
+    if not config.status_file:
+        print("qmqpd: STATUS_FILE is empty: the master keeps no status", file=sys.stderr)
+        return EXIT_NO_STATUS
+    try:
+        data = read_status(config.status_file)
+        status = assess(data, time.time() if now is None else now)
+    except (TypeError, ValueError):
+        print(f"qmqpd: status file {config.status_file} has bad fields", file=sys.stderr)
+        return EXIT_NO_STATUS
+    except StatusError as error:
+        print(f"qmqpd: {error}", file=sys.stderr)
+        return EXIT_NO_STATUS
+    if as_json:
+        sys.stdout.write(json.dumps(status, indent=1, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(render_text(status))
+    return EXIT_RUNNING if status["running"] and not status["stale"] else EXIT_NOT_RUNNING
