@@ -23,6 +23,7 @@ EMBEDDED_DEFAULTS = {
     "LOCALIP": "127.0.0.1",
     "PORT": 6280,
     "QUEUEDIR": "./var/queue",
+    "STATUS_FILE": "./var/status.json",
 }
 
 
@@ -161,6 +162,18 @@ def cmd_service(args: argparse.Namespace) -> int:
     return service.main(args.options)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from qmqpd import status
+
+    return status.run(_load(args, embedded=True), as_json=args.json)
+
+
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from filters import keys
+
+    return keys.main(args.options)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.sample:
         sys.stdout.write(config_mod.sample_toml())
@@ -213,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     service_p.add_argument("options", nargs=argparse.REMAINDER)
     service_p.set_defaults(func=cmd_service)
 
+    status_p = with_config(sub.add_parser("status", help="what the running master is doing"))
+    status_p.add_argument("--json", action="store_true", help="machine-readable output")
+    status_p.set_defaults(func=cmd_status)
+
+    dkim_p = sub.add_parser("dkim", add_help=False, help="signing keys: qmqpd dkim keygen ...")
+    dkim_p.add_argument("options", nargs=argparse.REMAINDER)
+    dkim_p.set_defaults(func=cmd_dkim)
+
     cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
     cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")
     cfg_p.add_argument("--sample", action="store_true", help="print a commented config file")
@@ -221,7 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands with option parsers of their own: everything after the name is theirs.
+DELEGATED = {"service": cmd_service, "dkim": cmd_dkim}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argparse.Namespace(options=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
