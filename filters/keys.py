@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import dns.exception
 import dns.name
 import dns.resolver
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 # name (bytes, as in the signature) -> the TXT key record, None when there is none.
@@ -213,11 +213,17 @@ def load_private_key(path: str) -> PrivateKey:
 def parse_private_key(data: bytes, path: str = "key") -> PrivateKey:
     if b"-----BEGIN" in data:
         try:
-            key = serialization.load_pem_private_key(data, password=None)
+            # OpenSSL's full RSA key check costs ~0.1 s, paid by every `qmqpd session`
+            # process; a test signature verified with the public half catches a broken key
+            # (and the faulty signatures that could leak it) for a fraction of that.
+            key = serialization.load_pem_private_key(data, password=None,
+                                                     unsafe_skip_rsa_key_validation=True)
         except (ValueError, TypeError, UnsupportedAlgorithm) as error:
             raise KeyUnparsable(f"{path}: {error}") from None
         if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
             raise KeyUnparsable(f"{path}: only RSA and Ed25519 keys can sign")
+        if isinstance(key, rsa.RSAPrivateKey):
+            _self_test(key, path)
         return key
     try:
         seed = base64.b64decode(data.strip(), validate=True)
@@ -226,6 +232,16 @@ def parse_private_key(data: bytes, path: str = "key") -> PrivateKey:
     if len(seed) != 32:
         raise KeyUnparsable(f"{path}: neither a PEM key nor a base64 Ed25519 seed")
     return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def _self_test(key: rsa.RSAPrivateKey, path: str) -> None:
+    probe = b"qmqpd key self-test"
+    try:
+        signature = key.sign(probe, padding.PKCS1v15(), hashes.SHA256())
+        key.public_key().verify(signature, probe, padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, ValueError) as error:
+        raise KeyUnparsable(f"{path}: RSA key is inconsistent: "
+                            f"{str(error) or 'its own signature does not verify'}") from None
 
 
 def key_kind(key: PrivateKey) -> str:

@@ -33,6 +33,16 @@ def _when_set(module: str, *switches: str) -> StageFactory:
     return factory
 
 
+def preload() -> None:
+    """Import every stage module now. `qmqpd serve` calls this in the master before it
+    forks, so workers share the loaded modules instead of each importing them later."""
+    for module in _STAGE_MODULES:
+        importlib.import_module(module)
+
+
+_STAGE_MODULES = ("filters.dk", "filters.dkim")
+
+
 def _factories() -> list[StageFactory]:
     factories: list[StageFactory] = []
     factories.append(_when_set("filters.dk", "DKSIGN", "DKVERIFY"))

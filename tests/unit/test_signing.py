@@ -13,6 +13,7 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -179,6 +180,17 @@ def test_world_readable_key_is_refused(tmp_path: Path, keydir: Path) -> None:
     path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     with pytest.raises(keys.KeyUnparsable):
         keys.load_private_key(str(path))
+
+
+def test_inconsistent_rsa_key_is_refused(keydir: Path) -> None:
+    good = rsa_key(keydir).private_numbers()
+    public = rsa.RSAPublicNumbers(3, good.public_numbers.n)  # e does not match d
+    broken = rsa.RSAPrivateNumbers(good.p, good.q, good.d, good.dmp1, good.dmq1, good.iqmp,
+                                   public).private_key(unsafe_skip_rsa_key_validation=True)
+    pem = broken.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    with pytest.raises(keys.KeyUnparsable, match="does not verify"):
+        keys.parse_private_key(pem)
 
 
 def test_dkimkeys_table(tmp_path: Path) -> None:
