@@ -66,6 +66,7 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from filters import pipeline
     from qmqpd import master, queue, worker
 
     cfg = _load(args, embedded=True)
@@ -76,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def reload() -> config_mod.Config:
         return _load(args, embedded=True)
 
+    pipeline.preload()  # workers share the stage modules instead of each importing them
     return master.run(cfg, worker.worker_main, reload)
 
 

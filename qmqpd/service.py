@@ -104,6 +104,8 @@ def settings_from_options(opts: argparse.Namespace) -> dict[str, str]:
         "LOCALIP": opts.localip,
         "CONTROLDIR": cntrldir,
         "RULES": opts.rules or os.path.join(cntrldir, "tcp.qmqp.cdb"),
+        # One status file per service, read by `envdir variables qmqpd status`.
+        "STATUS_FILE": f"/run/{_service_name(opts)}/status.json",
     }
     optional = {
         "QUEUEDIR": opts.queuedir,

@@ -68,7 +68,8 @@ class Server:
         self.config_path = tmp / "qmqpd.toml"
         self.log_path = tmp / "qmqpd.log"
         base: dict[str, object] = {"port": self.port, "queuedir": str(self.queue),
-                                   "use_fsync": False, "use_syncdir": False, "prefork": 2}
+                                   "use_fsync": False, "use_syncdir": False, "prefork": 2,
+                                   "status_file": str(tmp / "status.json")}
         base.update(settings)
         self.write_config(base)
         self.proc: subprocess.Popen[bytes] | None = None

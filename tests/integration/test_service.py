@@ -69,7 +69,7 @@ def create(tmp_path: Path, base: Path, control: Path, port: int, supervisor: str
         "service", "create", f"--qmqp={port}", f"--servicedir={services}", f"--qbase={base}",
         *SEED_OPTIONS, f"--cntrldir={control}", f"--logdir={tmp_path / 'log'}",
         f"--supervisor={supervisor}", "--up", "--virus-filter", "--dkimverify",
-        "--set=PREFORK=2",
+        "--set=PREFORK=2", f"--set=STATUS_FILE={tmp_path / 'status.json'}",
     )
     assert "created" in result.stdout
     service = services / f"qmqpd.{port}"
@@ -161,7 +161,8 @@ def test_systemd_unit(tmp_path: Path, layout) -> None:
     port = free_port()
     unit_file = tmp_path / "qmqpd.service"
     qmqpd("service", "create", f"--qmqp={port}", f"--qbase={base}", *SEED_OPTIONS,
-          f"--cntrldir={control}", f"--systemd={unit_file}", "--set=PREFORK=1")
+          f"--cntrldir={control}", f"--systemd={unit_file}", "--set=PREFORK=1",
+          f"--set=STATUS_FILE={tmp_path / 'status.json'}")
     unit = unit_file.read_text()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit

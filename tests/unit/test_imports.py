@@ -49,8 +49,9 @@ ALLOWED: dict[str, set[str] | str] = {
     "filters.base": set(),
     "filters.pipeline": {"filters.base", "filters.virus", "filters.dk", "filters.dkim"},
     "filters.virus": {"filters.base"},
-    "filters.dk": {"filters.base"},
-    "filters.dkim": {"filters.base"},
+    "filters.keys": set(),
+    "filters.dk": {"filters.base", "filters.keys"},
+    "filters.dkim": {"filters.base", "filters.keys"},
 }
 # Modules that may not import even the leaves: the bottom of the graph.
 STDLIB_ONLY = {"qmqpd.netstring", "qmqpd.message", "qmqpd.config", "qmqpd.log",
@@ -68,6 +69,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "filters.virus": {"clamd"},
     "filters.dk": {"cryptography", "dkim"},
     "filters.dkim": {"dkim", "cryptography"},
+    "filters.keys": {"cryptography", "dns"},
 }
 NEVER = {
     "qmqpd.master": {"qmqpd.protocol", "qmqpd.injector", "qmqpd.queue", "qmqpd.worker",
