@@ -1,0 +1,114 @@
+"""bench/serve_vs_postfix.py end to end with a few messages: real qmqp-sink, `qmqpd serve`
+and a private Postfix on 127.0.0.1, driven by Postfix's qmqp-source; everything it
+started is gone afterwards, also after Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench" / "serve_vs_postfix.py"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark runs Postfix, which needs root"),
+    pytest.mark.skipif(not all(os.access(tool, os.X_OK) for tool in (
+        "/usr/sbin/qmqp-source", "/usr/sbin/qmqp-sink", "/usr/sbin/postfix")),
+        reason="Debian's postfix is not installed"),
+]
+
+
+def _command(*args: str) -> list[str]:
+    # qmqpd from this tree, whatever is installed in the interpreter
+    qmqpd = f"env PYTHONPATH={ROOT} {sys.executable} -m qmqpd"
+    return [sys.executable, str(BENCH), "--qmqpd", qmqpd, *args]
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _started_pids(stderr: str) -> dict[str, int]:
+    return {name: int(pid) for name, pid in re.findall(r"started (\S+) pid (\d+)", stderr)}
+
+
+def test_small_run_measures_all_three_and_stops_them(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    result = subprocess.run(
+        _command("-m", "30", "-s", "1,3", "--warmup", "5", "--json", str(report)),
+        capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(report.read_text())
+    runs = {(row["target"], row["sessions"]): row for row in data["results"]}
+    assert set(runs) == {(name, count) for name in ("qmqp-sink", "qmqpd", "postfix")
+                         for count in (1, 3)}
+    for (name, _), row in runs.items():
+        assert row["rate"] > 0
+        assert row["client_errors"] == []
+        if name != "qmqp-sink":
+            assert row["accepted"] == 30  # every message answered K by the server itself
+    assert data["memory_after"]["qmqpd_idle_workers"], "idle workers were measured"
+    assert "| 3 | qmqpd |" in result.stdout
+    assert data["problems"] == []
+    for name, pid in data["pids"].items():
+        assert pid and _gone(pid), f"{name} (pid {pid}) still running"
+
+
+@pytest.fixture
+def bench_tmp() -> Iterator[Path]:
+    """TMPDIR for the bench: outside pytest's 0700 tree, since Postfix daemons run as
+    user postfix below it."""
+    path = Path(tempfile.mkdtemp(prefix="bench-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_interrupt_stops_every_server(tmp_path: Path, bench_tmp: Path) -> None:
+    process = subprocess.Popen(
+        _command("-m", "200000", "-s", "2", "--warmup", "0", "--targets", "qmqpd,postfix"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(bench_tmp)})
+    assert process.stderr is not None
+    seen = ""
+    try:
+        # wait until both servers are up and the first timed run is under way
+        while "postfix" not in _started_pids(seen) or "msg/s" not in seen:
+            line = process.stderr.readline()
+            assert line, f"bench ended early: {seen[-2000:]}"
+            seen += line
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, rest[-2000:]
+    pids = _started_pids(seen)
+    assert set(pids) == {"qmqpd", "postfix"}
+    for name, pid in pids.items():
+        assert _gone(pid), f"{name} (pid {pid}) still running after Ctrl-C"
+    leftovers = [path for path in Path("/tmp").glob("qmqpd-bench-*")
+                 if path.stat().st_mtime > time.time() - 120]
+    assert not any(str(pid) in shutil.which("true") or "" for pid in pids.values())
+    assert leftovers == [], leftovers
