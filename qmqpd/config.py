@@ -103,6 +103,30 @@ def _optional_seconds(raw: Any) -> int | str | None:
     return _int_parser(0)(raw)
 
 
+def _scan_switch(raw: Any) -> bool | None:
+    """QHPSI: IndiMail's value is a scanner command line; here any such value (or 1/yes/on)
+    switches on the clamd scan. Off (empty, 0, no, off) is None, like unset, so the pipeline
+    does not even load the virus stage for such a client."""
+    if raw is None or raw is False or (isinstance(raw, int) and raw == 0):
+        return None
+    if isinstance(raw, int):
+        return True
+    return None if str(raw).strip().lower() in FALSE_WORDS else True
+
+
+def _host_port(raw: Any) -> str:
+    """CLAMD_TCP: empty, or host:port / [v6]:port."""
+    text = _str(raw).strip()
+    if not text:
+        return ""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host.strip("[]") or not 0 < int(port) < 65536:
+        raise ValueError
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError
+    return text
+
+
 def _float_parser(low: float, high: float) -> Callable[[Any], float]:
     def parse(raw: Any) -> float:
         if isinstance(raw, bool):
@@ -203,6 +227,32 @@ SETTINGS: dict[str, Setting] = {
            "refuse with Z when the queue filesystem has less free space"),
         _s("QMAILQUEUE", _str, "", "path of a qmail-queue style program, optionally with args",
            "hand messages to this program instead of writing the queue"),
+        _s("QHPSI", _scan_switch, None,
+           "1/yes/on or a scanner command line = scan; unset, empty, 0, no, off = do not scan",
+           "scan each message with clamd (INSTREAM); a rule's QHPSI=\"\" turns it off",
+           "virus"),
+        _s("QHPSIMINSIZE", _int_parser(0), 0, "bytes, 0 = no lower limit",
+           "smaller messages are not scanned (logged, X-QHPSI: not scanned)", "virus"),
+        _s("QHPSIMAXSIZE", _int_parser(0), 0, "bytes, 0 = no upper limit",
+           "larger messages are not scanned (logged, X-QHPSI: not scanned); keep it at or "
+           "below clamd's StreamMaxLength, else such messages get Z", "virus"),
+        _s("REJECTVIRUS", _int_parser(0), 1, "0, 1 or 2 (above 2 = 1)",
+           "infected: 1 = reject with D, 0 = queue with X-QHPSI: Virus found, "
+           "2 = answer K and discard", "virus"),
+        _s("VIRUSFORWARD", _str, "", "an address; empty = none",
+           "infected mail goes to this address only (before REJECTVIRUS), the original "
+           "recipients listed in X-Quarantine-ID", "virus"),
+        _s("CLAMD_SOCKET", _str, "/run/clamav/clamd.ctl", "path of clamd's LocalSocket",
+           "clamd's unix socket (used when CLAMD_TCP is empty)", "virus"),
+        _s("CLAMD_TCP", _host_port, "", "host:port or [v6]:port; empty = use CLAMD_SOCKET",
+           "clamd's TCPSocket", "virus"),
+        _s("CLAMD_TIMEOUT", _float_parser(0.1, 3600), 30.0, "seconds 0.1-3600",
+           "limit on one whole scan (connect, stream, answer); past it the answer is Z",
+           "virus"),
+        _s("QHPSI_PASS_ON_ERROR", _parse_bool, False, "1/0, yes/no, on/off; empty = off",
+           "when clamd is down, hung or errs, queue the message unscanned with a warning "
+           "(X-QHPSI: not scanned) instead of answering Z; for sites that prefer mail "
+           "flow to scanning", "virus"),
         _s("CONTROLDIR", _str, "/etc/qmqpd", "a directory",
            "base of relative key paths and of the dkimkeys file", "signing"),
         _s("DKIMSIGN", _optional_str, None, "unset, empty (= DKIMKEY) or a key path; % = domain",

@@ -255,6 +255,7 @@ REPLIES: dict[str, str] = {
     "filter_failed": "Zqq temporary problem in filter {stage} (#4.3.0)",
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
+    "scanner_size_limit": "Zmessage larger than the virus scanner accepts (#4.3.4)",
 }
 
 # qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).
