@@ -45,6 +45,7 @@ _STAGE_MODULES = ("filters.dk", "filters.dkim")
 
 def _factories() -> list[StageFactory]:
     factories: list[StageFactory] = []
+    factories.append(_when_set("filters.virus", "QHPSI"))
     factories.append(_when_set("filters.dk", "DKSIGN", "DKVERIFY"))
     factories.append(_when_set("filters.dkim", "DKIMSIGN", "DKIMSIGNEXTRA", "DKIMVERIFY"))
     return factories
