@@ -30,7 +30,8 @@ def eicar() -> bytes:
 class Clamd:
     """`clamd -c DIR/clamd.conf` as a child process, started and stopped by PID."""
 
-    def __init__(self, base: Path, stream_max_length: int = STREAM_MAX_LENGTH) -> None:
+    def __init__(self, base: Path, stream_max_length: int = STREAM_MAX_LENGTH,
+                 temporary_directory: Path | None = None) -> None:
         self.base = base
         self.socket_path = base / "clamd.sock"
         self.port = free_port()
@@ -41,9 +42,9 @@ class Clamd:
             raise RuntimeError("clamd is not installed: apt-get install clamav-daemon "
                                "(run .ci/run, it installs the test peers)")
         self.binary = binary
-        self._write_files(stream_max_length)
+        self._write_files(stream_max_length, temporary_directory or base)
 
-    def _write_files(self, stream_max_length: int) -> None:
+    def _write_files(self, stream_max_length: int, temporary_directory: Path) -> None:
         db = self.base / "db"
         db.mkdir(parents=True, exist_ok=True)
         (db / "local-eicar.ndb").write_text(f"{SIGNATURE}:0:*:{eicar().hex()}\n")
@@ -56,7 +57,8 @@ class Clamd:
             f"TCPSocket {self.port}\n"
             "TCPAddr 127.0.0.1\n"
             f"DatabaseDirectory {db}\n"
-            f"TemporaryDirectory {self.base}\n"
+            # clamd writes every INSTREAM to a file here before scanning it.
+            f"TemporaryDirectory {temporary_directory}\n"
             f"LogFile {self.log_path}\n"
             f"StreamMaxLength {stream_max_length}\n"
             # Larger than the stream limit so no object is passed unscanned as "OK".
