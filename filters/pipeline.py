@@ -40,7 +40,7 @@ def preload() -> None:
         importlib.import_module(module)
 
 
-_STAGE_MODULES = ("filters.dk", "filters.dkim")
+_STAGE_MODULES = ("filters.virus", "filters.dk", "filters.dkim")
 
 
 def _factories() -> list[StageFactory]:
