@@ -1,0 +1,54 @@
+"""Docs and code cannot drift: every setting is documented, and only settings are."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from qmqpd.config import SETTINGS, load, sample_toml, settings_markdown
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_settings_reference_is_generated_from_the_table() -> None:
+    assert (ROOT / "docs" / "settings.md").read_text() == settings_markdown(), (
+        "docs/settings.md is stale: run `qmqpd config --markdown > docs/settings.md`")
+
+
+def test_sample_config_is_generated_from_the_table() -> None:
+    assert (ROOT / "conf" / "qmqpd.toml").read_text() == sample_toml(), (
+        "conf/qmqpd.toml is stale: run `qmqpd config --sample > conf/qmqpd.toml`")
+
+
+def test_every_setting_once_in_the_reference_and_nothing_else() -> None:
+    text = (ROOT / "docs" / "settings.md").read_text()
+    documented = re.findall(r"^\| `([A-Z0-9_]+)` \|", text, flags=re.MULTILINE)
+    assert sorted(documented) == sorted(SETTINGS)
+    assert len(documented) == len(set(documented))
+
+
+def test_settings_named_in_the_guides_exist() -> None:
+    """An upper-case NAME in backticks in a guide that looks like a setting must be one."""
+    known = set(SETTINGS)
+    not_settings = {"TCPREMOTEIP", "TCPREMOTEHOST", "TCPREMOTEINFO", "TCPLOCALIP",
+                    "TCPLOCALHOST", "TCPLOCALPORT", "TCPREMOTEPORT", "PROTO", "NAME",
+                    "SIGHUP", "SIGTERM", "QMQPSERVERS", "QMAILHOME", "DKIM", "K", "Z", "D",
+                    "IP", "TXT", "RSA"}
+    for doc in ("README.md", "docs/operator-guide.md"):
+        text = (ROOT / doc).read_text()
+        for name in set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", text)):
+            assert name in known or name in not_settings, f"{doc} names unknown setting {name}"
+
+
+def test_uncommented_sample_loads(tmp_path: Path) -> None:
+    """Every default in the sample is a value the loader accepts."""
+    lines = [line[1:] for line in sample_toml().splitlines()
+             if line.startswith("#") and not line.startswith("# ") and "=" in line
+             and not line.endswith("= (unset)")]  # no TOML value means "not set"
+    path = tmp_path / "all.toml"
+    path.write_text("\n".join(lines) + "\n")
+    tomllib.loads(path.read_text())
+    cfg = load(str(path))
+    for name, setting in SETTINGS.items():
+        assert cfg[name] == setting.default, name
