@@ -60,7 +60,7 @@ class Injector:
     """One session's way into the queue; the queue is chosen once, at construction."""
 
     def __init__(self, config: Config, client: Client) -> None:
-        self.config = config.overlay(client.rule_env, "rule env") if client.rule_env else config
+        self.config = config  # already overlaid with the client's rule env by the handler
         self.client = client
         check_config(self.config)
         self.program = self.config.qmailqueue.split()

@@ -132,7 +132,8 @@ def test_rule_env_overrides_the_queue(tmp_path: Path, queue: Path) -> None:
     other = tmp_path / "other"
     create_queue(str(other))
     client = Client(remote_ip="127.0.0.2", rule_env={"QUEUEDIR": str(other)})
-    injector = Injector(load(environ={"QUEUEDIR": str(queue), "USE_FSYNC": "0"}), client)
+    config = load(environ={"QUEUEDIR": str(queue), "USE_FSYNC": "0"})
+    injector = Injector(config.overlay(client.rule_env, "rule env"), client)
     outcome = injector.inject(make_message())
     assert outcome.queue == str(other)
     assert len(os.listdir(other / "todo")) == 1 and os.listdir(queue / "todo") == []
