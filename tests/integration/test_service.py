@@ -173,20 +173,31 @@ def test_systemd_unit(tmp_path: Path, layout) -> None:
                                 text=True, timeout=60)
         assert verify.returncode == 0, verify.stderr
         assert "Unknown" not in verify.stderr, verify.stderr
-    # Run the unit's own command line with its own environment: the server must serve.
+    # Run the unit's own command line with its own environment under the unit's main
+    # confinement, rebuilt by hand (no systemd here): the whole filesystem read-only except
+    # ReadWritePaths (ProtectSystem=strict), and no new privileges (NoNewPrivileges=yes).
     env = {"PATH": os.environ["PATH"]}
     for line in unit.splitlines():
         if line.startswith("Environment="):
             key, _, value = line.removeprefix("Environment=").strip('"').partition("=")
             env[key] = value
-    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines()
-                      if line.startswith("ExecStart="))
-    server = subprocess.Popen(exec_start.split(), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+    directive = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in unit.splitlines()
+                 if "=" in line and not line.startswith(("#", "Environment="))}
+    writable = [*directive["ReadWritePaths"].split(), str(tmp_path)]  # tmp_path: status file
+    confine = (" ".join(f'mount --bind "{p}" "{p}";' for p in writable)
+               + ' mount -o remount,bind,ro /; exec setpriv --no-new-privs "$@"')
+    argv = [need("unshare"), "-m", "--propagation", "private", "sh", "-ec", confine, "sh",
+            *directive["ExecStart"].split()]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(lambda: send(port, tmp_path, "unit@example.net").returncode == 0,
                    what="the unit's command to serve")
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        assert "NoNewPrivs:\t1" in status
+        mounts = Path(f"/proc/{server.pid}/mounts").read_text().splitlines()
+        root = [m.split() for m in mounts if m.split()[1] == "/"][-1]
+        assert "ro" in root[3].split(",")
     finally:
         stop_process(server)
-    assert server.returncode == 0
+    assert server.returncode == 0, server.stderr.read() if server.stderr else ""
     assert todo_count(base) == 1
