@@ -345,11 +345,17 @@ class QmqpdTarget(Target):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(directory, name))
 
-    def idle_workers(self) -> list[int]:
-        pid = self.main_pid()
-        if pid is None:
-            return []
-        return [child for child in children_of(pid) if "worker idle" in process_title(child)]
+    def idle_workers(self, at_least: int = 0, timeout: float = 10.0) -> list[int]:
+        """Idle workers; waits (bounded) for `at_least` of them, as the master forks its
+        prefork workers after it starts listening."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.main_pid()
+            idle = [child for child in children_of(pid) if "worker idle" in
+                     process_title(child)] if pid else []
+            if len(idle) >= at_least or time.monotonic() >= deadline:
+                return idle
+            time.sleep(0.1)
 
 
 class PostfixTarget(Target):
@@ -742,7 +748,7 @@ def machine_facts(qmqpd_cmd: list[str]) -> dict[str, str]:
 
 
 def memory_report(qmqpd: QmqpdTarget, postfix: PostfixTarget | None) -> dict[str, object]:
-    workers = {pid: memory_kib(pid) for pid in qmqpd.idle_workers()}
+    workers = {pid: memory_kib(pid) for pid in qmqpd.idle_workers(at_least=qmqpd.prefork)}
     master = qmqpd.main_pid()
     report: dict[str, object] = {
         "qmqpd_idle_workers": workers,
