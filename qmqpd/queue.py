@@ -140,10 +140,11 @@ class Queue:
             mess = self.mess_name(qid)
             _step(EXIT_LINK_MESS, "link pid file to mess", os.link, pid_name, mess)
             made.append(mess)
+            # The mess/N name must be durable before the commit; pid/ names are scratch
+            # (qmail-clean removes stale ones), so they are never synced.
             self._sync_dir(mess)
             _step(EXIT_PID_FILE, "unlink pid file", os.unlink, pid_name)
             made.remove(pid_name)
-            self._sync_dir(pid_name)
             _step(EXIT_WRITE, "write message", message.write_final, fd)
             self._sync_file(fd, "message")
         finally:
@@ -162,12 +163,6 @@ class Queue:
             except OSError as exc:
                 code = EXIT_QUEUE_DIR if not os.path.isdir(self.path) else EXIT_PID_FILE
                 raise QueueError(code, f"create pid file {name}: {exc.strerror}") from None
-            try:
-                self._sync_dir(name)
-            except QueueError:
-                os.close(fd)
-                _remove_all([name])
-                raise
             return fd, name
         raise QueueError(EXIT_PID_FILE, f"no free pid file name in {pid_dir}")
 
@@ -180,7 +175,7 @@ class Queue:
         made.append(intd)
         try:
             self._fix_file(fd, os.fstat(fd))
-            self._sync_dir(intd)
+            # No directory sync for intd/N: the commit is the todo/N name of the same inode.
             _step(EXIT_WRITE, "write envelope", _write_all, fd, envelope)
             self._sync_file(fd, "envelope")
         finally:
@@ -233,8 +228,10 @@ class Queue:
         return self._owner
 
     def _sync_file(self, fd: int, what: str) -> None:
+        # fdatasync writes the data and the size (all a reader needs), not the timestamps,
+        # as IndiMail's USE_FDATASYNC does.
         if self.fsync:
-            _step(EXIT_FSYNC, f"fsync {what}", os.fsync, fd)
+            _step(EXIT_FSYNC, f"fdatasync {what}", os.fdatasync, fd)
 
     def _sync_dir(self, name: str) -> None:
         if not self.syncdir:
