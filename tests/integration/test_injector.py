@@ -39,13 +39,6 @@ def native(queue: Path, **settings: str) -> Injector:
     return Injector(load(environ=env), CLIENT)
 
 
-@pytest.fixture
-def queue(tmp_path: Path) -> Path:
-    path = tmp_path / "queue"
-    create_queue(str(path))
-    return path
-
-
 # -- native ----------------------------------------------------------------------------
 
 def test_native_inject_answers_k_with_the_queue_id(queue: Path) -> None:

@@ -105,25 +105,8 @@ class RecordingProxy:
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> Path:
-    path = tmp_path / "queue"
-    create_queue(str(path))
-    return path
-
-
-@pytest.fixture
-def server(tmp_path: Path, queue: Path):
-    started: list[TcpServerSession] = []
-
-    def start(**env: str) -> TcpServerSession:
-        settings = {"QUEUEDIR": str(queue), **env}
-        session = TcpServerSession(settings, tmp_path / f"server{len(started)}.log")
-        started.append(session)
-        return session
-
-    yield start
-    for session in started:
-        session.stop()
+def server(queue: Path, tcpserver_sessions):
+    return lambda **env: tcpserver_sessions({"QUEUEDIR": str(queue), **env})
 
 
 def queued_files(queue: Path, qid: int) -> tuple[bytes, bytes]:

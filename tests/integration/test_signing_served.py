@@ -23,10 +23,9 @@ import pytest
 
 from filters import dk, keys
 from filters import dkim as fdkim
-from qmqpd.queue import create_queue, list_messages
+from qmqpd.queue import list_messages
 from tests.dnsstub import DnsStub, opendkim_in_namespace
 from tests.support import (
-    TcpServerSession,
     exchange,
     free_port,
     need,
@@ -63,26 +62,10 @@ def records(control: Path) -> dict[str, str | None]:
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> Path:
-    path = tmp_path / "queue"
-    create_queue(str(path))
-    return path
-
-
-@pytest.fixture
-def server(tmp_path: Path, queue: Path, control: Path) -> Iterator:
-    started: list[TcpServerSession] = []
-
-    def start(**env: str) -> TcpServerSession:
-        settings = {"QUEUEDIR": str(queue), "CONTROLDIR": str(control), "USE_FSYNC": "0",
-                    "USE_SYNCDIR": "0", **env}
-        session = TcpServerSession(settings, tmp_path / f"server{len(started)}.log")
-        started.append(session)
-        return session
-
-    yield start
-    for session in started:
-        session.stop()
+def server(queue: Path, control: Path, tcpserver_sessions):
+    return lambda **env: tcpserver_sessions(
+        {"QUEUEDIR": str(queue), "CONTROLDIR": str(control), "USE_FSYNC": "0",
+         "USE_SYNCDIR": "0", **env})
 
 
 def send(port: int, message: bytes = MESSAGE, source: str | None = None) -> bytes:

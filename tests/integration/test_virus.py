@@ -23,7 +23,7 @@ import pytest
 
 from filters import virus
 from qmqpd.message import Message, MessageData
-from qmqpd.queue import create_queue, list_messages
+from qmqpd.queue import list_messages
 from tests.clamd import SIGNATURE, Clamd, eicar
 from tests.support import (
     TcpServerSession,
@@ -99,13 +99,6 @@ def own_clamd(tmp_path: Path) -> Iterator[Clamd]:
     daemon = Clamd(tmp_path / "own-clamd").start()
     yield daemon
     daemon.stop()
-
-
-@pytest.fixture
-def queue(tmp_path: Path) -> Path:
-    path = tmp_path / "queue"
-    create_queue(str(path))
-    return path
 
 
 class Serve:

@@ -1,0 +1,34 @@
+"""Fixtures shared by the test modules: an empty queue and tcpserver-run sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qmqpd.queue import create_queue
+from tests.support import TcpServerSession
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Path:
+    """An empty qmail queue (flat todo, split 23) in the test's temp dir."""
+    path = tmp_path / "queue"
+    create_queue(str(path))
+    return path
+
+
+@pytest.fixture
+def tcpserver_sessions(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], TcpServerSession]]:
+    """Start Debian's tcpserver running `qmqpd session` with an env; all stopped at the end."""
+    started: list[TcpServerSession] = []
+
+    def start(env: dict[str, str]) -> TcpServerSession:
+        session = TcpServerSession(env, tmp_path / f"server{len(started)}.log")
+        started.append(session)
+        return session
+
+    yield start
+    for session in started:
+        session.stop()
