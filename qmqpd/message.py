@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -79,10 +78,6 @@ class MessageData:
     @property
     def in_memory(self) -> bool:
         return self._data is not None
-
-    @property
-    def spool(self) -> BinaryIO | None:
-        return self._spool
 
     def bytes(self) -> bytes:
         """The whole content; reads a spool file fully, so callers check size first."""
@@ -167,36 +162,12 @@ class Message:
     def final_bytes(self) -> bytes:
         return self.head + self.data.bytes()
 
-    def open_final(self) -> BinaryIO:
-        """A readable file of the final bytes (streamed for spooled data)."""
-        return _ChainReader(self.final_chunks())
-
     def write_final(self, fd: int) -> None:
         _write_all(fd, self.head)
         self.data.copy_to(fd)
 
     def close(self) -> None:
         self.data.close()
-
-
-class _ChainReader(io.RawIOBase):
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            try:
-                self._pending = next(self._chunks)
-            except StopIteration:
-                return 0
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
 
 
 @dataclass(frozen=True)
@@ -247,11 +218,8 @@ REPLIES: dict[str, str] = {
     "exec_failed": "Zqq unable to exec qq (#4.3.0)",
     "timeout": "Zqq timeout (#4.3.0)",
     "out_of_memory": "Zqq out of memory (#4.3.0)",
-    "queue_trouble": "Zqq trouble creating files in queue (#4.3.0)",
-    "sync_trouble": "Zqq trouble syncing message to disk (#4.3.0)",
     "config": "Zqq unable to read configuration (#4.3.0)",
     "too_many_per_ip": "Ztoo many connections from your IP (#4.3.2)",
-    "shutting_down": "Zserver shutting down, try again (#4.3.2)",
     "filter_failed": "Zqq temporary problem in filter {stage} (#4.3.0)",
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
