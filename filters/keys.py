@@ -78,23 +78,6 @@ def valid_domain(raw: str | bytes | None) -> str | None:
     return domain
 
 
-def header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
-    """(name, unfolded value) of each header field of a message's header block."""
-    fields: list[tuple[bytes, bytes]] = []
-    for line in re.split(rb"\r?\n", head):
-        if not line:
-            break
-        if line[:1] in (b" ", b"\t"):
-            if fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + b" " + line.strip())
-            continue
-        name, colon, value = line.partition(b":")
-        if colon and name and b" " not in name:
-            fields.append((name, value.strip()))
-    return fields
-
-
 def address_domain(value: bytes) -> str | None:
     """The raw domain of the first address in a From:/Sender: value (not yet validated)."""
     text = value.decode("ascii", errors="replace")

@@ -66,7 +66,6 @@ class Worker:
     state: State = State.STARTING
     served: int = 0
     session: Any = None  # what the master must release when the session ends
-    busy_since: float = 0.0
     idle_since: float = 0.0
     deadline: float | None = None  # next escalation (TERM, then KILL)
     signals_sent: list[int] = field(default_factory=list)
@@ -197,7 +196,6 @@ class Pool:
             return False
         worker.state = State.BUSY
         worker.session = session
-        worker.busy_since = now
         worker.deadline = now + self.config.session_timeout + self.config.timeout + SESSION_SLACK
         worker.signals_sent.clear()
         return True

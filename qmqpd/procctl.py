@@ -95,12 +95,6 @@ def set_memory_limit(max_bytes: int) -> None:
         _lower_soft(limit, max_bytes)
 
 
-def set_open_files(count: int) -> None:
-    """softlimit -o: cap open files (0 = leave as is)."""
-    if count > 0:
-        _lower_soft(resource.RLIMIT_NOFILE, count)
-
-
 def set_title(title: str) -> None:
     setproctitle.setproctitle(title)
 
