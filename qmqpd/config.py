@@ -65,15 +65,15 @@ def _choice(*words: str) -> Callable[[Any], str]:
     return parse
 
 
+def _list_items(raw: Any) -> list[str]:
+    """A TOML list, or text with items separated by commas or blanks; each item stripped."""
+    items = raw if isinstance(raw, list) else str(raw).replace(",", " ").split()
+    return [str(item).strip() for item in items]
+
+
 def _address_list(raw: Any) -> tuple[str, ...]:
     """LOCALIP: one or more addresses, comma or space separated; `0` = all IPv4."""
-    items = raw if isinstance(raw, list) else str(raw).replace(",", " ").split()
-    out = []
-    for item in items:
-        item = str(item).strip()
-        if not item:
-            continue
-        out.append("0.0.0.0" if item == "0" else item)
+    out = ["0.0.0.0" if item == "0" else item for item in _list_items(raw) if item]
     if not out:
         raise ValueError
     return tuple(out)
@@ -141,10 +141,8 @@ def _float_parser(low: float, high: float) -> Callable[[Any], float]:
 
 def _servers(raw: Any) -> tuple[str, ...]:
     """DNS_SERVERS: addresses with an optional port, comma or space separated."""
-    items = raw if isinstance(raw, list) else str(raw).replace(",", " ").split()
     out = []
-    for item in items:
-        item = str(item).strip()
+    for item in _list_items(raw):
         host = item[1:].split("]")[0] if item.startswith("[") else item
         if item.count(":") == 1 and not item.startswith("["):
             host, port = item.split(":")
