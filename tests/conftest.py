@@ -1,12 +1,14 @@
-"""Fixtures shared by the test modules: an empty queue and tcpserver-run sessions."""
+"""Fixtures shared by the test modules: an empty queue, tcpserver-run sessions, ipc pairs."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from qmqpd import ipc
 from qmqpd.queue import create_queue
 from tests.support import TcpServerSession
 
@@ -32,3 +34,12 @@ def tcpserver_sessions(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Tc
     yield start
     for session in started:
         session.stop()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A master/worker channel pair, closed after the test."""
+    master_end, worker_end = ipc.channel_pair()
+    yield master_end, worker_end
+    master_end.close()
+    worker_end.close()

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
 from qmqpd import ipc
 from qmqpd.message import Client
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    master_end, worker_end = ipc.channel_pair()
-    yield master_end, worker_end
-    master_end.close()
-    worker_end.close()
 
 
 def test_handoff_carries_fd_facts_and_rule_env(pair: tuple[socket.socket, socket.socket]) -> None:

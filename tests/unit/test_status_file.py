@@ -22,14 +22,6 @@ from qmqpd.worker import outcome_of, stage_verdicts
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    master_end, worker_end = ipc.channel_pair()
-    yield master_end, worker_end
-    master_end.close()
-    worker_end.close()
-
-
-@pytest.fixture
 def fake_master() -> Iterator[int]:
     """A real process whose title says `qmqpd: master`, as a running master's does."""
     code = ("import setproctitle, time; setproctitle.setproctitle('qmqpd: master test'); "
