@@ -63,6 +63,11 @@ def title(pid: int) -> str:
         return ""
 
 
+def is_busy_worker(process_title: str) -> bool:
+    # "qmqpd: worker idle" or "qmqpd: worker <client ip> <what it does>"
+    return process_title.startswith("qmqpd: worker ") and not process_title.endswith(" idle")
+
+
 def kill_child(parent: int, pid: int, sig: int = signal.SIGKILL,
                still: Callable[[int], bool] = lambda _pid: True) -> bool:
     """Signal pid only if it is (still) a child of parent and `still(pid)` holds."""
@@ -137,7 +142,8 @@ class ServeProcess:
         return children(self.pid)
 
     def busy_workers(self) -> list[int]:
-        return [pid for pid in self.workers() if title(pid).endswith(" receiving")]
+        """Workers whose title says they are in a session (not idle)."""
+        return [pid for pid in self.workers() if is_busy_worker(title(pid))]
 
     def kill_master(self) -> int:
         """kill -9 the master; returns how many workers it left behind (orphans). They

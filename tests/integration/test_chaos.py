@@ -34,7 +34,7 @@ from pathlib import Path
 from qmqpd.queue import create_queue
 from tests.qmqp_oracle import answer_class, build_request, received_lines, split_received
 from tests.queue_oracle import Committed, debris_messages, leftover_writer_pid, scan_queue
-from tests.serve_process import ServeProcess, kill_child, title, wait_until
+from tests.serve_process import ServeProcess, is_busy_worker, kill_child, title, wait_until
 
 SESSIONS = 8
 KILL_EVERY = 0.2
@@ -183,8 +183,7 @@ def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
             busy = server.busy_workers()
             if busy:
                 victim = rng.choice(busy)
-                if kill_child(server.pid, victim, still=lambda pid: title(pid).endswith(
-                        " receiving")):
+                if kill_child(server.pid, victim, still=lambda pid: is_busy_worker(title(pid))):
                     killed.add(victim)
             time.sleep(max(0.0, tick + KILL_EVERY - time.monotonic()))
         for _ in range(MASTER_KILLS):
