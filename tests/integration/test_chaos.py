@@ -197,9 +197,11 @@ def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
         served = load.k_count()
         wait_until(lambda: load.k_count() >= served + 20, 60, "answers after the last restart")
     finally:
-        load.stop()
-        status = server.stop()
-        forced = server.reap_orphans(30)
+        try:
+            load.stop()
+        finally:
+            status = server.stop()
+            forced = server.reap_orphans(30)
     assert status == 0, server.log()[-3000:]
 
     failures: list[str] = []

@@ -41,6 +41,8 @@ SOURCES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 # Generous: one answer on a loaded 2-core machine; every request is half-closed, so the
 # server never has to wait for a client that stays silent.
 ANSWER_TIMEOUT = 30.0
+# A bound far above the 10-70 s seen, so that a hung server fails the test instead of CI.
+RUN_LIMIT = 600 + REQUESTS / 50
 EXPECTED = {oracle.ACCEPT: {"K"}, oracle.BAD_ADDRESS: {"D"}, oracle.NO_RECIPIENTS: {"D"},
             oracle.MALFORMED: {"D", "Z", "none"}, oracle.TRUNCATED: {"D", "Z", "none"}}
 
@@ -118,8 +120,11 @@ def test_fuzzed_requests_queue_exactly_what_got_k(tmp_path: Path) -> None:
         threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
         for thread in threads:
             thread.start()
+        deadline = time.monotonic() + RUN_LIMIT
         for thread in threads:
-            thread.join(REQUESTS * ANSWER_TIMEOUT)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(thread.is_alive() for thread in threads), \
+            f"seed {seed}: requests still unanswered after {RUN_LIMIT}s"
         elapsed = time.monotonic() - started
         assert server.proc is not None and server.proc.poll() is None, server.log()[-3000:]
         assert server.pid == master and title(master).startswith("qmqpd: master")
