@@ -28,12 +28,18 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qmqpd.queue import create_queue
 from tests.qmqp_oracle import answer_class, build_request, received_lines, split_received
-from tests.queue_oracle import Committed, debris_messages, leftover_writer_pid, scan_queue
+from tests.queue_oracle import (
+    Committed,
+    QueueScan,
+    debris_messages,
+    leftover_writer_pid,
+    scan_queue,
+)
 from tests.serve_process import ServeProcess, is_busy_worker, kill_child, title, wait_until
 
 SESSIONS = 8
@@ -161,52 +167,45 @@ def check_entry(entry: Committed, attempt: Attempt, host: str) -> str | None:
     return None
 
 
-def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
-    seed = int(os.environ.get("QMQPD_TEST_CHAOS_SEED", random.randrange(1 << 30)))
-    print(f"chaos seed {seed} (QMQPD_TEST_CHAOS_SEED={seed} repeats the choices)")
-    rng = random.Random(seed)
-    queue = tmp_path / "queue"
-    create_queue(str(queue))
-    server = ServeProcess(tmp_path, queue, use_fsync=True, use_syncdir=True, prefork=4,
-                          maxdaemons=32, maxperip=0, timeout=10, session_timeout=60)
-    server.start()
-    load = Load(server.port, seed)
-    killed: set[int] = set()
-    master_kills = 0
-    orphans = 0
-    try:
-        load.start()
-        wait_until(lambda: load.k_count() >= 20, 60, "the first answers")
-        stop = time.monotonic() + CHAOS_SECONDS
-        while time.monotonic() < stop:
-            tick = time.monotonic()
-            busy = server.busy_workers()
-            if busy:
-                victim = rng.choice(busy)
-                if kill_child(server.pid, victim, still=lambda pid: is_busy_worker(title(pid))):
-                    killed.add(victim)
-            time.sleep(max(0.0, tick + KILL_EVERY - time.monotonic()))
-        for _ in range(MASTER_KILLS):
-            served = load.k_count()
-            wait_until(lambda: load.k_count() >= served + 20, 60,  # noqa: B023
-                       "answers from the restarted master")
-            time.sleep(rng.uniform(0.2, 1.0))
-            orphans += server.kill_master()
-            master_kills += 1
-            server.start()
-        served = load.k_count()
-        wait_until(lambda: load.k_count() >= served + 20, 60, "answers after the last restart")
-    finally:
-        try:
-            load.stop()
-        finally:
-            status = server.stop()
-            forced = server.reap_orphans(30)
-    assert status == 0, server.log()[-3000:]
+@dataclass
+class Kills:
+    workers: set[int] = field(default_factory=set)  # PIDs killed with -9 while busy
+    masters: int = 0
+    orphans: int = 0  # workers the killed masters left behind
+    orphans_forced: int = 0  # orphans still there 30 s after the end (none expected)
 
-    failures: list[str] = []
-    scan = scan_queue(str(queue))
-    failures += scan.problems
+
+def kill_busy_workers(server: ServeProcess, rng: random.Random, kills: Kills) -> None:
+    stop = time.monotonic() + CHAOS_SECONDS
+    while time.monotonic() < stop:
+        tick = time.monotonic()
+        busy = server.busy_workers()
+        if busy:
+            victim = rng.choice(busy)
+            if kill_child(server.pid, victim, still=lambda pid: is_busy_worker(title(pid))):
+                kills.workers.add(victim)
+        time.sleep(max(0.0, tick + KILL_EVERY - time.monotonic()))
+
+
+def wait_for_more_k(load: Load, more: int, what: str) -> None:
+    target = load.k_count() + more
+    wait_until(lambda: load.k_count() >= target, 60, what)
+
+
+def kill_and_restart_master(server: ServeProcess, load: Load, rng: random.Random,
+                            kills: Kills) -> None:
+    for _ in range(MASTER_KILLS):
+        wait_for_more_k(load, 20, "answers from the (re)started master")
+        time.sleep(rng.uniform(0.2, 1.0))
+        kills.orphans += server.kill_master()
+        kills.masters += 1
+        server.start()
+    wait_for_more_k(load, 20, "answers after the last restart")
+
+
+def judge(scan: QueueScan, load: Load, kills: Kills) -> tuple[dict[str, object], list[str]]:
+    """Figures of the run and every failure found in the queue against the attempts."""
+    failures = list(scan.problems)
     host = socket.gethostname()
     attempts = {attempt.msgid: attempt for attempt in load.attempts}
     queued: dict[bytes, list[Committed]] = {}
@@ -216,6 +215,8 @@ def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
             failures.append(f"todo/{entry.qid}: no attempt has Message-Id {msgid!r}")
             continue
         queued.setdefault(msgid, []).append(entry)
+        if (why := check_entry(entry, attempts[msgid], host)) is not None:
+            failures.append(f"todo/{entry.qid} ({msgid!r}): {why}")
     answers = Counter(attempt.answer for attempt in load.attempts)
     lost = [a.msgid for a in load.attempts if a.answer == "K" and a.msgid not in queued]
     twice = {msgid: [e.qid for e in entries] for msgid, entries in queued.items()
@@ -224,25 +225,20 @@ def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
     refused_but_queued = [msgid for msgid in queued
                           if attempts[msgid].answer in ("Z", "D", "unsent")]
     without_k = [msgid for msgid in queued if attempts[msgid].answer in ("none", "timeout")]
-    for msgid, entries in queued.items():
-        for entry in entries:
-            if (why := check_entry(entry, attempts[msgid], host)) is not None:
-                failures.append(f"todo/{entry.qid} ({msgid!r}): {why}")
     debris_writers = [leftover_writer_pid(name) for name in scan.pid_leftovers]
     debris_writers += [leftover_writer_pid(data) for data in scan.intd_leftovers.values()]
-    strangers = [pid for pid in debris_writers if pid is not None and pid not in killed]
+    strangers = [pid for pid in debris_writers if pid is not None and pid not in kills.workers]
     debris = debris_messages(scan)
-    figures = {
-        "seed": seed, "seconds": CHAOS_SECONDS, "attempts": len(load.attempts),
-        "answers": dict(answers), "k_checked": answers["K"], "lost": len(lost),
-        "queued_twice": len(twice), "refused_but_queued": len(refused_but_queued),
-        "queued_without_k": len(without_k), "worker_kills": len(killed),
-        "master_kills": master_kills, "orphaned_workers": orphans,
-        "orphans_needing_kill": forced, "committed": len(scan.committed),
-        "pid_leftovers": len(scan.pid_leftovers), "intd_leftovers": len(scan.intd_leftovers),
-        "mess_leftovers": len(scan.mess_leftovers), "debris_messages": debris,
+    figures: dict[str, object] = {
+        "seconds": CHAOS_SECONDS, "attempts": len(load.attempts), "answers": dict(answers),
+        "k_checked": answers["K"], "lost": len(lost), "queued_twice": len(twice),
+        "refused_but_queued": len(refused_but_queued), "queued_without_k": len(without_k),
+        "worker_kills": len(kills.workers), "master_kills": kills.masters,
+        "orphaned_workers": kills.orphans, "orphans_needing_kill": kills.orphans_forced,
+        "committed": len(scan.committed), "pid_leftovers": len(scan.pid_leftovers),
+        "intd_leftovers": len(scan.intd_leftovers), "mess_leftovers": len(scan.mess_leftovers),
+        "debris_messages": debris,
     }
-    print("chaos figures", json.dumps(figures, sort_keys=True))
     if lost:
         failures.append(f"{len(lost)} acknowledged messages lost, e.g. {lost[:3]}")
     if twice:
@@ -254,13 +250,42 @@ def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
         failures.append(f"garbled or missing answers: {dict(answers)}")
     if strangers:
         failures.append(f"debris from writers that were not killed: {strangers}")
-    if debris > len(killed):
-        failures.append(f"debris of {debris} messages from {len(killed)} killed workers")
+    if debris > len(kills.workers):
+        failures.append(f"debris of {debris} messages from {len(kills.workers)} killed workers")
     if scan.delivered_side:
         failures.append(f"files only qmail-send writes: {scan.delivered_side[:3]}")
-    if forced:
-        failures.append(f"{forced} orphaned workers had to be killed")
+    if kills.orphans_forced:
+        failures.append(f"{kills.orphans_forced} orphaned workers had to be killed")
+    return figures, failures
+
+
+def test_kill9_workers_and_master_under_load(tmp_path: Path) -> None:
+    seed = int(os.environ.get("QMQPD_TEST_CHAOS_SEED", random.randrange(1 << 30)))
+    print(f"chaos seed {seed} (QMQPD_TEST_CHAOS_SEED={seed} repeats the choices)")
+    rng = random.Random(seed)
+    queue = tmp_path / "queue"
+    create_queue(str(queue))
+    server = ServeProcess(tmp_path, queue, use_fsync=True, use_syncdir=True, prefork=4,
+                          maxdaemons=32, maxperip=0, timeout=10, session_timeout=60)
+    server.start()
+    load = Load(server.port, seed)
+    kills = Kills()
+    try:
+        load.start()
+        wait_for_more_k(load, 20, "the first answers")
+        kill_busy_workers(server, rng, kills)
+        kill_and_restart_master(server, load, rng, kills)
+    finally:
+        try:
+            load.stop()
+        finally:
+            status = server.stop()
+            kills.orphans_forced = server.reap_orphans(30)
+    assert status == 0, server.log()[-3000:]
+    figures, failures = judge(scan_queue(str(queue)), load, kills)
+    figures["seed"] = seed
+    print("chaos figures", json.dumps(figures, sort_keys=True))
     assert not failures, f"seed {seed}, figures {figures}:\n" + "\n".join(failures[:30])
     # The run did what it claims: kills happened while messages were acknowledged.
-    assert len(killed) >= CHAOS_SECONDS and master_kills == MASTER_KILLS, figures
-    assert answers["K"] >= 200, figures
+    assert len(kills.workers) >= CHAOS_SECONDS and kills.masters == MASTER_KILLS, figures
+    assert load.k_count() >= 200, figures
