@@ -32,7 +32,7 @@ from pathlib import Path
 from qmqpd.queue import create_queue
 from tests import qmqp_oracle as oracle
 from tests.fuzz_requests import generate
-from tests.queue_oracle import debris_messages, scan_queue
+from tests.queue_oracle import QueueScan, debris_messages, scan_queue
 from tests.serve_process import ServeProcess, title
 
 REQUESTS = int(os.environ.get("QMQPD_TEST_FUZZ_REQUESTS", "20000"))
@@ -97,58 +97,39 @@ def received_time(received: bytes) -> float:
         raise ValueError(f"Received line without a date: {received!r}") from error
 
 
-def test_fuzzed_requests_queue_exactly_what_got_k(tmp_path: Path) -> None:
-    seed = int(os.environ.get("QMQPD_TEST_FUZZ_SEED", random.randrange(1 << 30)))
-    print(f"fuzz seed {seed} (QMQPD_TEST_FUZZ_SEED={seed} repeats the requests)")
-    rng = random.Random(seed)
-    cases = [Case(kind, payload, oracle.parse_request(payload), SOURCES[n % len(SOURCES)])
-             for n, (kind, payload) in enumerate(generate(rng, REQUESTS))]
-    queue = tmp_path / "queue"
-    create_queue(str(queue))
-    server = ServeProcess(tmp_path, queue, use_fsync=False, use_syncdir=False, prefork=8,
-                          maxdaemons=32, maxperip=0, timeout=10, session_timeout=60)
-    server.start()
-    master = server.pid
-    started = time.monotonic()
-    try:
-        numbers = itertools.count()
+def send_all(port: int, cases: list[Case]) -> None:
+    """CLIENTS connections in parallel, each taking the next request until none is left."""
+    numbers = itertools.count()
 
-        def client() -> None:
-            while (n := next(numbers)) < len(cases):
-                send(server.port, cases[n])
+    def client() -> None:
+        while (n := next(numbers)) < len(cases):
+            send(port, cases[n])
 
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + RUN_LIMIT
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        assert not any(thread.is_alive() for thread in threads), \
-            f"seed {seed}: requests still unanswered after {RUN_LIMIT}s"
-        elapsed = time.monotonic() - started
-        assert server.proc is not None and server.proc.poll() is None, server.log()[-3000:]
-        assert server.pid == master and title(master).startswith("qmqpd: master")
-    finally:
-        status = server.stop()
-    assert status == 0, server.log()[-3000:]
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + RUN_LIMIT
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), \
+        f"requests still unanswered after {RUN_LIMIT}s"
 
-    failures: list[str] = []
-    answers = Counter(case.answer for case in cases)
-    by_verdict = Counter(f"{case.parsed.verdict}->{case.answer}" for case in cases)
-    for n, case in enumerate(cases):
-        if case.answer not in EXPECTED[case.parsed.verdict]:
-            failures.append(f"request {n} ({case.kind}, {case.parsed.verdict} "
-                            f"{case.parsed.why!r}): answer {case.answer} {case.reply[:120]!r}")
-    # Every K must be in the queue, equal to the reader's parse of its request.
+
+def judge_answers(cases: list[Case]) -> list[str]:
+    return [f"request {n} ({case.kind}, {case.parsed.verdict} {case.parsed.why!r}): "
+            f"answer {case.answer} {case.reply[:120]!r}"
+            for n, case in enumerate(cases) if case.answer not in EXPECTED[case.parsed.verdict]]
+
+
+def judge_queue(scan: QueueScan, cases: list[Case]) -> list[str]:
+    """The queue must hold exactly the requests that got K, each as the reader parsed it."""
+    failures = list(scan.problems)
     waiting: dict[tuple[bytes, ...], list[Case]] = {}
     for case in cases:
         if case.answer == "K":
             parsed = case.parsed
             waiting.setdefault(key(parsed.message, parsed.sender, parsed.recipients),
                                []).append(case)
-    scan = scan_queue(str(queue))
-    failures += scan.problems
-    host = socket.gethostname()
     stored = []
     for entry in scan.committed:
         try:
@@ -161,6 +142,7 @@ def test_fuzzed_requests_queue_exactly_what_got_k(tmp_path: Path) -> None:
     # Identical requests may be queued several times: pair each stored copy, in Received
     # order, with the unpaired request that fits its line and finished first (this finds a
     # pairing whenever one exists).
+    host = socket.gethostname()
     for _when, qid, received, identity in sorted(stored):
         candidates = waiting.get(identity, [])
         fitting = [case for case in candidates if received in oracle.received_lines(
@@ -175,17 +157,50 @@ def test_fuzzed_requests_queue_exactly_what_got_k(tmp_path: Path) -> None:
     if debris_messages(scan) or scan.delivered_side:
         failures.append(f"debris: pid {list(scan.pid_leftovers)[:3]}, intd "
                         f"{list(scan.intd_leftovers)[:3]}, mess {scan.mess_leftovers[:3]}")
-    log = server.log()
-    for sign in ("worker died", "event=worker_exit", "event=error", "Traceback"):
-        if sign in log:
-            failures.append(f"master log has {sign!r}")
+    return failures
+
+
+def judge_server(server: ServeProcess, k_answers: int) -> list[str]:
+    """No worker died: not in the log, not in the status file; K counted as the clients saw."""
+    failures = [f"master log has {sign!r}" for sign in
+                ("worker died", "event=worker_exit", "event=error", "Traceback")
+                if sign in server.log()]
     counted = server.status()["answers"]
     assert isinstance(counted, dict)
-    if counted.get("worker_died") or counted.get("accepted") != answers["K"]:
-        failures.append(f"status file answers {counted}, clients saw {answers['K']} K")
+    if counted.get("worker_died") or counted.get("accepted") != k_answers:
+        failures.append(f"status file answers {counted}, clients saw {k_answers} K")
+    return failures
+
+
+def test_fuzzed_requests_queue_exactly_what_got_k(tmp_path: Path) -> None:
+    seed = int(os.environ.get("QMQPD_TEST_FUZZ_SEED", random.randrange(1 << 30)))
+    print(f"fuzz seed {seed} (QMQPD_TEST_FUZZ_SEED={seed} repeats the requests)")
+    rng = random.Random(seed)
+    cases = [Case(kind, payload, oracle.parse_request(payload), SOURCES[n % len(SOURCES)])
+             for n, (kind, payload) in enumerate(generate(rng, REQUESTS))]
+    queue = tmp_path / "queue"
+    create_queue(str(queue))
+    server = ServeProcess(tmp_path, queue, use_fsync=False, use_syncdir=False, prefork=8,
+                          maxdaemons=32, maxperip=0, timeout=10, session_timeout=60)
+    server.start()
+    master = server.pid
+    started = time.monotonic()
+    try:
+        send_all(server.port, cases)
+        elapsed = time.monotonic() - started
+        assert server.proc is not None and server.proc.poll() is None, server.log()[-3000:]
+        assert server.pid == master and title(master).startswith("qmqpd: master")
+    finally:
+        status = server.stop()
+    assert status == 0, server.log()[-3000:]
+    answers = Counter(case.answer for case in cases)
+    scan = scan_queue(str(queue))
+    failures = judge_answers(cases) + judge_queue(scan, cases) + judge_server(server,
+                                                                              answers["K"])
     figures = {"seed": seed, "requests": len(cases), "seconds": round(elapsed, 1),
-               "kinds": dict(Counter(case.kind for case in cases)),
-               "answers": dict(answers), "verdict_to_answer": dict(by_verdict),
+               "kinds": dict(Counter(case.kind for case in cases)), "answers": dict(answers),
+               "verdict_to_answer": dict(Counter(f"{case.parsed.verdict}->{case.answer}"
+                                                 for case in cases)),
                "queued": len(scan.committed), "master_pid_unchanged": server.pid == master}
     print("fuzz figures", json.dumps(figures, sort_keys=True))
     assert not failures, f"seed {seed}, figures {figures}:\n" + "\n".join(failures[:30])
