@@ -43,6 +43,7 @@ ALLOWED: dict[str, set[str] | str] = {
     "qmqpd.service": set(),
     "qmqpd.status": set(),
     "qmqpd.proxy": set(),
+    "qmqpd.metrics": {"qmqpd.status"},
     "qmqpd.cli": ANY,
     "qmqpd.__main__": {"qmqpd.cli"},
     "qmqpd": set(),
@@ -62,11 +63,12 @@ STDLIB_ONLY = {"qmqpd.netstring", "qmqpd.message", "qmqpd.config", "qmqpd.log",
 KNOWN_EXTRA: dict[str, set[str]] = {
     "qmqpd.handler": {"qmqpd.netstring"},  # FdSource/timeouts for the session's reads
     # the status file's format: the master writes it, `qmqpd status` reads it
-    "qmqpd.master": {"qmqpd.status"},
+    "qmqpd.master": {"qmqpd.status", "qmqpd.metrics"},  # the master serves /metrics
 }
 THIRD_PARTY: dict[str, set[str]] = {
     "qmqpd.rules": {"cdbx"},
     "qmqpd.procctl": {"setproctitle"},
+    "qmqpd.metrics": {"prometheus_client"},
     "filters.virus": {"clamd"},
     "filters.dk": {"cryptography", "dkim"},
     "filters.dkim": {"dkim", "cryptography"},
