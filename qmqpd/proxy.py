@@ -294,3 +294,17 @@ class Policy:
         if header.source is None:
             return peer
         return header.source
+
+
+def read_proxy_header(policy: Policy, reader: HeaderReader, sock: socket.socket,
+                      peer: tuple[str, int]) -> tuple[str, int] | None:
+    """The master's call in its first-bytes wait, each time the connection is readable:
+    the (ip, port) rules, limits and the session must see once the header is complete,
+    None to keep waiting (the caller owns the PROXY_TIMEOUT deadline), or ProxyError
+    (untrusted source, bad or missing header, closed): close the connection and log it.
+    With PROXY_PROTOCOL off the peer stands and nothing is read."""
+    if not policy.enabled:
+        return peer
+    policy.check_source(peer[0])
+    header = reader.read(sock)
+    return None if header is None else policy.client_of(header, peer)

@@ -26,6 +26,7 @@ from qmqpd.proxy import (
     ProxyHeader,
     parse,
     parse_networks,
+    read_proxy_header,
 )
 
 QMQP_REQUEST = b"20:4:body,4:from,4:rcpt,,"
@@ -373,3 +374,20 @@ def _sent(data: bytes) -> socket.socket:
     select.select([server], [], [], 5)
     server.setblocking(False)
     return server
+
+
+def test_the_master_call_from_accept_to_client(
+        connection: tuple[socket.socket, socket.socket]) -> None:
+    client, server = connection
+    policy = Policy("any", parse_networks(["127.0.0.0/8"]))
+    reader = policy.reader()
+    client.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.11 4000 628\r\n" + QMQP_REQUEST)
+    select.select([server], [], [], 5)
+    assert read_proxy_header(policy, reader, server, ("127.0.0.1", 5)) == ("192.0.2.9", 4000)
+    with pytest.raises(ProxyError, match="not in PROXY_TRUSTED"):
+        read_proxy_header(Policy("any", parse_networks(["10.0.0.1"])), reader, server,
+                          ("127.0.0.1", 5))
+    assert read_proxy_header(Policy(), reader, server, ("127.0.0.1", 5)) == ("127.0.0.1", 5)
+    server.setblocking(True)
+    server.settimeout(5)
+    assert server.recv(1000) == QMQP_REQUEST  # off: nothing was read
