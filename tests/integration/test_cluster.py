@@ -259,7 +259,7 @@ def is_k(answer: bytes) -> bool:
 
 # ---- PROXY v2: the real client drives rules and limits -------------------------------
 @pytest.mark.xfail(strict=True, reason="PROXY wiring in master pending: the master must "
-                   "call proxy.HeaderReader/Policy in its first-bytes wait, before rules "
+                   "call proxy.read_proxy_header in its first-bytes wait, before rules "
                    "and limits")
 def test_real_clients_get_their_own_rules_and_limits(tmp_path: Path) -> None:
     cluster = start_cluster(tmp_path, proxy=True)
