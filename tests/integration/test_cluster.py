@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import re
 import shutil
@@ -91,9 +92,9 @@ class Node:
         if self.proxy:
             settings |= {"proxy_protocol": "v2",
                          "proxy_trusted": f"{BALANCER}, {SECOND_BALANCER}"}
+        # JSON strings are TOML basic strings; ports are integers.
         (self.dir / "qmqpd.toml").write_text("".join(
-            f"{key} = {value if isinstance(value, int) else repr(value)}\n"
-            for key, value in settings.items()).replace("'", '"'))
+            f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
 
     @property
     def log_path(self) -> Path:
