@@ -8,6 +8,7 @@ allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -154,6 +155,31 @@ def _servers(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _networks(raw: Any) -> tuple[str, ...]:
+    """PROXY_TRUSTED: IP addresses or CIDR prefixes, comma or space separated."""
+    out = []
+    for item in _list_items(raw):
+        if item:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+    return tuple(out)
+
+
+def _listen_address(raw: Any) -> str:
+    """METRICS: empty (off), host:port or [v6]:port with a literal IP address."""
+    text = _str(raw).strip()
+    if not text:
+        return ""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    if host.startswith("[") and host.endswith("]"):
+        if ipaddress.ip_address(host[1:-1]).version != 6:
+            raise ValueError
+    elif ipaddress.ip_address(host).version != 4:
+        raise ValueError
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -200,6 +226,18 @@ SETTINGS: dict[str, Setting] = {
            "on TERM, how long sessions in progress may take to finish", "master"),
         _s("STATUS_FILE", _str, "/run/qmqpd/status.json", "a path; empty = none",
            "where the master keeps its status for `qmqpd status` (one per server)", "master"),
+        _s("PROXY_PROTOCOL", _choice("off", "v1", "v2", "any"), "off", "off, v1, v2 or any",
+           "connections start with a PROXY protocol header (HAProxy send-proxy / "
+           "send-proxy-v2) naming the real client; a connection without one, or not from "
+           "PROXY_TRUSTED, is closed", "master"),
+        _s("PROXY_TRUSTED", _networks, (), "IP addresses or CIDR prefixes, comma separated",
+           "the load balancers allowed to send a PROXY header; needed when PROXY_PROTOCOL "
+           "is on", "master"),
+        _s("PROXY_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
+           "how long the master waits for a whole PROXY header before closing", "master"),
+        _s("METRICS", _listen_address, "", "empty (off), ip:port or [ipv6]:port",
+           "serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9628",
+           "master"),
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
            "idle timeout of each read and write"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",

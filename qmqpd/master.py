@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from qmqpd import log, procctl, status
+from qmqpd import log, metrics, procctl, status
 from qmqpd.config import Config
 from qmqpd.limits import Capacity, PerIpCounter, fold_ip
 from qmqpd.message import Client, Reply
@@ -45,7 +45,7 @@ ACCEPT_PAUSE = 0.5
 # Longest sleep of the loop: bounds how late a deadline is noticed.
 TICK = 1.0
 # Settings a HUP cannot change: the sockets are bound and privileges dropped.
-RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE")
+RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
 
 _LISTEN = "listen"
 _WAKEUP = "wakeup"
@@ -124,6 +124,9 @@ class Master:
         self.status = status.StatusWriter(config.status_file)
         self.started_at = time.time()
         self.listen_names: list[str] = []
+        self.metrics = (metrics.Exporter(config.metrics, self._status,
+                                         lambda: metrics.queue_dirs(self.config))
+                        if config.metrics else None)
 
     # ---- start --------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,6 +136,9 @@ class Master:
             host, port = sock.getsockname()[:2]
             log.event("listen", addr=host, port=port)
             self.listen_names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if self.metrics is not None:  # before the privilege drop: the port may be low
+            self.metrics.open()
+            self.metrics.register(self.selector)
         self.status.prepare(*_owner(cfg))
         procctl.drop_privileges(cfg.user, cfg.group)
         self.rules = self._open_rules(cfg)
@@ -167,6 +173,8 @@ class Master:
             linger.sock.close()
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
+        if self.metrics is not None:
+            self.metrics.close()
         self.selector.close()
 
     # ---- loop ---------------------------------------------------------------------------
@@ -191,6 +199,8 @@ class Master:
         self._release_exits(self.pool.reap(now))
         self.pool.maintain(now)
         self._expire_lingering(now)
+        if self.metrics is not None:
+            self.metrics.expire(now)
         self._watch_listeners(now)
         self._set_title()
         self.status.maybe_write(now, self._status)
@@ -221,6 +231,8 @@ class Master:
                     self._session_ended(ended)
         elif isinstance(data, _Linger):
             self._linger_read(data)
+        elif self.metrics is not None and self.metrics.owns(data):
+            self.metrics.handle(data, now)
 
     def _drain_wakeup(self) -> None:
         try:
