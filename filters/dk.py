@@ -79,7 +79,7 @@ def _feed(sink: mailstream.Sink, fields: Sequence[Sequence[bytes]], body: Iterab
     for field in fields:
         if wanted is None or field_name(field) in wanted:
             sink.update(_canonical_field(field, method))
-    mailstream.feed(body, mailstream.DkBody(method == "nofws", sink))
+    mailstream.feed(body, mailstream.BodyCanon(f"dk-{method}", [sink]))
 
 
 # --- signing -------------------------------------------------------------------------------

@@ -179,12 +179,12 @@ def hash_bodies(body: Iterable[bytes],
                 ) -> dict[tuple[bytes, bytes, int | None], BodyHash]:
     """Body hashes for each (body canonicalisation, algorithm, l= or None), in one pass over
     the body chunks: memory stays one chunk whatever the body's size."""
-    canonicalisers: dict[bytes, mailstream.DkimBody] = {}
-    made: dict[tuple[bytes, bytes, int | None], tuple[object, mailstream.DkimBody]] = {}
+    canonicalisers: dict[bytes, mailstream.BodyCanon] = {}
+    made: dict[tuple[bytes, bytes, int | None], tuple[object, mailstream.BodyCanon]] = {}
     for key in set(wanted):
         canon, algorithm, limit = key
         canonicaliser = canonicalisers.setdefault(
-            canon, mailstream.DkimBody(canon == b"relaxed", []))
+            canon, mailstream.BodyCanon(canon.decode(), []))
         digest = DIGESTS[algorithm][0]()
         sink: mailstream.Sink = digest if limit is None else mailstream.LimitedSink(digest, limit)
         canonicaliser.sinks.append(sink)

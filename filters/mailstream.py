@@ -24,8 +24,6 @@ HEADER_LIMIT = 1 << 20
 
 _NAME = re.compile(rb"([\x21-\x7e]+?):")
 _END_OF_HEADER = re.compile(rb"(?:^|\n)(\r?\n)")
-_WSP_RUN = re.compile(rb"[\t ]+")
-_DK_DELETE = re.compile(rb"[ \t\r\n]")
 
 
 class MalformedHeader(Exception):
@@ -102,57 +100,32 @@ class Sink(Protocol):
     def update(self, data: bytes, /) -> None: ...
 
 
-class _LineStream:
-    """Splits body chunks into lines (LF or CRLF) without holding a line whole: a long line is
-    passed on in pieces. Subclasses say what each piece and each line end becomes."""
-
-    def __init__(self) -> None:
-        self._carry = b""  # a CR that may be the first half of a CRLF
-
-    def feed(self, chunk: bytes) -> None:
-        data = self._carry + chunk
-        self._carry = b""
-        start = 0
-        while True:
-            end = data.find(b"\n", start)
-            if end < 0:
-                break
-            line = data[start:end]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            self._piece(line)
-            self._line_end(final=False)
-            start = end + 1
-        tail = data[start:]
-        if tail.endswith(b"\r"):
-            tail, self._carry = tail[:-1], b"\r"
-        self._piece(tail)
-
-    def finish(self) -> None:
-        self._piece(self._carry)
-        self._carry = b""
-        self._line_end(final=True)
-
-    def _piece(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def _line_end(self, final: bool) -> None:
-        raise NotImplementedError
+_WSP_BEFORE_EOL = re.compile(rb"[\t ]+\r\n")
+_WSP_TO_COMPRESS = re.compile(rb" [\t ]+|\t[\t ]*")  # a lone space stays as it is
 
 
-class DkimBody(_LineStream):
-    """RFC 6376 body canonicalisation (simple or relaxed) fed to hash sinks, byte for byte
-    what dkimpy's canonicalize_body gives, with the canonical length counted."""
+class BodyCanon:
+    """One body canonicalisation, chunk by chunk, at the speed of bytes operations.
 
-    def __init__(self, relaxed: bool, sinks: list[Sink]) -> None:
-        super().__init__()
-        self.relaxed = relaxed
+    Lines end at LF or CRLF (made CRLF). What is emitted is final; what may still change
+    is held back as a count: the trailing empty lines (dropped if nothing follows) and,
+    for relaxed, whether a whitespace run follows them. So a body of 100 MB of spaces or
+    empty lines costs a few integers of memory.
+
+    kinds: "simple", "relaxed" (RFC 6376, byte for byte dkimpy's canonicalize_body) and
+    "dk-simple", "dk-nofws" (RFC 4870: a CRLF before the body when it has a line left).
+    """
+
+    def __init__(self, kind: str, sinks: list[Sink]) -> None:
+        if kind not in ("simple", "relaxed", "dk-simple", "dk-nofws"):
+            raise ValueError(f"unknown body canonicalisation {kind!r}")
+        self.kind = kind
         self.sinks = sinks
         self.length = 0
-        self._empty_lines = 0  # empty lines held back: dropped if nothing follows
-        self._line_has_text = False
-        self._any_text = False
-        self._space = False  # relaxed: a whitespace run not yet written
+        self._carry = b""  # a CR that may be the first half of a CRLF
+        self._empty_lines = 0  # line ends held back
+        self._space = False  # relaxed: a whitespace run after them
+        self._text = False  # anything but line ends written yet
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -160,40 +133,64 @@ class DkimBody(_LineStream):
             for sink in self.sinks:
                 sink.update(data)
 
-    def _text(self, data: bytes) -> None:
-        if not self._line_has_text:
-            self._line_has_text = self._any_text = True
-            self._emit(b"\r\n" * self._empty_lines)
+    def _emit_line_ends(self, count: int) -> None:
+        block = b"\r\n" * min(count, 32768)
+        while count > 0:
+            self._emit(block[: 2 * min(count, 32768)])
+            count -= 32768
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._carry + chunk
+        self._carry = b""
+        if data.endswith(b"\r"):
+            data, self._carry = data[:-1], b"\r"
+        if data:
+            self._take(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+
+    def _take(self, text: bytes) -> None:
+        """text: CRLF line ends, no CR at its end that could pair with a later LF."""
+        if self.kind == "dk-nofws":  # every SP, HTAB and lone CR goes
+            text = text.replace(b"\r\n", b"\n").translate(None, b" \t\r").replace(
+                b"\n", b"\r\n")
+        blanks = b" \t\r\n" if self.kind == "relaxed" else b"\r\n"
+        kept = len(text.rstrip(blanks))
+        if kept < len(text):
+            # a CR without its LF in the blank tail is text: keep up to and with it
+            bare = text.replace(b"\r\n", b"\0\0").rfind(b"\r", kept)
+            if bare >= 0:
+                kept = bare + 1
+        body, tail = text[:kept], text[kept:]
+        if body:
+            if not self._text and self.kind.startswith("dk-"):
+                self._emit(b"\r\n")  # the separator RFC 4870 keeps only before a body
+            self._emit_line_ends(self._empty_lines)
             self._empty_lines = 0
-        self._emit(data)
-
-    def _piece(self, data: bytes) -> None:
-        if not data:
-            return
-        if not self.relaxed:
-            self._text(data)
-            return
-        stripped = data.rstrip(b" \t")
-        if not stripped:
+            if self.kind == "relaxed":
+                if self._space:
+                    body = b" " + body
+                body = _WSP_TO_COMPRESS.sub(b" ", _WSP_BEFORE_EOL.sub(b"\r\n", body))
+            self._space = False
+            self._emit(body)
+            self._text = True
+        ends = tail.count(b"\n")
+        if ends:
+            self._empty_lines += ends
+            self._space = tail.rfind(b"\n") < len(tail) - 1
+        elif tail:
             self._space = True
-            return
-        text = _WSP_RUN.sub(b" ", stripped)
-        if self._space and text[:1] != b" ":
-            text = b" " + text
-        self._text(text)
-        self._space = len(stripped) < len(data)
 
-    def _line_end(self, final: bool) -> None:
-        if self._space and final:
-            self._text(b" ")  # dkimpy keeps a last line's trailing space (no CRLF after it)
+    def finish(self) -> None:
+        if self._carry:
+            self._take(self._carry)  # a lone CR at the very end is text
+            self._carry = b""
+        if self._space:
+            # dkimpy keeps a last line's trailing whitespace (it has no CRLF after it)
+            self._emit_line_ends(self._empty_lines)
+            self._emit(b" \r\n")
+        elif self._text or self.kind == "simple":
+            self._emit(b"\r\n")  # the last line's end; simple: an empty body is one CRLF
+        self._empty_lines = 0
         self._space = False
-        if self._line_has_text:
-            self._emit(b"\r\n")
-        elif not final:
-            self._empty_lines += 1
-        self._line_has_text = False
-        if final and not self._any_text and not self.relaxed:
-            self._emit(b"\r\n")  # simple: an empty body is one CRLF
 
 
 class LimitedSink:
@@ -209,41 +206,7 @@ class LimitedSink:
             self.left -= min(len(data), self.left)
 
 
-class DkBody(_LineStream):
-    """RFC 4870 body canonicalisation (simple or nofws): every line with CRLF, trailing empty
-    lines dropped, and the CRLF that separates body from header only when a line is left."""
-
-    def __init__(self, nofws: bool, sink: Sink) -> None:
-        super().__init__()
-        self.nofws = nofws
-        self.sink = sink
-        self._empty_lines = 0
-        self._line_has_text = False
-        self._separated = False
-
-    def _piece(self, data: bytes) -> None:
-        if self.nofws:
-            data = _DK_DELETE.sub(b"", data)
-        if not data:
-            return
-        if not self._line_has_text:
-            self._line_has_text = True
-            if not self._separated:
-                self.sink.update(b"\r\n")
-                self._separated = True
-            self.sink.update(b"\r\n" * self._empty_lines)
-            self._empty_lines = 0
-        self.sink.update(data)
-
-    def _line_end(self, final: bool) -> None:
-        if self._line_has_text:
-            self.sink.update(b"\r\n")
-        elif not final:
-            self._empty_lines += 1
-        self._line_has_text = False
-
-
-def feed(body: Iterable[bytes], *consumers: _LineStream) -> None:
+def feed(body: Iterable[bytes], *consumers: BodyCanon) -> None:
     """One pass over the body chunks into every canonicaliser."""
     for chunk in body:
         for consumer in consumers:
