@@ -3,6 +3,7 @@ docs/reliability-filters.md): CPU to sign N headers, peak RSS of `qmqpd session`
 large message, and the time DKIMVERIFY takes on N signatures with a silent DNS server.
 
     python -m bench.signing_hostile headers 2500 10000 20000
+    python -m bench.signing_hostile same-headers 2500 10000 20000
     python -m bench.signing_hostile rss 100
     python -m bench.signing_hostile silent 10
 """
@@ -36,10 +37,12 @@ def _control(tmp: str) -> str:
     return tmp
 
 
-def headers_cpu(count: int, control: str) -> tuple[float, int]:
-    """CPU seconds of the DKIM stage signing a message with `count` distinct headers."""
+def headers_cpu(count: int, control: str, same: bool = False) -> tuple[float, int]:
+    """CPU seconds of the DKIM stage signing a message with `count` distinct headers (or
+    `count` Comments: headers)."""
     head = b"From: joe@example.org\nTo: a@example.net\nSubject: hi\n"
-    head += b"".join(b"Comment-%d: value %d\n" % (i, i) for i in range(count))
+    head += b"".join((b"Comments: value %d\n" % i) if same else
+                     (b"Comment-%d: value %d\n" % (i, i)) for i in range(count))
     data = head + b"\nbody\n"
     stage = fdkim.DkimStage(signs=[fdkim.SignSpec(os.path.join(control, "domainkeys/%/default"),
                                                   fdkim.SignOptions(), False)],
@@ -135,10 +138,10 @@ def main(argv: list[str]) -> int:
     what, *numbers = argv
     with tempfile.TemporaryDirectory() as tmp:
         control = _control(tmp)
-        if what == "headers":
+        if what in ("headers", "same-headers"):
             for number in numbers:
-                spent, length = headers_cpu(int(number), control)
-                print(f"headers={number} cpu_s={spent:.2f} signature_bytes={length}")
+                spent, length = headers_cpu(int(number), control, what == "same-headers")
+                print(f"{what}={number} cpu_s={spent:.2f} signature_bytes={length}")
         elif what == "rss":
             queue = os.path.join(tmp, "queue")
             create_queue(queue)

@@ -308,7 +308,7 @@ class DkStage:
                                       error=str(error)[:200])
         identity = keys.identity_header(_unfolded(parsed.fields))
         if identity is None:
-            return Verdict.tempfail("dk: could not find From: or Sender: header (#4.1.7)")
+            return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
         raw_domain = keys.address_domain(identity[1])
         domain = keys.valid_domain(raw_domain)
         if domain is None:

@@ -1,13 +1,15 @@
 """DKIM (RFC 6376) signing and verification stage, with qmail-dkim's settings.
 
-Signing produces exactly the header dkimpy would (its canonicalisation, header selection and
-folding are reused) but the RSA and Ed25519 operations run in OpenSSL through
-`cryptography`: dkimpy's pure-Python RSA costs milliseconds per message. RSA PKCS#1 v1.5 and
-Ed25519 are deterministic, so the bytes are identical.
+Signing produces exactly the header dkimpy would (its canonicalisation rules, tag order and
+folding) but the RSA and Ed25519 operations run in OpenSSL through `cryptography`: dkimpy's
+pure-Python RSA costs milliseconds per message. RSA PKCS#1 v1.5 and Ed25519 are
+deterministic, so the bytes are identical.
 
-Verification uses dkimpy's parsing and hashing with our own key lookup, so that each
-outcome maps to one of qmail-dkim's result letters (A-Y), and a DNS failure is a temporary
-result (P), never a silent pass.
+The message is read as a stream (filters.mailstream): the body hash is computed chunk by
+chunk and header selection is one pass, so work is linear in the message and memory is the
+header block. Verification uses dkimpy's tag and key-record parsing with our own key lookup,
+so that each outcome maps to one of qmail-dkim's result letters (A-Y), and a DNS failure is
+a temporary result (P), never a silent pass.
 """
 
 from __future__ import annotations
@@ -544,8 +546,7 @@ class DkimStage:
         headers = parsed.fields
         identity = keys.identity_header([(name, value) for name, value in headers])
         if identity is None:
-            return Verdict.tempfail(
-                "dkim: could not find From: or Sender: header in message (#4.1.7)")
+            return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
         raw_domain = keys.address_domain(b" ".join(identity[1].split()))
         domain = keys.valid_domain(raw_domain)
         if domain is None:

@@ -229,6 +229,7 @@ REPLIES: dict[str, str] = {
     "key_unreadable": "Z{stage}: unable to read private key (#4.3.0)",
     "key_unusable": "Z{stage}: unable to use private key (#4.3.0)",
     "sign_malformed": "D{stage}: message header is malformed, cannot sign (#5.6.0)",
+    "sign_no_identity": "Z{stage}: could not find From: or Sender: header in message (#4.1.7)",
 }
 
 # qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).

@@ -284,6 +284,13 @@ def test_a_malformed_header_block_is_a_syntax_result_when_verifying() -> None:
 
 
 @pytest.mark.parametrize("stage", sorted(SIGNERS))
+def test_no_from_or_sender_is_a_temporary_failure(stage: str, control: Path) -> None:
+    verdict = run(SIGNERS[stage]("domainkeys/%/default", control), b"To: a@example.net\n\nb\n")
+    assert verdict.reply().line == (
+        f"Z{stage}: could not find From: or Sender: header in message (#4.1.7)")
+
+
+@pytest.mark.parametrize("stage", sorted(SIGNERS))
 def test_no_key_under_a_percent_pattern_queues_unsigned(stage: str, control: Path) -> None:
     other = GOOD.replace(b"joe@example.org", b"joe@other.example")
     verdict = run(SIGNERS[stage]("domainkeys/%/default", control), other)
