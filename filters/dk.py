@@ -21,7 +21,7 @@ import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
@@ -205,7 +205,7 @@ def _verify(sig_field: Sequence[bytes], below: Sequence[Sequence[bytes]],
         return DkResult("E", domain, "key does not allow sha1")
     try:
         public = serialization.load_der_public_key(base64.b64decode(key_tags[b"p"]))
-    except ValueError as error:
+    except (ValueError, UnsupportedAlgorithm) as error:
         return DkResult("E", domain, str(error)[:200])
     if not isinstance(public, rsa.RSAPublicKey):
         return DkResult("E", domain, "not an RSA key")

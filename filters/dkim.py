@@ -329,6 +329,8 @@ def _prepare(sig_field: Sequence[bytes]) -> _Prepared | SignatureResult:
         policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
     except InvalidCanonicalizationPolicyError as error:
         return _with(found, "H", f"invalid c= value: {error}"[:200])
+    if sig.get(b"l") == b"":
+        return _with(found, "H", "l= value is empty")
     include = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
     limit = int(sig[b"l"]) if b"l" in sig else None
     return _Prepared(sig, include, sig_field, policy,
@@ -372,8 +374,8 @@ def _check(prepared: _Prepared, headers: Sequence[Sequence[bytes]],
         return found
     try:
         good = RSASSA_PKCS1_v1_5_verify(hashed, signature, public)
-    except (TypeError, DigestTooLargeError) as error:
-        return _with(found, "R", f"digest too large for modulus: {error}"[:200])
+    except (TypeError, ValueError, DigestTooLargeError) as error:
+        return _with(found, "R", f"signature does not fit the key: {error}"[:200])
     if good and keysize < MIN_KEY_BITS:
         return _with(found, "R", f"public key too small: {keysize}")
     return found if good else _with(found, "I")

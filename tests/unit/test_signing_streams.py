@@ -196,6 +196,23 @@ def test_only_the_topmost_signatures_are_checked(control: Path) -> None:
     assert topmost == [b"s0", b"s1", b"s2"]
 
 
+TAG_VALUE = st.sampled_from([b"", b"1", b"rsa-sha256", b"ed25519-sha256", b"relaxed/simple",
+                             b"x/y", b"example.org", b"from:to", b"AAAA", b"-5", b"99999999999",
+                             b"dns/txt", b"a b"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(tags=st.dictionaries(st.sampled_from([b"v", b"a", b"c", b"d", b"s", b"h", b"bh", b"b",
+                                             b"l", b"t", b"x", b"i", b"q"]), TAG_VALUE))
+def test_any_signature_tags_give_a_result_letter(control: Path, tags: dict[bytes, bytes]) -> None:
+    """Whatever a signature field says, verification answers a letter and never raises."""
+    key = keys.load_private_key(str(control / "domainkeys" / "example.org" / "default"))
+    record = keys.dns_record(key).encode()
+    field = b"DKIM-Signature: " + b"; ".join(k + b"=" + v for k, v in tags.items()) + b"\n"
+    results = fdkim.verify_message(field + GOOD, lambda _name, _left: record)
+    assert len(results) == 1 and results[0].letter in fdkim.RESULTS
+
+
 def test_silent_dns_costs_one_deadline_not_one_timeout_per_signature(control: Path) -> None:
     """10 signatures, a DNS server that never answers, DNS_TIMEOUT 1 s: before, 10 s (one
     timeout each); now the 1.5 s stage deadline. The bound (6 s) is generous for load."""
