@@ -219,14 +219,9 @@ def _verify(sig_field: Sequence[bytes], below: Sequence[Sequence[bytes]],
     return DkResult("A", domain)
 
 
-def _unfolded(fields: Sequence[Sequence[bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(field[0], b" ".join(line.strip() for line in field[1].split(b"\r\n")))
-            for field in fields]
-
-
 def _identity_matches(fields: Sequence[Sequence[bytes]], domain: bytes) -> bool:
     """RFC 4870: the Sender: (else From:) domain is d= or a subdomain of it."""
-    found = keys.identity_header(_unfolded(fields))
+    found = keys.identity_header(fields)
     if found is None:
         return False
     sender = (keys.address_domain(found[1]) or "").lower().encode()
@@ -306,7 +301,7 @@ class DkStage:
             log.event("dk_unsigned", reason="malformed header", problem=str(error)[:200])
             return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
                                       error=str(error)[:200])
-        identity = keys.identity_header(_unfolded(parsed.fields))
+        identity = keys.identity_header(parsed.fields)
         if identity is None:
             return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
         raw_domain = keys.address_domain(identity[1])

@@ -20,6 +20,7 @@ import hashlib
 import re
 import shlex
 import time
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -146,12 +147,13 @@ def select_fields(headers: Sequence[Sequence[bytes]],
                   include: Sequence[bytes]) -> list[Sequence[bytes]]:
     """The fields h= names, in h= order, each repeat taking the next one up (dkimpy's
     select_headers, in one pass instead of one scan per h= entry)."""
-    wanted = set(include)
-    positions: dict[bytes, list[int]] = {}
+    wanted = Counter(include)
+    # only the bottom-most occurrences can be picked: as many per name as h= lists it
+    positions = {name: deque(maxlen=count) for name, count in wanted.items()}
     for index, (name, *_) in enumerate(headers):
         lower = name.lower()
-        if lower in wanted:
-            positions.setdefault(lower, []).append(index)
+        if lower in positions:
+            positions[lower].append(index)
     picked = []
     for name in include:
         stack = positions.get(name)
@@ -546,7 +548,7 @@ class DkimStage:
             return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
                                       error=str(error)[:200])
         headers = parsed.fields
-        identity = keys.identity_header([(name, value) for name, value in headers])
+        identity = keys.identity_header(headers)
         if identity is None:
             return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
         raw_domain = keys.address_domain(b" ".join(identity[1].split()))

@@ -93,13 +93,20 @@ def address_domain(value: bytes) -> str | None:
     return None
 
 
-def identity_header(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None:
-    """The Sender: field, else the From: field (the signing identity of DK and DKIM)."""
-    for wanted in (b"sender", b"from"):
-        for name, value in fields:
-            if name.lower() == wanted:
-                return name, value
-    return None
+def identity_header(fields: Sequence[Sequence[bytes]]) -> tuple[bytes, bytes] | None:
+    """The Sender: field, else the From: field (the signing identity of DK and DKIM), its
+    value unfolded (continuation lines joined by a space)."""
+    found: Sequence[bytes] | None = None
+    for field in fields:
+        lower = field[0].lower()
+        if lower == b"sender":
+            found = field
+            break
+        if lower == b"from" and found is None:
+            found = field
+    if found is None:
+        return None
+    return found[0], b" ".join(line.strip() for line in found[1].split(b"\n")).strip()
 
 
 # --- finding and loading private keys ------------------------------------------------------
