@@ -298,7 +298,7 @@ class DkStage:
         try:
             parsed = mailstream.split(message.final_chunks())
         except mailstream.MalformedHeader as error:
-            log.event("dk_unsigned", reason="malformed header", problem=str(error)[:200])
+            log.event("dk_malformed", problem=str(error)[:200])
             return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
                                       error=str(error)[:200])
         identity = keys.identity_header(parsed.fields)

@@ -544,7 +544,7 @@ class DkimStage:
         try:
             parsed = mailstream.split(message.final_chunks())
         except mailstream.MalformedHeader as error:
-            log.event("dkim_unsigned", reason="malformed header", problem=str(error)[:200])
+            log.event("dkim_malformed", problem=str(error)[:200])
             return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
                                       error=str(error)[:200])
         headers = parsed.fields
