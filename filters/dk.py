@@ -121,9 +121,11 @@ def h_names(fields: Sequence[Sequence[bytes]]) -> list[bytes]:
     seen: set[bytes] = set()
     for field in fields:
         name = field[0].strip()
-        if name.lower() not in seen and len(names) < MAX_H_NAMES:
+        if name.lower() not in seen:
             seen.add(name.lower())
             names.append(name)
+            if len(names) == MAX_H_NAMES:
+                break
     return names
 
 

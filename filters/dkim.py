@@ -120,8 +120,8 @@ def headers_to_sign(headers: Sequence[Sequence[bytes]], exclude: Sequence[bytes]
     """qmail-dkim's choice, bounded: every header but X-* (X-Mailer is kept), trace, results,
     signatures and EXCLUDE_DKIMSIGN prefixes; From always. Linear in the header count."""
     counts: dict[bytes, int] = {}
-    for name, *_ in headers:
-        lower = name.lower()
+    for header in headers:
+        lower = header[0].lower()
         if lower.startswith(b"x-") and lower != b"x-mailer":
             continue
         if lower in NEVER_SIGNED or any(lower.startswith(prefix) for prefix in exclude):
@@ -133,8 +133,8 @@ def headers_to_sign(headers: Sequence[Sequence[bytes]], exclude: Sequence[bytes]
         allowed[name] = min(counts[name], MAX_PER_NAME, budget)
         budget -= allowed[name]
     names = []
-    for name, *_ in headers:
-        lower = name.lower()
+    for header in headers:
+        lower = header[0].lower()
         if allowed.get(lower, 0) > 0:
             names.append(lower)
             allowed[lower] -= 1
@@ -150,8 +150,8 @@ def select_fields(headers: Sequence[Sequence[bytes]],
     wanted = Counter(include)
     # only the bottom-most occurrences can be picked: as many per name as h= lists it
     positions = {name: deque(maxlen=count) for name, count in wanted.items()}
-    for index, (name, *_) in enumerate(headers):
-        lower = name.lower()
+    for index, header in enumerate(headers):
+        lower = header[0].lower()
         if lower in positions:
             positions[lower].append(index)
     picked = []
