@@ -167,6 +167,24 @@ def test_twenty_thousand_headers_sign_in_linear_time(control: Path) -> None:
     assert len(h_tag.split(b":")) == fdkim.MAX_SIGNED_HEADERS
 
 
+def test_domainkeys_h_tag_is_bounded_and_verifies(control: Path) -> None:
+    head = b"".join(b"Comment-%d: value %d\n" % (i, i) for i in range(1_000))
+    data = b"From: joe@example.org\nTo: a@example.net\n" + head + b"\nbody\n"
+    stage = dk.DkStage(pattern="domainkeys/%/default", options=dk.DkOptions(with_h=True),
+                       controldir=str(control))
+    verdict = run(stage, data)
+    (signature,) = verdict.headers
+    h_tag = re.search(rb"h=([^;]*);", signature).group(1)
+    assert len(h_tag.split(b":")) == dk.MAX_H_NAMES
+    key = keys.load_private_key(str(control / "domainkeys" / "example.org" / "default"))
+    record = keys.dns_record(key).encode()
+    assert dk.verify_message(signature + data, lambda _n, _t: record).letter == "A"
+    changed = data.replace(b"Comment-5: value 5", b"Comment-5: value 6")  # signed
+    assert dk.verify_message(signature + changed, lambda _n, _t: record).letter == "B"
+    changed = data.replace(b"Comment-500: value 500", b"Comment-500: x")  # not signed
+    assert dk.verify_message(signature + changed, lambda _n, _t: record).letter == "A"
+
+
 # --- DKIMVERIFY: a cap on signatures and one deadline for the lookups ----------------------
 
 def signed_many(control: Path, count: int) -> bytes:
