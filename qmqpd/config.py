@@ -325,6 +325,12 @@ SETTINGS: dict[str, Setting] = {
            "name servers asked for DKIM/DomainKeys public keys", "signing"),
         _s("DNS_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
            "limit on one public key lookup; a timeout is a temporary result", "signing"),
+        _s("DKIMVERIFY_MAX_SIGNATURES", _int_parser(1, 1000), 5, "a count, 1-1000",
+           "DKIMVERIFY checks at most this many DKIM-Signature fields (the topmost); the "
+           "others are not looked at (logged as dkim_unchecked)", "signing"),
+        _s("DKIMVERIFY_TIMEOUT", _float_parser(0.1, 600), 6.0, "seconds 0.1-600",
+           "limit on all public key lookups of one message together; a signature whose "
+           "lookup has no time left is a temporary result (P)", "signing"),
     )
 }
 

@@ -224,6 +224,12 @@ REPLIES: dict[str, str] = {
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
     "scanner_size_limit": "Zmessage larger than the virus scanner accepts (#4.3.4)",
+    # The signing stages (dk, dkim) answer alike: a key the operator must fix is temporary,
+    # a message that cannot be signed as it is is permanent.
+    "key_unreadable": "Z{stage}: unable to read private key (#4.3.0)",
+    "key_unusable": "Z{stage}: unable to use private key (#4.3.0)",
+    "sign_malformed": "D{stage}: message header is malformed, cannot sign (#5.6.0)",
+    "sign_no_identity": "Z{stage}: could not find From: or Sender: header in message (#4.1.7)",
 }
 
 # qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).

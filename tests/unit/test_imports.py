@@ -51,9 +51,10 @@ ALLOWED: dict[str, set[str] | str] = {
     "filters.base": set(),
     "filters.pipeline": {"filters.base", "filters.virus", "filters.dk", "filters.dkim"},
     "filters.virus": {"filters.base"},
-    "filters.keys": set(),
-    "filters.dk": {"filters.base", "filters.keys"},
-    "filters.dkim": {"filters.base", "filters.keys"},
+    "filters.keys": {"filters.base"},
+    "filters.mailstream": set(),
+    "filters.dk": {"filters.base", "filters.keys", "filters.mailstream"},
+    "filters.dkim": {"filters.base", "filters.keys", "filters.mailstream"},
 }
 # Modules that may not import even the leaves: the bottom of the graph.
 STDLIB_ONLY = {"qmqpd.netstring", "qmqpd.message", "qmqpd.config", "qmqpd.log",
@@ -71,7 +72,7 @@ THIRD_PARTY: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},
     "filters.virus": {"clamd"},
     "filters.dk": {"cryptography", "dkim"},
-    "filters.dkim": {"dkim", "cryptography"},
+    "filters.dkim": {"dkim", "cryptography", "nacl"},
     "filters.keys": {"cryptography", "dns"},
 }
 NEVER = {
