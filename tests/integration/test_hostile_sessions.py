@@ -282,8 +282,10 @@ MEASURE = (
 )
 
 
-def run_session(queue: Path, payload: bytes, **env: str) -> Usage:
-    """`qmqpd session` on a socketpair; CPU and peak RSS of that process (getrusage)."""
+def run_session(queue: Path, payload: bytes, half_close: bool = True, **env: str) -> Usage:
+    """`qmqpd session` on a socketpair; CPU and peak RSS of that process (getrusage).
+
+    Without half_close the client sends the payload and then only waits for the answer."""
     ours, theirs = socket.socketpair()
     environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
                "QUEUEDIR": str(queue), "USE_FSYNC": "0", "USE_SYNCDIR": "0",
@@ -295,7 +297,8 @@ def run_session(queue: Path, payload: bytes, **env: str) -> Usage:
     def send() -> None:
         with contextlib.suppress(OSError):
             ours.sendall(payload)
-            ours.shutdown(socket.SHUT_WR)
+            if half_close:
+                ours.shutdown(socket.SHUT_WR)
 
     writer = threading.Thread(target=send)
     writer.start()
@@ -386,8 +389,12 @@ def queue_files(queue: Path) -> list[str]:
 def test_min_free_counts_the_announced_length(small_tmpfs: Path) -> None:
     queue = small_tmpfs / "queue"
     create_queue(str(queue))
-    env = {"MIN_FREE": str(4 * MIB)}
-    big = run_session(queue, request(os.urandom(5 * MIB), b"s@example.org", [b"r@x"]), **env)
+    env = {"MIN_FREE": str(4 * MIB), "TIMEOUT": "20"}
+    # Only the lengths: the answer must come before any of the 5 MiB body is sent (without
+    # the announced length the server would wait for the body, then spool it on the tmpfs).
+    five = 5 * MIB
+    lengths = b"%d:%d:" % (five + len(b"%d:," % five) + len(b"1:s,3:r@x,"), five)
+    big = run_session(queue, lengths, half_close=False, **env)
     assert big.answer == encode(b"Zqq write error or disk full (#4.3.0)"), big.answer
     assert queue_files(queue) == []
     small = run_session(queue, request(os.urandom(MIB), b"s@example.org", [b"r@x"]), **env)
