@@ -97,7 +97,8 @@ class Injector:
 
     def inject(self, message: Message, deadline: float | None = None) -> Outcome:
         """Queue the message; deadline is time.monotonic() based (default SESSION_TIMEOUT)."""
-        refusal = self.check_space()
+        # Again with the size: a message spooled on the queue's disk is copied to mess/.
+        refusal = self.check_space(message.size)
         if refusal is not None:
             return Outcome(refusal, self.queue_path)
         if self.external:

@@ -400,3 +400,21 @@ def test_min_free_counts_the_announced_length(small_tmpfs: Path) -> None:
     small = run_session(queue, request(os.urandom(MIB), b"s@example.org", [b"r@x"]), **env)
     assert b":Kok " in small.answer, small.answer
     assert len(list(list_messages(str(queue)))) == 1
+
+
+def test_min_free_holds_after_the_spool_copy(small_tmpfs: Path) -> None:
+    """Above 1 MiB the body waits in the queue's pid/ and is then copied to mess/: the second
+    check, with the size, keeps that copy from taking the last MIN_FREE bytes."""
+    queue = small_tmpfs / "queue"
+    create_queue(str(queue))
+    env = {"MIN_FREE": str(MIB)}
+    fits = run_session(queue, request(os.urandom(3 * MIB), b"s@example.org", [b"r@x"]), **env)
+    assert b":Kok " in fits.answer, fits.answer
+    free = os.statvfs(queue).f_bavail * os.statvfs(queue).f_frsize
+    # Passes the first check (free - size >= MIN_FREE), but the spool and its copy do not fit.
+    size = (free - MIB) // 2 + MIB // 4
+    tight = run_session(queue, request(os.urandom(size), b"s@example.org", [b"r@x"]), **env)
+    assert tight.answer == encode(b"Zqq write error or disk full (#4.3.0)"), tight.answer
+    assert len(list(list_messages(str(queue)))) == 1
+    assert not list((queue / "pid").iterdir())
+    assert os.statvfs(queue).f_bavail * os.statvfs(queue).f_frsize >= MIB
