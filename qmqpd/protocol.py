@@ -2,8 +2,9 @@
 
 Parsing follows qmail-qmqpd (digits-only lengths, a budget from the outer length, a comma
 after every piece, addresses under 1000 bytes without NUL), with the safety additions of
-qmqpd: a size limit, per-read and per-session timeouts, a bounded envelope, and a short
-``D`` reason for malformed input instead of a silent close.
+qmqpd: a size limit, per-read and per-session timeouts, a minimum transfer rate (in the
+reader), a bounded envelope and recipient count parsed in linear time, and a short ``D``
+reason for malformed input instead of a silent close.
 """
 
 from __future__ import annotations
