@@ -156,12 +156,15 @@ class FdSource:
             count -= take
 
     def drain(self, max_bytes: int, seconds: float) -> None:
-        """Discard what the peer still sends, bounded, so a final answer is not lost to RST."""
+        """Discard what the peer still sends, bounded, so a final answer is not lost to RST.
+
+        The minimum rate holds here too: a slow sender is not drained for the full time."""
         stop = time.monotonic() + seconds
         left = max_bytes - self.buffered
         self._buffer, self._pos = b"", 0
         while left > 0:
-            wait = stop - time.monotonic()
+            slow = self.rate_deadline()
+            wait = (stop if slow is None else min(stop, slow)) - time.monotonic()
             if wait <= 0 or not self._poll.poll(wait * 1000):
                 return
             try:
@@ -170,6 +173,7 @@ class FdSource:
                 return
             if not block:
                 return
+            self.received += len(block)
             left -= len(block)
 
 

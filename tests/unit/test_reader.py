@@ -200,6 +200,19 @@ def test_fast_sender_with_a_stall_keeps_its_credit(peers: list[Peer]) -> None:
     assert len(read_request(source, 0, RECEIVED).recipients) == 1400
 
 
+def test_a_refused_slow_sender_is_not_drained_for_long(peers: list[Peer]) -> None:
+    """After an early answer the rest is drained, but no longer than the rate rule allows."""
+    peer = Peer([request([b"r@example.org"])] + [b"x"] * 200, pause=0.05, close=False)
+    peers.append(peer)
+    source = FdSource(peer.ours.fileno(), 30.0, time.monotonic() + 60, min_rate=100, grace=1)
+    read_request(source, 0, RECEIVED).close()
+    started = time.monotonic()
+    source.drain(1 << 20, 20.0)
+    # Cut after about 2 s (grace 1 s + credit); without the rule the drain would last as
+    # long as the trickle, about 10 s. The bound leaves room for a loaded machine.
+    assert time.monotonic() - started < 6
+
+
 def test_no_minimum_rate_waits_for_the_idle_timeout(peers: list[Peer]) -> None:
     peer = Peer([b"100:5:hel"], close=False)
     peers.append(peer)
