@@ -241,7 +241,24 @@ SETTINGS: dict[str, Setting] = {
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
            "idle timeout of each read and write"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",
-           "limit on one whole session"),
+           "hard limit on one whole session; MIN_RATE ends slow transfers long before it"),
+        _s("MIN_RATE", _int_parser(0, 1 << 30), 512, "bytes per second, 0 = no minimum",
+           "slowest transfer accepted: after RATE_GRACE seconds the client must have sent "
+           "MIN_RATE bytes for every further second, else it gets Z and is cut, so a request "
+           "of L bytes may take RATE_GRACE + L/MIN_RATE seconds (at most SESSION_TIMEOUT); "
+           "512 is below a 9600 bit/s GSM data call shared by two sessions, so a working "
+           "relay link does not hit it, while a 1 byte/s sender loses its slot after "
+           "RATE_GRACE"),
+        _s("RATE_GRACE", _int_parser(0, 86400), 20, "seconds 0-86400",
+           "time before MIN_RATE applies: covers connection setup, TCP slow start and the "
+           "retransmission backoff of a lossy link (1+2+4+8 s after four losses in a row), "
+           "and frees a slot held by a 1 byte/s sender after about this long"),
+        _s("MAXRECIPIENTS", _int_parser(0), 100_000, "an integer >= 0 (0 = no limit)",
+           "recipients in one message; more get D and the rest of the request is read and "
+           "dropped; 100000 is far above an SMTP transaction (RFC 5321 asks for 100) and "
+           "above the single envelope a list manager such as ezmlm writes for most lists, "
+           "while it caps the addresses a worker holds at about 7 MB; raise it in the rule "
+           "of a list host with bigger lists"),
         _s("DATABYTES", _int_parser(0), 20_000_000, "bytes, 0 = no limit",
            "largest message accepted"),
         _s("QUEUEDIR", _str, "", "path of one qmail queue",

@@ -16,7 +16,7 @@ from qmqpd import log
 from qmqpd.config import Config, ConfigError
 from qmqpd.injector import Injector
 from qmqpd.message import Client, Message, Reply
-from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError
+from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError, TooSlow
 from qmqpd.protocol import (
     BadEnvelope,
     Refused,
@@ -77,7 +77,8 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
             config.databytes,
             received_line(client, time.time()),
             spool_dir=injector.spool_dir,
-            before_body=lambda _length: injector.check_space(),
+            before_body=injector.check_space,
+            max_recipients=config.maxrecipients,
         )
         result.size = message.size
         result.sender = message.sender
@@ -100,14 +101,20 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
     write_reply(wfd, result.reply, config.timeout)
 
 
+def _source(rfd: int, config: Config, started: float) -> FdSource:
+    """The session's reader: idle timeout, session limit and the minimum transfer rate."""
+    return FdSource(rfd, config.timeout, started + config.session_timeout,
+                    min_rate=config.min_rate, grace=config.rate_grace)
+
+
 def serve_connection(rfd: int, wfd: int, client: Client, config: Config) -> SessionResult:
     """Serve exactly one request; never raises for anything the client or the queue does."""
     started = time.monotonic()
     result = SessionResult()
-    source = FdSource(rfd, config.timeout, started + config.session_timeout)
+    source = _source(rfd, config, started)
     try:
         session_config = config.overlay(client.rule_env, "rule env") if client.rule_env else config
-        source = FdSource(rfd, session_config.timeout, started + session_config.session_timeout)
+        source = _source(rfd, session_config, started)
         _receive_and_inject(source, wfd, client, session_config, result)
     except Refused as refusal:
         result.reply = refusal.reply
@@ -117,6 +124,11 @@ def serve_connection(rfd: int, wfd: int, client: Client, config: Config) -> Sess
         write_reply(wfd, bad.reply, config.timeout)
     except EarlyEOF:
         result.error = "early eof"
+    except TooSlow as slow:
+        # A cut slow sender is not drained: that would hold the slot it just lost.
+        result.error = str(slow)
+        result.reply = Reply.named("too_slow", rate=source.min_rate)
+        write_reply(wfd, result.reply, config.timeout)
     except IdleTimeout as timeout:
         result.error = f"timeout {timeout}"
     except NetstringError as error:

@@ -209,6 +209,8 @@ REPLIES: dict[str, str] = {
     "bad_address": "Dsorry, I can't accept addresses like that (#5.1.3)",
     "no_recipients": "Dno recipients given (#5.1.3)",
     "too_big": "Dmessage too big (#5.3.4)",
+    "too_many_recipients": "Dtoo many recipients: at most {limit} per message (#5.5.3)",
+    "too_slow": "Zconnection too slow: below {rate} bytes per second (#4.4.2)",
     "protocol": "Dprotocol error: {reason} (#5.5.2)",
     "disk_full": "Zqq write error or disk full (#4.3.0)",
     "read_error": "Zqq read error (#4.3.0)",
