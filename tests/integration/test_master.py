@@ -200,6 +200,25 @@ def is_ok(reply: bytes) -> bool:
     return b":Kok " in reply
 
 
+PAYLOAD = request(MESSAGE, b"sender@example.org", [b"rcpt@example.org"])
+
+
+def begin(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A session under way: connected and the first byte sent (only then does a worker
+    take the connection)."""
+    sock = connect(port, source)
+    sock.sendall(PAYLOAD[:1])
+    return sock
+
+
+def finish(sock: socket.socket) -> bytes:
+    """The rest of a request `begin` started; the answer."""
+    sock.settimeout(20)
+    sock.sendall(PAYLOAD[1:])
+    sock.shutdown(socket.SHUT_WR)
+    return read_reply(sock)
+
+
 def test_serves_and_titles(server_factory: Callable[..., Server]) -> None:
     server = server_factory(prefork=3).start()
     assert len(server.wait_idle(3)) == 3
@@ -213,7 +232,7 @@ def test_serves_and_titles(server_factory: Callable[..., Server]) -> None:
 def test_maxperip_one_ip_sixty_slow_clients(server_factory: Callable[..., Server]) -> None:
     server = server_factory(maxperip=5, maxdaemons=20, prefork=5).start()
     server.wait_idle(5)
-    clients = [connect(server.port) for _ in range(60)]
+    clients = [begin(server.port) for _ in range(60)]
     try:
         answers = [answer_within(sock, 0.5 if i < 10 else 0.05) for i, sock in enumerate(clients)]
         # anything refused got its Z at once; re-check the silent ones a little longer
@@ -225,7 +244,7 @@ def test_maxperip_one_ip_sixty_slow_clients(server_factory: Callable[..., Server
         assert refused == [TOO_MANY] * 55
         assert len(server.titled("127.0.0.1 receiving")) == 5
         for sock in silent:
-            assert is_ok(send_message(sock))
+            assert is_ok(finish(sock))
     finally:
         for sock in clients:
             sock.close()
@@ -246,7 +265,7 @@ def test_maxdaemons_holds_across_ips(server_factory: Callable[..., Server]) -> N
     server = server_factory(maxperip=0, maxdaemons=3, prefork=3).start()
     server.wait_idle(3)
     sources = [f"127.0.0.{n}" for n in range(2, 8)]
-    clients = [connect(server.port, source) for source in sources]
+    clients = [begin(server.port, source) for source in sources]
     try:
         busy = wait_until(lambda: len(server.titled("receiving")) == 3 and
                           server.titled("receiving"), what="3 busy workers")
@@ -258,7 +277,7 @@ def test_maxdaemons_holds_across_ips(server_factory: Callable[..., Server]) -> N
         assert served <= set(sources) and len(served) == 3
         wait_until(lambda: "setting=MAXDAEMONS" in server.log(), what="the warning")
         # everyone is served in the end: the backlog held the rest
-        replies = [send_message(sock) for sock in clients]
+        replies = [finish(sock) for sock in clients]
         assert all(is_ok(reply) for reply in replies), replies
     finally:
         for sock in clients:
@@ -348,7 +367,7 @@ def test_kill_busy_worker_frees_slot_and_ip(server_factory: Callable[..., Server
 def test_term_drains_session_in_progress(server_factory: Callable[..., Server]) -> None:
     server = server_factory(prefork=2).start()
     server.wait_idle(2)
-    client = connect(server.port)
+    client = begin(server.port)
     try:
         wait_until(lambda: server.titled("receiving"), what="a busy worker")
         server.signal(signal.SIGTERM)
@@ -356,7 +375,7 @@ def test_term_drains_session_in_progress(server_factory: Callable[..., Server]) 
         with pytest.raises(OSError):
             connect(server.port, timeout=2).close()
         assert server.proc is not None and server.proc.poll() is None
-        assert is_ok(send_message(client))
+        assert is_ok(finish(client))
     finally:
         client.close()
     assert server.wait() == 0
