@@ -58,6 +58,9 @@ SHED_WARNING_INTERVAL = 10.0
 ACCEPT_PAUSE = 0.5
 # Connections accepted in one go before the loop looks at timers and signals again.
 ACCEPT_BATCH = 256
+# The kernel's queue of connections not yet accepted: the master accepts eagerly (idle
+# ones wait in the master without a worker), so this only absorbs bursts of connects.
+LISTEN_BACKLOG = 1024
 # Longest sleep of the loop: bounds how late a deadline is noticed.
 TICK = 1.0
 # Settings a HUP cannot change: the sockets are bound and privileges dropped.
@@ -171,7 +174,7 @@ class Master:
         cfg = self.config
         nofile = procctl.raise_fd_limit()
         self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
-        self.listeners = open_listeners(cfg.localip, cfg.port, max(64, cfg.maxdaemons))
+        self.listeners = open_listeners(cfg.localip, cfg.port, max(LISTEN_BACKLOG, cfg.maxdaemons))
         for sock in self.listeners:
             host, port = sock.getsockname()[:2]
             log.event("listen", addr=host, port=port, nofile=nofile,

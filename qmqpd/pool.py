@@ -267,6 +267,8 @@ class Pool:
             self.boot_failures = 0
             self._set_idle(worker, now)
             return None
+        if record.kind is ipc.Kind.READY and worker.state is State.RETIRING:
+            return None  # told to stop while it booted: it exits on its own
         if record.kind is ipc.Kind.DONE and worker.state is State.BUSY:
             return Ended(self._done(worker, record.exiting, now), record.outcome)
         log.error("unexpected record from worker; killing it", worker=worker.pid,
