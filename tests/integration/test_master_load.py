@@ -24,6 +24,7 @@ import pytest
 
 from qmqpd.status import read_status
 from tests.integration.test_master import (
+    PAYLOAD,
     TOO_MANY,
     Server,
     answer_within,
@@ -35,6 +36,7 @@ from tests.integration.test_master import (
     tcprules,
     wait_until,
 )
+from tests.support import read_reply
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # A fresh client is served within this (the figure the design promises; on loopback it
@@ -174,7 +176,7 @@ def test_descriptor_attack_under_ulimit_1024(server_factory: Callable[..., Serve
 def test_workers_out_of_descriptors_shed_and_recover(
         server_factory: Callable[..., Server]) -> None:  # noqa: F811
     """A descriptor limit too small for MAXDAEMONS: forking fails with EMFILE, the master
-    says so, keeps serving the sessions it has, and serves new ones once they end."""
+    says so and keeps going; the workers it has serve every session in turn."""
     server = serve(server_factory, nofile=40, prefork=1, maxperip=0)
     pid = server.pid
     server.wait_idle(1)
@@ -185,7 +187,10 @@ def test_workers_out_of_descriptors_shed_and_recover(
         busy = len(server.titled("receiving"))
         assert 0 < busy < 40
         assert server.proc is not None and server.proc.poll() is None
-        replies = [finish(sock) for sock in sessions[:busy]]
+        for sock in sessions:  # the rest of every request, then every answer
+            sock.sendall(PAYLOAD[1:])
+            sock.shutdown(socket.SHUT_WR)
+        replies = [read_reply(sock) for sock in sessions]
         assert all(is_ok(r) for r in replies), replies
     finally:
         for sock in sessions:
