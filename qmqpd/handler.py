@@ -119,9 +119,6 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
             message.close()
     announce()
     write_reply(wfd, result.reply, config.timeout)
-    # FIN right after the answer: the server's end, not the client's, then waits out
-    # TIME_WAIT, so busy clients do not run out of local ports
-    _shutdown_write(wfd)
 
 
 def serve_connection(rfd: int, wfd: int, client: Client, config: Config,
