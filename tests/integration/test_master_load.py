@@ -193,6 +193,31 @@ def test_workers_out_of_descriptors_shed_and_recover(
     assert "Traceback" not in server.log()
 
 
+def test_over_the_budget_the_oldest_idle_connection_goes(
+        server_factory: Callable[..., Server]) -> None:  # noqa: F811
+    """ulimit -n 200 leaves the master 8 client sockets (200 less a reserve of 64 less two
+    channels for each of MAXDAEMONS + PREFORK 79, floored at 8): 30 silent connections
+    keep the newest ones, the oldest are closed, and a real client is still served."""
+    server = serve(server_factory, nofile=200, prefork=2)
+    server.wait_idle(2)
+    assert "client_fds=8" in server.log()
+    idle = []
+    try:
+        for n in range(1, 31):  # one at a time, so "oldest" is well defined
+            idle += open_idle(server.port, [f"127.0.4.{n}"])
+            wait_until(lambda n=n: server.log().count("event=drop") >= n - 8 or n <= 8,
+                       what="the oldest idle connection closed")
+        assert all(answer_within(sock, 2) == b"" for sock in idle[:22])
+        assert all(answer_within(sock, 0.05) is None for sock in idle[-7:])
+        took, reply = timed_delivery(server.port, "127.0.0.4")
+        assert is_ok(reply), reply
+        assert took < FRESH_CLIENT_BOUND, took
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "descriptor budget full; oldest idle closed" in server.log()
+
+
 # ---- idle connections -----------------------------------------------------------------
 def test_idle_connections_hold_no_worker(server_factory: Callable[..., Server]) -> None:  # noqa: F811
     server = serve(server_factory, prefork=4, first_byte_timeout=5)
