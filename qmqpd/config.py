@@ -223,7 +223,15 @@ SETTINGS: dict[str, Setting] = {
         _s("SOFT_MEM", _int_parser(0), 0, "bytes, 0 = no cap",
            "address-space cap of each worker (softlimit -m)", "master"),
         _s("SHUTDOWN_TIMEOUT", _int_parser(0, 86400), 30, "seconds 0-86400",
-           "on TERM, how long sessions in progress may take to finish", "master"),
+           "on TERM, the whole bound on the drain: sessions in progress may finish until "
+           "then (each answer is written after the master has counted it); a worker still "
+           "busy at the bound is killed and its client gets no answer, so it retries (no K "
+           "was given, nothing is lost); a second TERM ends the drain at once", "master"),
+        _s("FIRST_BYTE_TIMEOUT", _int_parser(1, 3600), 10, "seconds 1-3600",
+           "how long `qmqpd serve` waits for a new connection's first bytes before it "
+           "closes it; until they arrive the connection holds a descriptor and a MAXPERIP "
+           "slot but no worker (QMQP clients send at once; idle sockets cost no worker)",
+           "master"),
         _s("STATUS_FILE", _str, "/run/qmqpd/status.json", "a path; empty = none",
            "where the master keeps its status for `qmqpd status` (one per server)", "master"),
         _s("PROXY_PROTOCOL", _choice("off", "v1", "v2", "any"), "off", "off, v1, v2 or any",
