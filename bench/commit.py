@@ -53,17 +53,37 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[rank - 1]
 
 
-def filesystem_of(path: Path) -> str:
-    """The mount (device, type, options) holding path, from /proc/mounts."""
-    best = ("", "unknown", "")
+def mount_of(path: Path) -> tuple[str, str, str]:
+    """(device, filesystem type, options) of the mount holding path, from /proc/mounts."""
+    best = ("", "", "unknown", "")
     target = str(path.resolve())
     with open("/proc/mounts") as handle:
         for line in handle:
             device, mount, kind, options, *_ = line.split()
             inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best[0]):
-                best = (mount, kind, f"{device} {options}")
-    return f"{best[1]} ({best[2]})"
+            if inside and len(mount) >= len(best[1]):
+                best = (device, mount, kind, options)
+    return best[0], best[2], best[3]
+
+
+class DeviceCounters:
+    """Journal commits (ext4's /proc/fs/jbd2) and cache flushes (block layer) of the
+    queue's device. They count every writer on that device, not only this bench: read
+    them on a device nobody else writes to (e.g. a loop-mounted image)."""
+
+    def __init__(self, device: str) -> None:
+        name = os.path.basename(device)
+        self.stat = Path(f"/sys/class/block/{name}/stat")
+        self.journal = Path(f"/proc/fs/jbd2/{name}-8/info")
+
+    def read(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # field 16 of the block stat: flush requests completed (Linux >= 5.5)
+            counts["flushes"] = int(self.stat.read_text().split()[15])
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            counts["journal commits"] = int(self.journal.read_text().split()[0])
+        return counts
 
 
 def empty_queue(queue: Path) -> None:
@@ -150,6 +170,11 @@ def parse_strace_counts(text: str) -> dict[str, int]:
     return counts
 
 
+def per_message(before: dict[str, int], after: dict[str, int], messages: int) -> str:
+    return ", ".join(f"{name} {(after[name] - before[name]) / messages:.2f}"
+                     for name in sorted(before) if name in after)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--messages", type=int, default=2000)
@@ -171,10 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     import qmqpd.queue
     if not args.quiet:
         print(f"writer: {qmqpd.queue.__file__}")
-        print(f"queue filesystem: {filesystem_of(args.dir)}; load average "
+        device, kind, options = mount_of(args.dir)
+        print(f"queue filesystem: {kind} on {device} ({options}); load average "
               + " ".join(f"{value:.2f}" for value in os.getloadavg()))
-        print("| writers | msgs | msgs/s | p50 ms | p99 ms | max ms | syncs/msg |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        print("| writers | msgs | msgs/s | p50 ms | p99 ms | max ms | device per msg "
+              "| syscalls per msg |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    counters = DeviceCounters(mount_of(args.dir)[0])
     for writers in counts:
         with tempfile.TemporaryDirectory(prefix="qmqpd-commit-", dir=args.dir) as scratch:
             queue = Path(scratch) / "queue"
@@ -182,17 +210,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 run_writers(queue, args.warmup, writers, args.length)
                 empty_queue(queue)
+            before = counters.read()
             seconds, latencies = run_writers(queue, args.messages, writers, args.length)
+            after = counters.read()
         if args.quiet:
             continue
         syncs = ""
         if args.strace:
-            per_message = count_syncs(args, args.dir, writers)
-            syncs = ", ".join(f"{name} {value:.2f}" for name, value in sorted(per_message.items()))
+            calls = count_syncs(args, args.dir, writers)
+            syncs = ", ".join(f"{name} {value:.2f}" for name, value in sorted(calls.items()))
         print(f"| {writers} | {len(latencies)} | {len(latencies) / seconds:,.0f} "
               f"| {percentile(latencies, 0.5) * 1000:.2f} "
               f"| {percentile(latencies, 0.99) * 1000:.2f} | {max(latencies) * 1000:.2f} "
-              f"| {syncs} |", flush=True)
+              f"| {per_message(before, after, len(latencies))} | {syncs} |", flush=True)
     if not args.quiet:
         print("load average after: " + " ".join(f"{value:.2f}" for value in os.getloadavg()))
     return 0
