@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -30,11 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if "PYTHONPATH" not in os.environ:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_vs_postfix import SYNC_CALLS, mount_of, parse_strace_counts, percentile  # noqa: E402
 
 from qmqpd.message import Message, MessageData  # noqa: E402
 from qmqpd.queue import Queue, create_queue  # noqa: E402
 
-SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync")
 RECEIVED = b"Received: from unknown (127.0.0.1)\n  by bench with QMQP; 1 Jan 2026 00:00:00 -0000\n"
 
 
@@ -45,25 +46,6 @@ def message_of_length(length: int) -> Message:
     body = (line * (body_length // len(line) + 1))[:body_length]
     return Message(b"bench@example.com", [b"sink@example.net"], MessageData(data=head + body),
                    received=RECEIVED)
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    rank = max(1, min(len(ordered), math.ceil(fraction * len(ordered) - 1e-9)))
-    return ordered[rank - 1]
-
-
-def mount_of(path: Path) -> tuple[str, str, str]:
-    """(device, filesystem type, options) of the mount holding path, from /proc/mounts."""
-    best = ("", "", "unknown", "")
-    target = str(path.resolve())
-    with open("/proc/mounts") as handle:
-        for line in handle:
-            device, mount, kind, options, *_ = line.split()
-            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best[1]):
-                best = (device, mount, kind, options)
-    return best[0], best[2], best[3]
 
 
 class DeviceCounters:
@@ -157,17 +139,6 @@ def count_syncs(args: argparse.Namespace, queue_parent: Path, writers: int) -> d
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return {name: calls / args.strace_messages
                 for name, calls in parse_strace_counts(summary.read_text()).items()}
-
-
-def parse_strace_counts(text: str) -> dict[str, int]:
-    """`strace -c` table → calls per system call name."""
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        fields = line.split()
-        # % time, seconds, usecs/call, calls, [errors], syscall
-        if len(fields) >= 5 and fields[3].isdigit() and not fields[-1].startswith("total"):
-            counts[fields[-1]] = int(fields[3])
-    return counts
 
 
 def per_message(before: dict[str, int], after: dict[str, int], messages: int) -> str:
