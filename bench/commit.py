@@ -31,7 +31,13 @@ if "PYTHONPATH" not in os.environ:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_vs_postfix import SYNC_CALLS, mount_of, parse_strace_counts, percentile  # noqa: E402
+from serve_vs_postfix import (  # noqa: E402
+    SYNC_CALLS,
+    describe_filesystem,
+    mount_of,
+    parse_strace_counts,
+    percentile,
+)
 
 from qmqpd.message import Message, MessageData  # noqa: E402
 from qmqpd.queue import Queue, create_queue  # noqa: E402
@@ -167,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     import qmqpd.queue
     if not args.quiet:
         print(f"writer: {qmqpd.queue.__file__}")
-        device, kind, options = mount_of(args.dir)
-        print(f"queue filesystem: {kind} on {device} ({options}); load average "
+        print(f"queue filesystem: {describe_filesystem(args.dir)}; load average "
               + " ".join(f"{value:.2f}" for value in os.getloadavg()))
         print("| writers | msgs | msgs/s | p50 ms | p99 ms | max ms | device per msg "
               "| syscalls per msg |")

@@ -172,3 +172,11 @@ def test_profile_summary_separates_master_busy_and_idle_workers() -> None:
     assert inclusive["qmqpd/protocol.py:read_request"] == 25.0
     assert "qmqpd/worker.py:worker_main" not in inclusive  # start-up frames left out
     assert summary["master_self"][0] == ("selectors.py:select", 90.0)
+
+
+def test_filesystem_description_names_the_mount(tmp_path: Path) -> None:
+    device, kind, options = bench.mount_of(tmp_path)
+    text = bench.describe_filesystem(tmp_path)
+    assert text.startswith(f"{kind} on {device} ({options})")
+    if kind == "ext4":
+        assert text.endswith((", journal", ", no journal"))
