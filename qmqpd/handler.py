@@ -44,6 +44,10 @@ class SessionResult:
     recipients: int = 0
     error: str = ""
     facts: dict[str, object] = field(default_factory=dict)
+    # seconds from the session's start to its answer (to its end when none was sent)
+    session_seconds: float | None = None
+    # seconds in the injector making the message durable (None: nothing was queued)
+    commit_seconds: float | None = None
 
 
 def _shutdown_write(fd: int) -> None:
@@ -68,11 +72,19 @@ BeforeAnswer = Callable[[SessionResult], None]
 
 
 class _Announce:
-    def __init__(self, result: SessionResult, hook: BeforeAnswer | None) -> None:
+    def __init__(self, result: SessionResult, hook: BeforeAnswer | None,
+                 started: float) -> None:
         self.result = result
         self.hook = hook
+        self.started = started
+
+    def stamp(self) -> None:
+        """The answer is going out now: the session's time ends here."""
+        if self.result.session_seconds is None:
+            self.result.session_seconds = time.monotonic() - self.started
 
     def __call__(self) -> None:
+        self.stamp()
         hook, self.hook = self.hook, None
         if hook is not None:
             hook(self.result)
@@ -80,6 +92,7 @@ class _Announce:
 
 def _answer_and_drain(source: FdSource, wfd: int, reply: Reply, unread: int,
                       timeout: float, announce: _Announce) -> None:
+    announce.stamp()  # the drain after an early answer is not the session's time
     write_reply(wfd, reply, timeout)
     _shutdown_write(wfd)
     source.drain(min(unread, DRAIN_BYTES), min(DRAIN_SECONDS, timeout))
@@ -111,7 +124,9 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
             result.reply = Reply.ok(int(time.time()), 0)
             result.queue = "discarded"
         else:
+            committing = time.monotonic()
             outcome = injector.inject(message, source.deadline)
+            result.commit_seconds = time.monotonic() - committing
             result.reply = outcome.reply
             result.qid = outcome.qid
             result.queue = outcome.queue or result.queue
@@ -133,7 +148,7 @@ def serve_connection(rfd: int, wfd: int, client: Client, config: Config,
     """Serve exactly one request; never raises for anything the client or the queue does."""
     started = time.monotonic()
     result = SessionResult()
-    announce = _Announce(result, before_answer)
+    announce = _Announce(result, before_answer, started)
     source = _source(rfd, config, started)
     try:
         session_config = config.overlay(client.rule_env, "rule env") if client.rule_env else config
@@ -178,6 +193,8 @@ def serve_connection(rfd: int, wfd: int, client: Client, config: Config,
         result.reply = Reply.named("temporary")
         announce()
         write_reply(wfd, result.reply, config.timeout)
+    if result.session_seconds is None:  # ended without an answer
+        result.session_seconds = time.monotonic() - started
     _log_session(client, result, started)
     return result
 

@@ -4,7 +4,10 @@ One record is one packet: a kind byte, then fields, each a 2-byte big-endian len
 that many bytes. A handoff carries the client's fd (SCM_RIGHTS via socket.send_fds) and its
 facts; rule env entries are encoded as tcprules stores them (``+NAME=value``, ``-NAME``).
 A done record carries the exiting flag, then optionally the session's outcome: the answer's
-status letter and ``stage=verdict`` entries (bounded names, at most MAX_STAGES).
+status letter, then optionally its timing (``@S`` or ``@S/C``: whole microseconds from the
+session's start to its answer, and spent making the message durable in the queue), then
+``stage=verdict`` entries (bounded names, at most MAX_STAGES). A record without the timing
+field (as older workers send) decodes with no durations; a malformed one is refused.
 Sizes are bounded so neither side can be made to hold more than MAX_RECORD bytes.
 """
 
@@ -39,6 +42,9 @@ MAX_STAGES = 16
 ANSWERS = ("K", "Z", "D", "")  # "" = the session ended without an answer
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ACTION = re.compile(r"[a-z]{1,16}")
+# "@" cannot start a stage name, so the timing field is never mistaken for a verdict.
+_TIMING = re.compile(r"@([0-9]{1,12})(?:/([0-9]{1,12}))?")
+MAX_MICROSECONDS = 10**12 - 1  # what 12 digits hold: about 11 days
 
 
 class ChannelError(Exception):
@@ -52,6 +58,10 @@ class Outcome:
 
     answer: str = ""
     stages: tuple[tuple[str, str], ...] = ()
+    # seconds from the session's start to its answer (None: not measured)
+    session_seconds: float | None = None
+    # seconds spent making the message durable in the queue (None: nothing was queued)
+    commit_seconds: float | None = None
 
 
 def valid_stage(name: str, action: str) -> bool:
@@ -151,6 +161,13 @@ def encode_outcome(outcome: Outcome) -> list[bytes]:
     if len(outcome.stages) > MAX_STAGES:
         raise ChannelError("too many stages in an outcome")
     fields = [outcome.answer.encode("ascii")]
+    if outcome.session_seconds is not None:
+        timing = f"@{_microseconds(outcome.session_seconds)}"
+        if outcome.commit_seconds is not None:
+            timing += f"/{_microseconds(outcome.commit_seconds)}"
+        fields.append(timing.encode("ascii"))
+    elif outcome.commit_seconds is not None:
+        raise ChannelError("a commit time without a session time")
     for name, action in outcome.stages:
         if not valid_stage(name, action):
             raise ChannelError(f"bad stage verdict {name!r}={action!r}")
@@ -158,8 +175,21 @@ def encode_outcome(outcome: Outcome) -> list[bytes]:
     return fields
 
 
+def _microseconds(seconds: float) -> int:
+    """A duration for the record: whole microseconds, clamped to what the field holds."""
+    return min(MAX_MICROSECONDS, max(0, round(seconds * 1_000_000)))
+
+
+def _decode_timing(entry: str) -> tuple[float, float | None]:
+    found = _TIMING.fullmatch(entry)
+    if found is None:
+        raise ChannelError(f"bad timing {entry!r}")
+    session, commit = found.groups()
+    return int(session) / 1_000_000, None if commit is None else int(commit) / 1_000_000
+
+
 def decode_outcome(fields: list[bytes]) -> Outcome:
-    if len(fields) > MAX_STAGES + 1:
+    if len(fields) > MAX_STAGES + 2:
         raise ChannelError("too many stages in an outcome")
     try:
         answer, *entries = (f.decode("ascii") for f in fields)
@@ -167,13 +197,18 @@ def decode_outcome(fields: list[bytes]) -> Outcome:
         raise ChannelError("outcome is not ASCII") from None
     if answer not in ANSWERS:
         raise ChannelError(f"bad answer status {answer!r}")
+    session = commit = None
+    if entries and entries[0].startswith("@"):
+        session, commit = _decode_timing(entries.pop(0))
+    if len(entries) > MAX_STAGES:
+        raise ChannelError("too many stages in an outcome")
     stages = []
     for entry in entries:
         name, _, action = entry.partition("=")
         if not valid_stage(name, action):
             raise ChannelError(f"bad stage verdict {entry!r}")
         stages.append((name, action))
-    return Outcome(answer, tuple(stages))
+    return Outcome(answer, tuple(stages), session, commit)
 
 
 def send_done(channel: socket.socket, exiting: bool = False,

@@ -393,6 +393,8 @@ class Master:
         if not rule.allow:
             log.event("deny", ip=ip, rule=rule.key, reason=rule.reason or None)
             self.counters.connection("denied")
+            if self.metrics:
+                self.metrics.refused(ip, "denied")
             conn.close()
             return
         limit = _rule_limit(rule, self.config.maxperip)
@@ -400,6 +402,8 @@ class Master:
             log.event("perip_limit", ip=ip, count=self.per_ip.count(ip), maxperip=limit,
                       answer=Reply.named("too_many_per_ip").line)
             self.counters.connection("refused_perip")
+            if self.metrics:
+                self.metrics.refused(ip, "refused_perip")
             self._refuse(conn, now)
             return
         try:  # the socket stays blocking: it goes to the worker as accepted
@@ -596,6 +600,8 @@ class Master:
             self.counters.session_ended(None, ())
         else:
             self.counters.session_ended(ended.outcome.answer, ended.outcome.stages)
+            if self.metrics:
+                self.metrics.observe(ended.outcome.session_seconds, ended.outcome.commit_seconds)
 
     def _release_exits(self, exits: list[Exit]) -> None:
         for gone in exits:

@@ -18,7 +18,8 @@ storm, and the counters are at most that old.
 The master calls: `Exporter(...)`, `open()` (before the privilege drop: the port may be
 low), `register()`, `handle(data, now)` from its `_dispatch` for every selector entry whose
 data is a `Scrape`, `expire(now)` each tick, `close()` in a forked child and at exit; and
-the feed: `refused(ip, reason)`, `observe_session(seconds)`, `observe_commit(seconds)`.
+the feed: `refused(ip, reason)` at each per-IP refusal, `observe(session, commit)` with each
+done record (its session and queue-commit times, measured by the worker, feed the histograms).
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ class MasterCollector:
         yield workers
         for name, key, text in (
                 ("qmqpd_sessions_in_service", "sessions", "Sessions being served now"),
+                ("qmqpd_waiting_connections", "waiting", "Connections the master holds, "
+                 "waiting for their first bytes or for a worker"),
                 ("qmqpd_clients_connected", "clients", "Distinct client IPs being served now"),
                 ("qmqpd_maxdaemons", "maxdaemons", "MAXDAEMONS: sessions served at once"),
                 ("qmqpd_maxperip", "maxperip", "MAXPERIP: sessions at once per IP (0 = no "
@@ -182,10 +185,12 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MasterCollector(snapshot, queues, self.refusals))
         self.session_seconds = Histogram(
-            "qmqpd_session_seconds", "Time from handoff to the answer, per session",
+            "qmqpd_session_seconds", "Time from a worker's start on a session to its "
+            "answer (to its end when none was sent)",
             buckets=SESSION_BUCKETS, registry=self.registry)
         self.commit_seconds = Histogram(
-            "qmqpd_queue_commit_seconds", "Time to make one message durable in the queue",
+            "qmqpd_queue_commit_seconds", "Time in the injector making one message durable "
+            "in the queue (or handing it to QMAILQUEUE)",
             buckets=COMMIT_BUCKETS, registry=self.registry)
         self._body = b""
         self._rendered_at = float("-inf")
@@ -193,6 +198,13 @@ class Exporter:
     # ---- what the master feeds --------------------------------------------------------
     def refused(self, ip: str, reason: str) -> None:
         self.refusals.add(ip, reason)
+
+    def observe(self, session_seconds: float | None, commit_seconds: float | None) -> None:
+        """A done record's durations (None: not measured, e.g. nothing was queued)."""
+        if session_seconds is not None:
+            self.observe_session(session_seconds)
+        if commit_seconds is not None:
+            self.observe_commit(commit_seconds)
 
     def observe_session(self, seconds: float) -> None:
         self.session_seconds.observe(max(0.0, seconds))

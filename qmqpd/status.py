@@ -261,7 +261,8 @@ def render_text(status: dict[str, Any]) -> str:
         (f"workers: {workers.get('busy', 0)} busy, {workers.get('idle', 0)} idle, "
          f"{workers.get('starting', 0)} starting, {workers.get('retiring', 0)} retiring; "
          f"{workers.get('total', 0)} in all; MAXDAEMONS {status.get('maxdaemons')}, "
-         f"{status.get('sessions', 0)} sessions in service"),
+         f"{status.get('sessions', 0)} sessions in service, "
+         f"{status.get('waiting', 0)} connections waiting"),
     ]
     busiest = status.get("busiest", [])
     if busiest:

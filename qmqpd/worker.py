@@ -54,7 +54,8 @@ def stage_verdicts(facts: dict[str, object]) -> list[tuple[str, str]]:
 
 def outcome_of(result: SessionResult) -> ipc.Outcome:
     answer = result.reply.status if result.reply is not None else ""
-    return ipc.Outcome(answer, tuple(stage_verdicts(result.facts)))
+    return ipc.Outcome(answer, tuple(stage_verdicts(result.facts)),
+                       result.session_seconds, result.commit_seconds)
 
 
 class _Reporter:

@@ -34,7 +34,8 @@ def master_status() -> dict[str, Any]:
             "listen": ["127.0.0.1:6280"], "maxdaemons": 75, "maxperip": 25, "prefork": 4,
             "generation": 1, "workers": {"starting": 0, "idle": 3, "busy": 1, "retiring": 0,
                                          "total": 4},
-            "sessions": 1, "clients": 1, "busiest": [{"ip": "127.0.0.2", "sessions": 1}],
+            "sessions": 1, "waiting": 2, "clients": 1,
+            "busiest": [{"ip": "127.0.0.2", "sessions": 1}],
             **counters.as_dict()}
 
 
@@ -67,6 +68,8 @@ def test_rendered_counters_follow_the_master_status(exporter: metrics.Exporter) 
     exporter.observe_session(0.02)
     exporter.observe_session(3.0)
     exporter.observe_commit(0.004)
+    exporter.observe(0.2, None)  # a session that queued nothing
+    exporter.observe(None, None)  # a done record without times
     found = samples(exporter.render().decode())
     assert found['qmqpd_answers_total{answer="K"}'] == 2
     assert found['qmqpd_answers_total{answer="Z"}'] == 1
@@ -81,7 +84,8 @@ def test_rendered_counters_follow_the_master_status(exporter: metrics.Exporter) 
     assert found["qmqpd_sessions_in_service"] == 1
     assert (found["qmqpd_maxdaemons"], found["qmqpd_maxperip"]) == (75, 25)
     assert found['qmqpd_refused_by_ip_total{ip="127.0.0.6",reason="denied"}'] == 1
-    assert found["qmqpd_session_seconds_count"] == 2
+    assert found["qmqpd_waiting_connections"] == 2
+    assert found["qmqpd_session_seconds_count"] == 3
     assert found['qmqpd_session_seconds_bucket{le="0.025"}'] == 1
     assert found["qmqpd_queue_commit_seconds_count"] == 1
     free = [v for k, v in found.items() if k.startswith("qmqpd_queue_free_bytes")]

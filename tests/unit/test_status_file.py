@@ -55,6 +55,59 @@ def test_done_carries_the_outcome(pair: tuple[socket.socket, socket.socket]) -> 
     assert third is not None and third.outcome is None
 
 
+def test_done_carries_the_session_and_commit_times(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    master_end, worker_end = pair
+    timed = ipc.Outcome("K", (("dkim", "accept"),), session_seconds=0.0123456,
+                        commit_seconds=0.0031)
+    ipc.send_done(worker_end, outcome=timed)
+    ipc.send_done(worker_end, outcome=ipc.Outcome("", (), session_seconds=30.0))
+    ipc.send_done(worker_end, outcome=ipc.Outcome("Z", session_seconds=1e9))  # clamped
+    first, second, third = (ipc.receive(master_end) for _ in range(3))
+    assert first is not None and first.outcome is not None
+    assert first.outcome.stages == (("dkim", "accept"),)
+    assert first.outcome.session_seconds == 0.012346  # whole microseconds
+    assert first.outcome.commit_seconds == 0.0031
+    assert second is not None and second.outcome == ipc.Outcome("", (), 30.0, None)
+    assert third is not None and third.outcome is not None
+    assert third.outcome.session_seconds == ipc.MAX_MICROSECONDS / 1e6
+
+
+def test_a_done_record_without_times_still_decodes(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """The record as workers sent it before the times were added: no durations."""
+    master_end, worker_end = pair
+    worker_end.send(ipc._pack(ipc.Kind.DONE, [b"0", b"K", b"dk=accept"]))
+    record = ipc.receive(master_end)
+    assert record is not None
+    assert record.outcome == ipc.Outcome("K", (("dk", "accept"),), None, None)
+
+
+@pytest.mark.parametrize("fields", [
+    [b"0", b"K", b"@"],  # no digits
+    [b"0", b"K", b"@1.5"],  # not whole microseconds
+    [b"0", b"K", b"@-1"],
+    [b"0", b"K", b"@1/"],
+    [b"0", b"K", b"@1/2/3"],
+    [b"0", b"K", b"@1234567890123"],  # more than 12 digits
+    [b"0", b"K", b"@ 1"],
+    [b"0", b"K", b"@1", b"@2"],  # one timing only
+    [b"0", b"K", b"dk=accept", b"@1"],  # the timing comes right after the answer
+    [b"0", b"K", b"@1"] + [b"s%d=accept" % n for n in range(ipc.MAX_STAGES + 1)],
+])
+def test_bad_timings_are_channel_errors(pair: tuple[socket.socket, socket.socket],
+                                        fields: list[bytes]) -> None:
+    master_end, worker_end = pair
+    worker_end.send(ipc._pack(ipc.Kind.DONE, fields))
+    with pytest.raises(ipc.ChannelError):
+        ipc.receive(master_end)
+
+
+def test_a_commit_time_needs_a_session_time(pair: tuple[socket.socket, socket.socket]) -> None:
+    with pytest.raises(ipc.ChannelError):
+        ipc.send_done(pair[1], outcome=ipc.Outcome("K", commit_seconds=0.1))
+
+
 @pytest.mark.parametrize("fields", [
     [b"0", b"X"],  # not an answer status
     [b"0", b"K", b"Dkim=accept"],  # stage names are lower case
@@ -83,6 +136,8 @@ def test_worker_reads_stage_verdicts_from_the_session_facts() -> None:
     result = SessionResult(reply=Reply("Z", "try later"), facts=facts)
     assert outcome_of(result) == ipc.Outcome("Z", (("dk", "accept"), ("dkim", "tempfail")))
     assert outcome_of(SessionResult()) == ipc.Outcome("", ())
+    timed = SessionResult(reply=Reply("K", "ok"), session_seconds=0.5, commit_seconds=0.01)
+    assert outcome_of(timed) == ipc.Outcome("K", (), 0.5, 0.01)
 
 
 # ---- counters -------------------------------------------------------------------------
@@ -124,7 +179,7 @@ def sample(pid: int, **extra: object) -> dict[str, object]:
         "started": time.time() - 3725, "listen": ["127.0.0.1:6280"], "maxdaemons": 75,
         "maxperip": 25, "prefork": 4, "generation": 0,
         "workers": {"starting": 0, "idle": 3, "busy": 2, "retiring": 0, "total": 5},
-        "sessions": 2, "clients": 1, "busiest": [{"ip": "10.1.2.3", "sessions": 2}],
+        "sessions": 2, "waiting": 3, "clients": 1, "busiest": [{"ip": "10.1.2.3", "sessions": 2}],
         **counters.as_dict(),
     }
     data.update(extra)
@@ -207,6 +262,7 @@ def test_running_master_in_words_and_json(tmp_path: Path, fake_master: int,
     assert f"qmqpd master pid {fake_master}, running, up 1h02m" in text
     assert "listening on 127.0.0.1:6280" in text
     assert "2 busy, 3 idle" in text and "MAXDAEMONS 75" in text
+    assert "2 sessions in service, 3 connections waiting" in text
     assert "  10.1.2.3 2" in text
     assert "1 accepted (K), 0 tempfailed (Z), 0 rejected (D)" in text
     assert "unreported" not in text
