@@ -1,7 +1,8 @@
 """/metrics of a real `qmqpd serve`: the counters after real sessions, promtool's check, a
 scraper that never asks does not hold up mail, and a real Prometheus scrapes the master.
 
-127.0.0.x source addresses stand for different clients (127.0.0.6 is denied by the rules).
+127.0.0.x source addresses stand for different clients (127.0.0.6 is denied by the rules,
+127.0.0.7 may hold one session at a time).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import pytest
 
 from qmqpd import metrics
 from qmqpd.rules import compile_rules
-from tests.integration.test_master import Server, deliver, is_ok, wait_until
+from tests.integration.test_master import Server, begin, deliver, is_ok, wait_until
 from tests.support import free_port, stop_process
 from tests.unit.test_metrics import promtool_check, samples
 
 RULES = """\
 127.0.0.6:deny
+127.0.0.7:allow,MAXPERIP="1"
 127.:allow
 :deny
 """
@@ -62,16 +64,34 @@ def test_counters_after_real_sessions(served: tuple[Server, int]) -> None:
     for _ in range(3):
         assert is_ok(deliver(server.port, "127.0.0.2"))
     denied(server.port, "127.0.0.6")
+    held = begin(server.port, "127.0.0.7")  # its one session; the next is over MAXPERIP
+    try:
+        refused = deliver(server.port, "127.0.0.7")
+    finally:
+        held.close()  # the held session ends without an answer
+    assert b":Z" in refused, refused
 
     def counted() -> dict[str, float] | None:
         found = samples(scrape(port))
         done = (found.get('qmqpd_answers_total{answer="K"}') == 3
+                and found.get('qmqpd_answers_total{answer="none"}') == 1
                 and found.get('qmqpd_connections_total{result="denied"}') == 1)
         return found if done else None
 
-    found = wait_until(counted, seconds=15, what="3 K and 1 denied in /metrics")
+    found = wait_until(counted, seconds=15, what="3 K, 1 without answer, 1 denied in /metrics")
     assert isinstance(found, dict)
-    assert found['qmqpd_connections_total{result="handed"}'] == 3
+    assert found['qmqpd_connections_total{result="handed"}'] == 4
+    assert found['qmqpd_connections_total{result="refused_perip"}'] == 1
+    assert found['qmqpd_refused_by_ip_total{ip="127.0.0.6",reason="denied"}'] == 1
+    assert found['qmqpd_refused_by_ip_total{ip="127.0.0.7",reason="refused_perip"}'] == 1
+    # times measured by the workers: every session has one, only the 3 queued a commit
+    assert found["qmqpd_session_seconds_count"] == 4
+    assert found['qmqpd_session_seconds_bucket{le="+Inf"}'] == 4
+    assert found["qmqpd_session_seconds_sum"] > 0
+    assert found["qmqpd_queue_commit_seconds_count"] == 3
+    assert 0 < found["qmqpd_queue_commit_seconds_sum"] <= found["qmqpd_session_seconds_sum"]
+    assert found["qmqpd_waiting_connections"] == 0
+    assert found["qmqpd_sessions_in_service"] == 0
     assert found["qmqpd_maxdaemons"] == 75
     assert found["qmqpd_accepting"] == 1
     assert found[f'qmqpd_queue_free_bytes{{queue="{server.queue}"}}'] > 0
