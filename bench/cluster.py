@@ -310,15 +310,19 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
                 results.append(measure(target, args.messages, sessions, args.length,
                                        args.warmup, args.probe_pause))
     load_after = load_text()
+    # node2 and node3 serve only the balancer to three: their share shows the spreading
+    per_node = {node.name: node.accepted() for node in nodes}
     print(f"\nload average (1, 5, 15 min): before {facts['load before']}, "
           f"after the timed runs {load_after}")
     print_table(results, args.sessions)
+    print("\nanswered K, warm-ups and probes included: "
+          + ", ".join(f"{name} {count}" for name, count in per_node.items()))
     problems = [problem for result in results for problem in check(result)]
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": facts, "load_after": load_after,
+            "machine": facts, "load_after": load_after, "accepted_per_node": per_node,
             "args": {k: str(v) for k, v in vars(args).items()},
             "pids": {target.name: target.main_pid() for target in started},
             "results": [{**asdict(result), "samples": len(result.samples)}
