@@ -15,7 +15,21 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A setting that cannot be used; the message names key, source and what is allowed."""
+    """A setting that cannot be used; the message names key, source and what is allowed.
+
+    `setting` and `source` say which setting and where it came from, when one is known,
+    so `qmqpd check` can list problems by setting."""
+
+    def __init__(self, message: str, setting: str = "", source: str = "") -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.source = source
+
+
+def problem(setting: str, source: str, reason: str) -> ConfigError:
+    """The one shape of a validation problem: `NAME (key) from SOURCE: reason`."""
+    key = SETTINGS[setting].key if setting in SETTINGS else setting.lower()
+    return ConfigError(f"{setting} ({key}) from {source}: {reason}", setting, source)
 
 
 TRUE_WORDS = frozenset({"1", "yes", "true", "on"})
@@ -344,10 +358,8 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
     try:
         return setting.parse(raw)
     except (ValueError, TypeError):
-        raise ConfigError(
-            f"{setting.name} ({setting.key}) from {source}: bad value {raw!r}; "
-            f"allowed: {setting.allowed}"
-        ) from None
+        raise problem(setting.name, source,
+                      f"bad value {raw!r}; allowed: {setting.allowed}") from None
 
 
 def read_file(path: str) -> dict[str, Any]:

@@ -10,10 +10,11 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from filters import pipeline
 from qmqpd import log
-from qmqpd.config import Config, ConfigError
+from qmqpd.config import ConfigError
 from qmqpd.injector import Injector
 from qmqpd.message import Client, Message, Reply
 from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError
@@ -25,6 +26,9 @@ from qmqpd.protocol import (
     received_line,
     write_reply,
 )
+
+if TYPE_CHECKING:
+    from qmqpd.plan import PlanBook, SessionPlan
 
 # After an early answer the client may still be sending; read and drop at most this much
 # (and for at most DRAIN_SECONDS) so the answer is not destroyed by a TCP reset.
@@ -43,6 +47,7 @@ class SessionResult:
     recipients: int = 0
     error: str = ""
     facts: dict[str, object] = field(default_factory=dict)
+    verdicts: list[pipeline.StageVerdict] = field(default_factory=list)
 
 
 def _shutdown_write(fd: int) -> None:
@@ -66,9 +71,10 @@ def _answer_and_drain(source: FdSource, wfd: int, reply: Reply, unread: int,
     source.drain(min(unread, DRAIN_BYTES), min(DRAIN_SECONDS, timeout))
 
 
-def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Config,
+def _receive_and_inject(source: FdSource, wfd: int, client: Client, plan: SessionPlan,
                         result: SessionResult) -> None:
-    injector = Injector(config, client)
+    config = plan.config
+    injector = Injector(config, client, plan.route)
     result.queue = injector.queue_path or config.qmailqueue
     message: Message | None = None
     try:
@@ -82,8 +88,9 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
         result.size = message.size
         result.sender = message.sender
         result.recipients = len(message.recipients)
-        filtered = pipeline.run(pipeline.build_stages(config), message)
+        filtered = pipeline.run(plan.stages, message)
         result.facts = filtered.facts
+        result.verdicts = filtered.verdicts
         if filtered.reply is not None:
             result.reply = filtered.reply
         elif filtered.discard:
@@ -100,15 +107,18 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
     write_reply(wfd, result.reply, config.timeout)
 
 
-def serve_connection(rfd: int, wfd: int, client: Client, config: Config) -> SessionResult:
-    """Serve exactly one request; never raises for anything the client or the queue does."""
+def serve_connection(rfd: int, wfd: int, client: Client, plans: PlanBook) -> SessionResult:
+    """Serve exactly one request; never raises for anything the client or the queue does.
+    Settings, queue and stages come from the client's plan, made before it connected."""
     started = time.monotonic()
+    config = plans.config
     result = SessionResult()
     source = FdSource(rfd, config.timeout, started + config.session_timeout)
     try:
-        session_config = config.overlay(client.rule_env, "rule env") if client.rule_env else config
+        plan = plans.for_env(client.rule_env)
+        session_config = plan.config
         source = FdSource(rfd, session_config.timeout, started + session_config.session_timeout)
-        _receive_and_inject(source, wfd, client, session_config, result)
+        _receive_and_inject(source, wfd, client, plan, result)
     except Refused as refusal:
         result.reply = refusal.reply
         _answer_and_drain(source, wfd, refusal.reply, refusal.unread, config.timeout)

@@ -22,15 +22,16 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, Protocol
 
 from qmqpd import log, procctl, status
-from qmqpd.config import Config
+from qmqpd.config import Config, ConfigError, problem
 from qmqpd.limits import Capacity, PerIpCounter, fold_ip
 from qmqpd.message import Client, Reply
-from qmqpd.pool import BootFailure, Ended, Exit, Pool, State, Worker, WorkerEntry
+from qmqpd.pool import BootFailure, Ended, Exit, Pool, State, Worker
 from qmqpd.rules import Rule, RuleTable
 
 # Refused clients: after the Z, read and drop what they still send (bounded) so the
@@ -47,6 +48,9 @@ TICK = 1.0
 # Settings a HUP cannot change: the sockets are bound and privileges dropped.
 RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE")
 
+# How often the loop looks whether the rules cdb was replaced (one stat).
+RULES_CHECK_INTERVAL = 1.0
+
 _LISTEN = "listen"
 _WAKEUP = "wakeup"
 
@@ -56,6 +60,27 @@ class _Linger:
     sock: socket.socket
     deadline: float
     left: int = LINGER_BYTES
+
+
+class Plans(Protocol):
+    """The validated session plans of one configuration (qmqpd.plan.PlanBook), made by the
+    planner `cli` passes in, so the master never loads filter or queue code itself."""
+
+    def settings(self, env: Mapping[str, str | None]) -> Config: ...
+
+    def rules_changed(self) -> bool: ...
+
+
+Planner = Callable[[Config], Plans]  # raises ConfigError naming every bad setting
+# A worker's entry gets the plans current when it was forked.
+PlannedEntry = Callable[[socket.socket, Any], None]
+
+
+class ListenError(Exception):
+    def __init__(self, address: str, port: int, error: OSError) -> None:
+        super().__init__(f"cannot listen on {address} port {port}: {error.strerror or error}")
+        self.address_problem = not isinstance(error, socket.gaierror) and error.errno in (
+            errno.EADDRINUSE, errno.EACCES)
 
 
 def netstring(text: str) -> bytes:
@@ -77,33 +102,24 @@ def open_listeners(addresses: tuple[str, ...], port: int, backlog: int) -> list[
             sock.bind((address, port))
             sock.listen(backlog)
             sock.setblocking(False)
-        except OSError:
+        except OSError as error:
             sock.close()
             for opened in listeners:
                 opened.close()
-            raise
+            raise ListenError(address, port, error) from None
         listeners.append(sock)
     return listeners
 
 
-def _rule_limit(rule: Rule, default: int) -> int:
-    raw = rule.env.get("MAXPERIP")
-    if raw is None:
-        return default
-    try:
-        return max(0, int(raw.strip()))
-    except ValueError:
-        log.warning("rule MAXPERIP is not a number; using the global one", rule=rule.key,
-                    value=raw)
-        return default
-
-
 class Master:
-    def __init__(self, config: Config, worker_entry: WorkerEntry,
-                 config_loader: Callable[[], Config]) -> None:
+    def __init__(self, config: Config, worker_entry: PlannedEntry,
+                 config_loader: Callable[[], Config], planner: Planner) -> None:
         self.config = config
         self.worker_entry = worker_entry
         self.config_loader = config_loader
+        self.planner = planner
+        self.plans: Plans | None = None
+        self.next_rules_check = 0.0
         self.selector = selectors.DefaultSelector()
         self.listeners: list[socket.socket] = []
         self.lingering: set[_Linger] = set()
@@ -128,18 +144,27 @@ class Master:
     # ---- start --------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
-        self.listeners = open_listeners(cfg.localip, cfg.port, max(64, cfg.maxdaemons))
+        try:
+            self.listeners = open_listeners(cfg.localip, cfg.port, max(64, cfg.maxdaemons))
+        except ListenError as error:
+            setting = "PORT" if error.address_problem else "LOCALIP"
+            raise problem(setting, cfg.source(setting), str(error)) from None
         for sock in self.listeners:
             host, port = sock.getsockname()[:2]
             log.event("listen", addr=host, port=port)
             self.listen_names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         self.status.prepare(*_owner(cfg))
         procctl.drop_privileges(cfg.user, cfg.group)
+        self.plans = self.planner(cfg)  # as the workers' user: keys, queues, every rule
         self.rules = self._open_rules(cfg)
         self._install_signals()
         gc.collect()
         gc.freeze()
-        self.pool = Pool(self.worker_entry, cfg, self.selector, after_fork=self._in_child)
+        self.pool = Pool(self._enter_worker, cfg, self.selector, after_fork=self._in_child)
+
+    def _enter_worker(self, channel: socket.socket, _config: Config) -> None:
+        """In a fresh worker: serve with the plans that were current at the fork."""
+        self.worker_entry(channel, self.plans)
 
     def _open_rules(self, cfg: Config) -> RuleTable:
         if not cfg.rules:
@@ -175,6 +200,7 @@ class Master:
         try:
             while self.accepting or self.pool.workers:
                 self._tick()
+                self._replan_if_rules_changed(time.monotonic())
         except BootFailure as failure:
             log.error("cannot start workers; stopping", reason=str(failure))
             self._abort()
@@ -286,7 +312,7 @@ class Master:
             self.counters.connection("denied")
             conn.close()
             return
-        limit = _rule_limit(rule, self.config.maxperip)
+        limit = self._rule_limit(rule)
         if not self.per_ip.acquire(ip, limit):
             log.event("perip_limit", ip=ip, count=self.per_ip.count(ip), maxperip=limit,
                       answer=Reply.named("too_many_per_ip").line)
@@ -302,6 +328,16 @@ class Master:
             self.counters.connection("dropped")
             log.event("drop", ip=ip, error="no worker could take the connection")
         conn.close()
+
+    def _rule_limit(self, rule: Rule) -> int:
+        """MAXPERIP from the rule's validated settings (rule env over the global)."""
+        assert self.plans is not None
+        try:
+            return int(self.plans.settings(rule.env).maxperip)
+        except ConfigError as error:  # only a rule added after the last planning
+            log.warning("rule settings unusable; using the global MAXPERIP", rule=rule.key,
+                        error=str(error))
+            return int(self.config.maxperip)
 
     def _lookup(self, ip: str) -> Rule:
         try:
@@ -420,6 +456,7 @@ class Master:
             return
         try:
             new = self.config_loader()
+            plans = self.planner(new)
             rules = self._open_rules(new)
         except Exception as error:
             log.error("reload failed; keeping the running config", error=str(error))
@@ -431,10 +468,30 @@ class Master:
         self.rules.close()
         self.rules = rules
         self.config = new
+        self.plans = plans
         self.capacity.resize(new.maxdaemons)
         self.pool.reload(new)
         log.event("reload", generation=self.pool.generation, maxdaemons=new.maxdaemons,
                   maxperip=new.maxperip, prefork=new.prefork)
+
+    def _replan_if_rules_changed(self, now: float) -> None:
+        """A replaced rules cdb is a reload of the plans: every rule env checked, new
+        workers with the new plans; a bad one keeps the running plans (one log line)."""
+        if now < self.next_rules_check or self.plans is None or not self.accepting:
+            return
+        self.next_rules_check = now + RULES_CHECK_INTERVAL
+        if not self.plans.rules_changed():
+            return
+        assert self.pool is not None
+        try:
+            plans = self.planner(self.config)
+        except Exception as error:
+            log.error("rules changed but cannot be used; keeping the running plans",
+                      rules=self.config.rules, error=str(error))
+            return
+        self.plans = plans
+        self.pool.reload(self.config)
+        log.event("replan", reason="rules changed", generation=self.pool.generation)
 
     def _abort(self) -> None:
         assert self.pool is not None
@@ -493,9 +550,11 @@ def _owner(cfg: Config) -> tuple[int, int]:
     return uid, gid
 
 
-def run(config: Config, worker_entry: WorkerEntry, config_loader: Callable[[], Config]) -> int:
-    """`qmqpd serve`: bind, drop privileges, prefork, serve until TERM; the exit status."""
-    master = Master(config, worker_entry, config_loader)
+def run(config: Config, worker_entry: PlannedEntry, config_loader: Callable[[], Config],
+        planner: Planner) -> int:
+    """`qmqpd serve`: bind, drop privileges, plan, prefork, serve until TERM; the exit
+    status (111 with one line naming the setting when the configuration cannot work)."""
+    master = Master(config, worker_entry, config_loader, planner)
     try:
         master.start()
     except (OSError, procctl.ProcError, ValueError) as error:

@@ -513,3 +513,72 @@ def free_bytes(path: str) -> int:
     info = os.statvfs(path)
     return info.f_bavail * info.f_frsize
 
+
+
+# -- checking a queue before serving (start, HUP, `qmqpd check`) ---------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """What a queue directory on disk is laid out with: conf-split and the todo layout."""
+
+    split: int
+    todo_layout: str
+
+
+def _numbered_dirs(directory: str) -> set[int]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return set()
+    return {int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))}
+
+
+def detect_layout(path: str) -> Layout:
+    """SPLIT from mess/0..mess/N-1, and whether todo/ is split too (IndiMail bigtodo).
+
+    Raises QueueSetupError when path is not a qmail queue (no mess/ of numbered dirs)."""
+    if not os.path.isdir(path):
+        raise QueueSetupError(f"{path}: no such directory")
+    buckets = _numbered_dirs(os.path.join(path, "mess"))
+    if not buckets:
+        missing = [name for name in ("mess", "todo", "intd", "pid")
+                   if not os.path.isdir(os.path.join(path, name))]
+        absent = ", ".join(missing) or "mess/0"
+        raise QueueSetupError(f"{path}: not a qmail queue (missing {absent})")
+    split = max(buckets) + 1
+    todo_layout = "split" if _numbered_dirs(os.path.join(path, "todo")) else "flat"
+    return Layout(split, todo_layout)
+
+
+def can_write(path: str, uid: int, gids: tuple[int, ...]) -> bool:
+    """Whether uid (with groups gids) may create entries in directory path, by its mode
+    bits as the kernel judges them (root always may)."""
+    info = os.stat(path)
+    if uid == 0:
+        return True
+    if info.st_uid == uid:
+        bits = info.st_mode >> 6
+    elif info.st_gid in gids:
+        bits = info.st_mode >> 3
+    else:
+        bits = info.st_mode
+    return bits & 0o3 == 0o3  # write and search
+
+
+def unwritable(path: str, uid: int, gids: tuple[int, ...], split: int = 23,
+               todo_layout: str = "flat") -> str | None:
+    """The first directory the writer needs that uid cannot write, described; else None."""
+    needed = ["pid", os.path.join("mess", "0"), "intd", "todo"]
+    if todo_layout == "split":
+        needed[2:] = [os.path.join("intd", "0"), os.path.join("todo", "0")]
+    for name in needed:
+        target = os.path.join(path, name)
+        try:
+            if can_write(target, uid, gids):
+                continue
+            info = os.stat(target)
+        except OSError as error:
+            return f"{target}: {error.strerror}"
+        return (f"{target} is owned by uid {info.st_uid} gid {info.st_gid} "
+                f"mode {info.st_mode & 0o7777:o}")
+    return None

@@ -582,3 +582,21 @@ class RuleTable:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def rule_envs(path: str) -> list[tuple[str, dict[str, str | None]]]:
+    """(key, env) of every allowing rule in the cdb, in file order, for checking each
+    rule's settings before any client meets it. Raises RulesError when it is unreadable."""
+    try:
+        db, _, _ = _open_cdb(path)
+    except OSError as error:
+        raise RulesError(f"unable to read {path}: {error.strerror or error}") from None
+    try:
+        found = []
+        for key, data in db.items():
+            rule = rule_from_data(_decode(key), data)
+            if rule.allow:
+                found.append((rule.key or "", dict(rule.env)))
+        return found
+    finally:
+        db.close()

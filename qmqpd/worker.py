@@ -12,10 +12,13 @@ import os
 import signal
 import socket
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from qmqpd import ipc, log, procctl
-from qmqpd.config import Config
 from qmqpd.handler import SessionResult, serve_connection
+
+if TYPE_CHECKING:
+    from qmqpd.plan import PlanBook
 
 IDLE_TITLE = "qmqpd: worker idle"
 
@@ -38,22 +41,15 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-def stage_verdicts(facts: dict[str, object]) -> list[tuple[str, str]]:
-    """The stages' verdicts among the session facts: the pipeline records each stage that
-    ran as `name: action` beside its `name_ms` timing."""
-    found = []
-    for name, value in facts.items():
-        if isinstance(value, str) and f"{name}_ms" in facts and ipc.valid_stage(name, value):
-            found.append((name, value))
-    return found[: ipc.MAX_STAGES]
-
-
 def outcome_of(result: SessionResult) -> ipc.Outcome:
     answer = result.reply.status if result.reply is not None else ""
-    return ipc.Outcome(answer, tuple(stage_verdicts(result.facts)))
+    stages = [(v.stage, v.action) for v in result.verdicts if ipc.valid_stage(*v)]
+    return ipc.Outcome(answer, tuple(stages[: ipc.MAX_STAGES]))
 
 
-def worker_main(channel: socket.socket, config: Config) -> None:
+def worker_main(channel: socket.socket, plans: PlanBook) -> None:
+    """Serve with the plans the master made before forking this worker."""
+    config = plans.config
     master_pid = os.getppid()
     procctl.die_with_parent(signal.SIGTERM)
     if not procctl.parent_alive(master_pid):
@@ -73,7 +69,7 @@ def worker_main(channel: socket.socket, config: Config) -> None:
         life.busy = True
         procctl.set_title(f"qmqpd: worker {record.client.remote_ip} receiving")
         try:
-            result = serve_connection(record.fd, record.fd, record.client, config)
+            result = serve_connection(record.fd, record.fd, record.client, plans)
         finally:
             _close(record.fd)
         exiting = result.fatal or life.stop or not procctl.parent_alive(master_pid)

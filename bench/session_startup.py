@@ -1,0 +1,173 @@
+"""Cost of one `qmqpd session` (one interpreter per connection, as under tcpserver).
+
+Runs `python -m qmqpd session` N times, each with one QMQP request on a socketpair as fd
+0/1 (what tcpserver hands it) and a native queue in a temp dir, and prints the median and
+quartiles of the wall time from spawn to exit: interpreter start, imports, settings, the
+plan, reading the request, queueing (fsync on), the answer. Cases: no filters, DKIM signing
+on (RSA-2048), and a bare `python -c pass` for the interpreter's own share.
+
+Also prints the CPU one message costs inside a long-lived process (a prefork worker's
+case): serve_connection over a socketpair, N messages, process CPU time per message.
+
+    .venv/bin/python bench/session_startup.py [--runs 50] [--messages 500] [--tree DIR]
+
+--tree runs the command against another checkout (its qmqpd/ and filters/ come first on
+PYTHONPATH), so the same script measures before and after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/dkim.py would shadow dkimpy: keep this directory off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+MESSAGE = (b"From: a@example.com\nTo: b@example.org\nSubject: startup\n"
+           b"Message-ID: <bench@example.com>\n\nhello\n")
+
+
+def netstring(data: bytes) -> bytes:
+    return b"%d:%s," % (len(data), data)
+
+
+def request() -> bytes:
+    body = netstring(MESSAGE) + netstring(b"a@example.com") + netstring(b"b@example.org")
+    return netstring(body)
+
+
+def one_session(python: str, env: dict[str, str]) -> float:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(request())
+        started = time.perf_counter()
+        proc = subprocess.Popen([python, "-m", "qmqpd", "session"], stdin=theirs,
+                                stdout=theirs, env=env)
+        theirs.close()
+        answer = ours.recv(4096)
+        proc.wait()
+        elapsed = time.perf_counter() - started
+    if b":K" not in answer:
+        raise RuntimeError(f"session did not answer K: {answer!r}")
+    return elapsed
+
+
+def bare_python(python: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([python, "-c", "pass"], check=True)
+    return time.perf_counter() - started
+
+
+def summary(name: str, times: list[float]) -> str:
+    q1, median, q3 = statistics.quantiles([t * 1000 for t in times], n=4)
+    return f"{name:<28} median {median:6.1f} ms   quartiles {q1:6.1f} - {q3:6.1f} ms"
+
+
+def make_key(control: Path, python: str, env: dict[str, str]) -> None:
+    subprocess.run([python, "-m", "qmqpd", "dkim", "keygen", "--domain", "example.com",
+                    "--selector", "bench", "--keydir", str(control / "domainkeys")],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def tree_env(tree: Path, work: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DKIM", "DK", "QHPSI"))}
+    env["PYTHONPATH"] = str(tree)
+    env["QUEUEDIR"] = str(work / "queue")
+    env["CONTROLDIR"] = str(work / "control")
+    env["TCPREMOTEIP"] = "127.0.0.1"
+    return env
+
+
+def session_figures(python: str, tree: Path, runs: int) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        env = tree_env(tree, work)
+        subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        make_key(work / "control", python, env)
+        cases = {
+            "python -c pass": None,
+            "session, no filters": env,
+            "session, DKIM signing": {**env, "DKIMSIGN": "domainkeys/example.com/bench"},
+        }
+        for name, case_env in cases.items():
+            one = (lambda: bare_python(python)) if case_env is None else (
+                lambda e=case_env: one_session(python, e))
+            one()  # warm the page cache
+            print(summary(name, [one() for _ in range(runs)]), flush=True)
+
+
+def worker_cpu(python: str, tree: Path, messages: int) -> None:
+    """Per-message CPU inside one process, run in a child so --tree applies."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        env = tree_env(tree, work)
+        subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        make_key(work / "control", python, env)
+        for name, extra in (("no filters", {}),
+                            ("DKIM signing", {"DKIMSIGN": "domainkeys/example.com/bench"})):
+            out = subprocess.run(
+                [python, str(Path(__file__).resolve()), "--in-process", str(messages)],
+                check=True, env={**env, **extra}, capture_output=True, text=True)
+            print(f"worker CPU per message, {name:<14} {out.stdout.strip()}", flush=True)
+
+
+def in_process(messages: int) -> None:
+    """Serve `messages` requests in this process as a worker does; print CPU per message."""
+    from qmqpd import config as config_mod
+    from qmqpd import handler
+    from qmqpd.message import Client
+
+    cfg = config_mod.load(None, os.environ)
+    client = Client(remote_ip="127.0.0.1")
+    try:
+        from qmqpd import plan
+    except ImportError:  # a tree from before the session plan: settings per message
+        target: object = cfg
+    else:
+        target = plan.build_book(cfg, [])
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(devnull, 2)  # the session log lines
+    try:
+        data = request()
+        for index in range(messages + 20):
+            if index == 20:  # after warm-up: imports, key cache, first queue entries
+                cpu = time.process_time()
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                ours.sendall(data)
+                handler.serve_connection(theirs.fileno(), theirs.fileno(), client,
+                                         target)  # type: ignore[arg-type]
+        spent = time.process_time() - cpu
+    finally:
+        os.dup2(saved, 2)
+    print(f"{spent / messages * 1000:.2f} ms CPU ({messages} messages)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=500)
+    parser.add_argument("--tree", type=Path, default=ROOT)
+    parser.add_argument("--in-process", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.in_process:
+        in_process(args.in_process)
+        return
+    print(f"tree {args.tree.resolve()}; python {sys.version.split()[0]}; "
+          f"{os.cpu_count()} CPUs")
+    session_figures(sys.executable, args.tree.resolve(), args.runs)
+    worker_cpu(sys.executable, args.tree.resolve(), args.messages)
+
+
+if __name__ == "__main__":
+    main()
