@@ -475,14 +475,15 @@ class Master:
                   maxperip=new.maxperip, prefork=new.prefork)
 
     def _replan_if_rules_changed(self, now: float) -> None:
-        """A replaced rules cdb is a reload of the plans: every rule env checked, new
-        workers with the new plans; a bad one keeps the running plans (one log line)."""
+        """A replaced rules cdb is planned again: every rule env checked (a bad one is
+        one log line, and the running plans stay), the plans kept for workers forked from
+        now on. Running workers are not restarted: they plan a rule env new to them on
+        its first client, validated the same way."""
         if now < self.next_rules_check or self.plans is None or not self.accepting:
             return
         self.next_rules_check = now + RULES_CHECK_INTERVAL
         if not self.plans.rules_changed():
             return
-        assert self.pool is not None
         try:
             plans = self.planner(self.config)
         except Exception as error:
@@ -490,8 +491,7 @@ class Master:
                       rules=self.config.rules, error=str(error))
             return
         self.plans = plans
-        self.pool.reload(self.config)
-        log.event("replan", reason="rules changed", generation=self.pool.generation)
+        log.event("replan", reason="rules changed", rules=self.config.rules)
 
     def _abort(self) -> None:
         assert self.pool is not None

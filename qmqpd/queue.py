@@ -537,8 +537,12 @@ def detect_layout(path: str) -> Layout:
     """SPLIT from mess/0..mess/N-1, and whether todo/ is split too (IndiMail bigtodo).
 
     Raises QueueSetupError when path is not a qmail queue (no mess/ of numbered dirs)."""
-    if not os.path.isdir(path):
-        raise QueueSetupError(f"{path}: no such directory")
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise QueueSetupError(f"{path}: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise QueueSetupError(f"{path}: not a directory")
     buckets = _numbered_dirs(os.path.join(path, "mess"))
     if not buckets:
         missing = [name for name in ("mess", "todo", "intd", "pid")
