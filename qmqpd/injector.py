@@ -115,6 +115,15 @@ def _check_program(config: Config, name: str) -> list[ConfigError]:
 
 def _check_queue(config: Config, path: str, writer: Writer) -> ConfigError | None:
     setting = _queue_setting(config)
+    if not os.path.lexists(path):
+        return problem(setting, config.source(setting), f"{path}: No such file or directory; "
+                       f"create it with `qmqpd queue create {path}`")
+    denied = unwritable(path, writer.uid, writer.gids, config.todo_layout)
+    if denied is not None:
+        return problem("USER", config.source("USER"),
+                       f"user {writer.name} (uid {writer.uid}) cannot write queue {path}: "
+                       f"{denied}; run as the queue's owner (qmailq) or hand messages to "
+                       f"qmail-queue with QMAILQUEUE")
     try:
         layout = detect_layout(path)
     except QueueSetupError as error:
@@ -128,12 +137,6 @@ def _check_queue(config: Config, path: str, writer: Writer) -> ConfigError | Non
     if layout.todo_layout != config.todo_layout:
         return problem("TODO_LAYOUT", config.source("TODO_LAYOUT"),
                        f"{config.todo_layout}, but {path} has a {layout.todo_layout} todo/")
-    denied = unwritable(path, writer.uid, writer.gids, config.split, config.todo_layout)
-    if denied is not None:
-        return problem("USER", config.source("USER"),
-                       f"user {writer.name} (uid {writer.uid}) cannot write queue {path}: "
-                       f"{denied}; run as the queue's owner (qmailq) or hand messages to "
-                       f"qmail-queue with QMAILQUEUE")
     return None
 
 

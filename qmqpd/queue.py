@@ -554,10 +554,9 @@ def detect_layout(path: str) -> Layout:
     return Layout(split, todo_layout)
 
 
-def can_write(path: str, uid: int, gids: tuple[int, ...]) -> bool:
-    """Whether uid (with groups gids) may create entries in directory path, by its mode
-    bits as the kernel judges them (root always may)."""
-    info = os.stat(path)
+def _permits(info: os.stat_result, uid: int, gids: tuple[int, ...], mask: int) -> bool:
+    """Whether uid (with groups gids) has the mask bits (2 write, 1 search) on a file with
+    this stat, by its mode bits as the kernel judges them (root always has them)."""
     if uid == 0:
         return True
     if info.st_uid == uid:
@@ -566,23 +565,28 @@ def can_write(path: str, uid: int, gids: tuple[int, ...]) -> bool:
         bits = info.st_mode >> 3
     else:
         bits = info.st_mode
-    return bits & 0o3 == 0o3  # write and search
+    return bits & mask == mask
 
 
-def unwritable(path: str, uid: int, gids: tuple[int, ...], split: int = 23,
-               todo_layout: str = "flat") -> str | None:
-    """The first directory the writer needs that uid cannot write, described; else None."""
-    needed = ["pid", os.path.join("mess", "0"), "intd", "todo"]
-    if todo_layout == "split":
-        needed[2:] = [os.path.join("intd", "0"), os.path.join("todo", "0")]
-    for name in needed:
-        target = os.path.join(path, name)
+def unwritable(path: str, uid: int, gids: tuple[int, ...], todo_layout: str = "flat") -> str | None:
+    """The first directory on the writer's way that uid cannot pass or write, described;
+    None when it can write every one (or one is missing: the layout check says so).
+    Judged by mode bits, so the answer is the same whoever asks (root or the user)."""
+    steps = [("", 1), ("pid", 3), ("mess", 1), (os.path.join("mess", "0"), 3)]
+    for top in ("intd", "todo"):
+        if todo_layout == "split":
+            steps += [(top, 1), (os.path.join(top, "0"), 3)]
+        else:
+            steps.append((top, 3))
+    for name, mask in steps:
+        target = os.path.join(path, name) if name else path
         try:
-            if can_write(target, uid, gids):
-                continue
             info = os.stat(target)
+        except FileNotFoundError:
+            return None
         except OSError as error:
             return f"{target}: {error.strerror}"
-        return (f"{target} is owned by uid {info.st_uid} gid {info.st_gid} "
-                f"mode {info.st_mode & 0o7777:o}")
+        if not _permits(info, uid, gids, mask):
+            return (f"{target} is owned by uid {info.st_uid} gid {info.st_gid} "
+                    f"mode {info.st_mode & 0o7777:o}")
     return None
