@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -43,31 +44,44 @@ def request() -> bytes:
     return netstring(body)
 
 
-def one_session(python: str, env: dict[str, str]) -> float:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_session(python: str, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one whole `qmqpd session` process."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.sendall(request())
+        cpu = _children_cpu()
         started = time.perf_counter()
         proc = subprocess.Popen([python, "-m", "qmqpd", "session"], stdin=theirs,
-                                stdout=theirs, env=env)
+                                stdout=theirs, stderr=subprocess.DEVNULL, env=env)
         theirs.close()
         answer = ours.recv(4096)
         proc.wait()
         elapsed = time.perf_counter() - started
     if b":K" not in answer:
         raise RuntimeError(f"session did not answer K: {answer!r}")
-    return elapsed
+    return elapsed, _children_cpu() - cpu
 
 
-def bare_python(python: str) -> float:
+def bare_python(python: str) -> tuple[float, float]:
+    cpu = _children_cpu()
     started = time.perf_counter()
     subprocess.run([python, "-c", "pass"], check=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _children_cpu() - cpu
 
 
-def summary(name: str, times: list[float]) -> str:
-    q1, median, q3 = statistics.quantiles([t * 1000 for t in times], n=4)
-    return f"{name:<28} median {median:6.1f} ms   quartiles {q1:6.1f} - {q3:6.1f} ms"
+def summary(name: str, runs: list[tuple[float, float]]) -> str:
+    """Wall time (what a client waits) and CPU time (what the process costs; steadier on a
+    machine shared with other work): medians, and the wall quartiles."""
+    walls = [wall * 1000 for wall, _cpu in runs]
+    q1, median, q3 = statistics.quantiles(walls, n=4)
+    cpu = statistics.median(cpu * 1000 for _wall, cpu in runs)
+    return (f"{name:<24} wall median {median:6.1f} ms (quartiles {q1:6.1f} - {q3:6.1f})"
+            f"   CPU median {cpu:6.1f} ms")
 
 
 def make_key(control: Path, python: str, env: dict[str, str]) -> None:
@@ -105,52 +119,90 @@ def session_figures(python: str, tree: Path, runs: int) -> None:
 
 
 def worker_cpu(python: str, tree: Path, messages: int) -> None:
-    """Per-message CPU inside one process, run in a child so --tree applies."""
+    """Per-message CPU inside one process, run in a child so --tree applies. Without
+    fsync, and user time apart from system time: the kernel's share (file creation,
+    links, syncs) varies with the disk and the machine's load; the user time is the
+    Python work per message, which the plan changes."""
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        env = tree_env(tree, work)
+        env = {**tree_env(tree, work), "USE_FSYNC": "0", "USE_SYNCDIR": "0"}
         subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         make_key(work / "control", python, env)
-        for name, extra in (("no filters", {}),
-                            ("DKIM signing", {"DKIMSIGN": "domainkeys/example.com/bench"})):
+        dkim = {"DKIMSIGN": "domainkeys/example.com/bench"}
+        for name, extra in (("no filters", {}), ("DKIM signing", dkim),
+                            ("DKIM + rule env", {**dkim, "BENCH_RULE_ENV": "DATABYTES=1000000"})):
             out = subprocess.run(
                 [python, str(Path(__file__).resolve()), "--in-process", str(messages)],
                 check=True, env={**env, **extra}, capture_output=True, text=True)
-            print(f"worker CPU per message, {name:<14} {out.stdout.strip()}", flush=True)
+            print(f"worker CPU per message, {name:<15} {out.stdout.strip()}", flush=True)
+
+
+# Functions that build settings, stages or queue writers: a profile counts their calls.
+CONSTRUCTION = ("overlay", "build_stages", "from_config", "__init__ (qmqpd/queue.py)",
+                "parse_sign_options", "check_config")
+
+
+def _serve(count: int, data: bytes, target: object, client: object) -> None:
+    from qmqpd import handler
+
+    for _ in range(count):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.sendall(data)
+            handler.serve_connection(theirs.fileno(), theirs.fileno(), client,  # type: ignore[arg-type]
+                                     target)  # type: ignore[arg-type]
+
+
+def _construction_calls(data: bytes, target: object, client: object, count: int) -> str:
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.runcall(_serve, count, data, target, client)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    calls: dict[str, int] = {}
+    for (path, _line, name), (_prim, total, *_rest) in stats.items():
+        where = f"{name} ({'/'.join(Path(path).parts[-2:])})"
+        for wanted in CONSTRUCTION:
+            if wanted in (name, where):
+                calls[wanted] = calls.get(wanted, 0) + total
+    return ", ".join(f"{name} {calls.get(name, 0) / count:g}" for name in CONSTRUCTION)
 
 
 def in_process(messages: int) -> None:
-    """Serve `messages` requests in this process as a worker does; print CPU per message."""
+    """Serve `messages` requests in this process as a worker does; print CPU per message
+    and how often per message settings, stages and queue writers are built."""
     from qmqpd import config as config_mod
-    from qmqpd import handler
     from qmqpd.message import Client
 
     cfg = config_mod.load(None, os.environ)
-    client = Client(remote_ip="127.0.0.1")
+    # BENCH_RULE_ENV="NAME=value ...": the client's rule env, as the master hands it over.
+    rule_env: dict[str, str | None] = dict(
+        item.split("=", 1) for item in os.environ.get("BENCH_RULE_ENV", "").split())
+    client = Client(remote_ip="127.0.0.1", rule_env=rule_env)
     try:
         from qmqpd import plan
     except ImportError:  # a tree from before the session plan: settings per message
         target: object = cfg
     else:
-        target = plan.build_book(cfg, [])
+        target = plan.build_book(cfg, [("bench", rule_env)] if rule_env else [])
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(2)
     os.dup2(devnull, 2)  # the session log lines
     try:
         data = request()
-        for index in range(messages + 20):
-            if index == 20:  # after warm-up: imports, key cache, first queue entries
-                cpu = time.process_time()
-            ours, theirs = socket.socketpair()
-            with ours, theirs:
-                ours.sendall(data)
-                handler.serve_connection(theirs.fileno(), theirs.fileno(), client,
-                                         target)  # type: ignore[arg-type]
-        spent = time.process_time() - cpu
+        _serve(20, data, target, client)  # warm-up: imports, key cache, first queue entries
+        start = os.times()
+        _serve(messages, data, target, client)
+        end = os.times()
+        built = _construction_calls(data, target, client, 50)
     finally:
         os.dup2(saved, 2)
-    print(f"{spent / messages * 1000:.2f} ms CPU ({messages} messages)")
+    user = (end.user - start.user) / messages * 1000
+    system = (end.system - start.system) / messages * 1000
+    print(f"user {user:.3f} ms + system {system:.3f} ms CPU ({messages} messages); "
+          f"built per message: {built}")
 
 
 def main() -> None:

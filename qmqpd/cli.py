@@ -6,15 +6,17 @@ tcpserver, so its start-up must stay small.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from qmqpd import config as config_mod
 
 if TYPE_CHECKING:
+    import argparse
+
     from qmqpd.injector import Writer
     from qmqpd.plan import PlanBook
     from qmqpd.queue import QueuedMessage, QueueStats
@@ -254,6 +256,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse  # not on `qmqpd session`'s path (see _session_fast_path)
+
     parser = argparse.ArgumentParser(prog="qmqpd", description="filtering QMQP server")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -315,11 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {"service": cmd_service, "dkim": cmd_dkim}
 
 
+def _session_fast_path(argv: list[str]) -> SimpleNamespace | None:
+    """`session [--config FILE]` without building the parser: it runs once per connection
+    under tcpserver, and the full parser is a good part of a bare session's start-up."""
+    if not argv or argv[0] != "session":
+        return None
+    rest = argv[1:]
+    if not rest:
+        return SimpleNamespace(func=cmd_session, config=None)
+    if len(rest) == 2 and rest[0] == "--config" and not rest[1].startswith("-"):
+        return SimpleNamespace(func=cmd_session, config=rest[1])
+    if len(rest) == 1 and rest[0].startswith("--config=") and len(rest[0]) > 9:
+        return SimpleNamespace(func=cmd_session, config=rest[0][9:])
+    return None  # anything else (--help, mistakes): the parser explains
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        return DELEGATED[argv[0]](argparse.Namespace(options=argv[1:]))
-    args = build_parser().parse_args(argv)
+        return DELEGATED[argv[0]](SimpleNamespace(options=argv[1:]))
+    args = _session_fast_path(argv) or build_parser().parse_args(argv)
     try:
         return args.func(args)
     except config_mod.ConfigError as error:

@@ -8,7 +8,6 @@ allowed.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -364,6 +363,8 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
 
 def read_file(path: str) -> dict[str, Any]:
     """A TOML config file: flat keys in lower case, each a known setting."""
+    import tomllib  # only with --config: `qmqpd session` from an envdir never pays for it
+
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)

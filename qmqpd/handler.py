@@ -7,7 +7,6 @@ workers, so both serving paths behave identically.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,6 +51,8 @@ class SessionResult:
 
 def _shutdown_write(fd: int) -> None:
     """Half-close a socket so the client sees our answer followed by EOF."""
+    import socket  # only after an early answer: a plain session never loads it
+
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:

@@ -8,14 +8,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import selectors
 import shutil
-import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from qmqpd import log
 from qmqpd.config import Config, ConfigError, problem
@@ -29,6 +26,9 @@ from qmqpd.queue import (
     free_bytes,
     unwritable,
 )
+
+if TYPE_CHECKING:
+    import subprocess
 
 # qmail reads at most this much custom error text from the queue program.
 ERROR_TEXT_LIMIT = 1023
@@ -58,8 +58,7 @@ def queue_paths(config: Config) -> list[str]:
             for n in range(start, start + config.queue_count)]
 
 
-@dataclass(frozen=True)
-class Writer:
+class Writer(NamedTuple):
     """Who writes the queue: the uid and groups the workers run as (USER/GROUP)."""
 
     uid: int
@@ -140,8 +139,7 @@ def _check_queue(config: Config, path: str, writer: Writer) -> ConfigError | Non
     return None
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """Where one plan's messages go, built once: the QMAILQUEUE argv, or the native queue
     writers to pick from for each message."""
 
@@ -175,7 +173,8 @@ class Injector:
         self.program = list(route.program)
         # An external program picks its own queue unless QUEUEDIR names one. Native:
         # QUEUEDIR, or one of QUEUE_BASE/queueN at random (qmail-multi).
-        self._queue = _random.choice(route.queues) if route.queues else None
+        self._queue = (route.queues[0] if len(route.queues) == 1 else
+                       _random.choice(route.queues) if route.queues else None)
         self.queue_path = self._queue.path if self._queue is not None else route.queuedir
 
     @property
@@ -234,6 +233,8 @@ class Injector:
         return env
 
     def _run_program(self, message: Message, deadline: float) -> Outcome:
+        import subprocess  # only with QMAILQUEUE: a native queue never loads it
+
         name = self.program[0]
         envelope = _envelope_input(message)
         pipes = _Pipes()
@@ -313,6 +314,8 @@ class _Feeder:
         self.fd = fd
         self.failed = False
         self._write = write
+        import threading  # the QMAILQUEUE path only
+
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -335,6 +338,8 @@ def _read_errors(fd: int, deadline: float) -> tuple[bytes, bool]:
 
     Returns the text and whether the deadline passed first.
     """
+    import selectors  # the QMAILQUEUE path only
+
     kept = bytearray()
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
@@ -350,6 +355,8 @@ def _read_errors(fd: int, deadline: float) -> tuple[bytes, bool]:
 
 def _wait(process: subprocess.Popen[bytes], deadline: float) -> int | None:
     """The exit status (negative = signal), or None when the deadline passed."""
+    import subprocess
+
     try:
         return process.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -358,6 +365,8 @@ def _wait(process: subprocess.Popen[bytes], deadline: float) -> int | None:
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
     """Stop the program and whatever it started (it leads its own session)."""
+    import signal
+
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from filters import pipeline
 from qmqpd.config import SETTINGS, Config, ConfigError
@@ -35,8 +34,7 @@ def env_key(env: RuleEnv) -> EnvKey:
     return tuple(sorted((name, value) for name, value in env.items() if name in SETTINGS))
 
 
-@dataclass(frozen=True)
-class SessionPlan:
+class SessionPlan(NamedTuple):
     config: Config  # the merged settings: rule env over process env over file over default
     route: Route
     stages: tuple[Stage, ...]

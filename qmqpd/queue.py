@@ -24,7 +24,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from qmqpd.message import Message
@@ -517,8 +517,7 @@ def free_bytes(path: str) -> int:
 
 # -- checking a queue before serving (start, HUP, `qmqpd check`) ---------------------------
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """What a queue directory on disk is laid out with: conf-split and the todo layout."""
 
     split: int
@@ -550,7 +549,8 @@ def detect_layout(path: str) -> Layout:
         absent = ", ".join(missing) or "mess/0"
         raise QueueSetupError(f"{path}: not a qmail queue (missing {absent})")
     split = max(buckets) + 1
-    todo_layout = "split" if _numbered_dirs(os.path.join(path, "todo")) else "flat"
+    # A flat todo/ holds message files (never one named 0): no need to look at them all.
+    todo_layout = "split" if os.path.isdir(os.path.join(path, "todo", "0")) else "flat"
     return Layout(split, todo_layout)
 
 
