@@ -1,13 +1,16 @@
 """Cost of one `qmqpd session` (one interpreter per connection, as under tcpserver).
 
-Runs `python -m qmqpd session` N times, each with one QMQP request on a socketpair as fd
-0/1 (what tcpserver hands it) and a native queue in a temp dir, and prints the median and
-quartiles of the wall time from spawn to exit: interpreter start, imports, settings, the
-plan, reading the request, queueing (fsync on), the answer. Cases: no filters, DKIM signing
-on (RSA-2048), and a bare `python -c pass` for the interpreter's own share.
+Runs the `qmqpd session` console script N times, each with one QMQP request on a
+socketpair as fd 0/1 (what tcpserver hands it) and a native queue in a temp dir, and
+prints the median wall time from spawn to exit (interpreter start, imports, settings and
+plan, reading the request, queueing, the answer) with its quartiles, and the median CPU
+time of the process. Cases: no filters and DKIM signing (RSA-2048), each with the queue's
+fsyncs on (what a client waits for) and off (start-up and Python work only), and a bare
+`python -c pass` for the interpreter's own share.
 
 Also prints the CPU one message costs inside a long-lived process (a prefork worker's
-case): serve_connection over a socketpair, N messages, process CPU time per message.
+case): serve_connection over a socketpair, N messages, user and system CPU per message,
+and how many times per message settings, stages and queue writers are built (cProfile).
 
     .venv/bin/python bench/session_startup.py [--runs 50] [--messages 500] [--tree DIR]
 
@@ -44,6 +47,12 @@ def request() -> bytes:
     return netstring(body)
 
 
+def qmqpd(python: str) -> list[str]:
+    """The console script tcpserver would run (beside the interpreter), else the module."""
+    script = Path(python).parent / "qmqpd"
+    return [str(script)] if script.exists() else [python, "-m", "qmqpd"]
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -56,7 +65,7 @@ def one_session(python: str, env: dict[str, str]) -> tuple[float, float]:
         ours.sendall(request())
         cpu = _children_cpu()
         started = time.perf_counter()
-        proc = subprocess.Popen([python, "-m", "qmqpd", "session"], stdin=theirs,
+        proc = subprocess.Popen([*qmqpd(python), "session"], stdin=theirs,
                                 stdout=theirs, stderr=subprocess.DEVNULL, env=env)
         theirs.close()
         answer = ours.recv(4096)
@@ -80,7 +89,7 @@ def summary(name: str, runs: list[tuple[float, float]]) -> str:
     walls = [wall * 1000 for wall, _cpu in runs]
     q1, median, q3 = statistics.quantiles(walls, n=4)
     cpu = statistics.median(cpu * 1000 for _wall, cpu in runs)
-    return (f"{name:<24} wall median {median:6.1f} ms (quartiles {q1:6.1f} - {q3:6.1f})"
+    return (f"{name:<26} wall median {median:6.1f} ms (quartiles {q1:6.1f} - {q3:6.1f})"
             f"   CPU median {cpu:6.1f} ms")
 
 
@@ -106,10 +115,14 @@ def session_figures(python: str, tree: Path, runs: int) -> None:
         subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         make_key(work / "control", python, env)
+        no_sync = {"USE_FSYNC": "0", "USE_SYNCDIR": "0"}
+        dkim = {"DKIMSIGN": "domainkeys/example.com/bench"}
         cases = {
             "python -c pass": None,
-            "session, no filters": env,
-            "session, DKIM signing": {**env, "DKIMSIGN": "domainkeys/example.com/bench"},
+            "no filters": env,
+            "no filters, no fsync": {**env, **no_sync},
+            "DKIM signing": {**env, **dkim},
+            "DKIM signing, no fsync": {**env, **dkim, **no_sync},
         }
         for name, case_env in cases.items():
             one = (lambda: bare_python(python)) if case_env is None else (

@@ -9,8 +9,7 @@ allowed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class ConfigError(ValueError):
@@ -167,8 +166,7 @@ def _servers(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     name: str
     parse: Callable[[Any], Any]
     default: Any

@@ -11,7 +11,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from qmqpd import log
@@ -37,8 +36,7 @@ EXIT_EXEC_FAILED = 120
 _random = random.SystemRandom()
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What happened to one message: the answer, where it went and its id there."""
 
     reply: Reply
