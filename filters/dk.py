@@ -25,7 +25,7 @@ from filters import keys
 from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
-from qmqpd.message import Message
+from qmqpd.message import Message, Reply
 
 HEADER_NAME = b"DomainKey-Signature"
 _WSP = re.compile(rb"[ \t\r\n]")
@@ -244,9 +244,11 @@ class DkStage:
             result = verify_message(raw, self.lookup)
             facts["verify"] = result.letter
             if result.letter in self.verify_letters:
-                return Verdict.reject(f"dk: {result.text} (#5.7.1)", verify=result.letter)
+                return Verdict.reject(Reply.named("dk_rejected", text=result.text).text,
+                                      verify=result.letter)
             if result.letter.lower() in self.verify_letters:
-                return Verdict.tempfail(f"dk: {result.text} (#4.7.1)", verify=result.letter)
+                return Verdict.tempfail(Reply.named("dk_tempfailed", text=result.text).text,
+                                        verify=result.letter)
             added.append(authentication_results(self.authserv_id, result))
         if self.pattern is not None:
             verdict = self._sign(raw, added, facts)
@@ -261,7 +263,7 @@ class DkStage:
                      .split(b":", 1)[1]) for f in fields if b":" in f[0]]
         identity = keys.identity_header(unfolded)
         if identity is None:
-            return Verdict.tempfail("dk: could not find From: or Sender: header (#4.1.7)")
+            return Verdict.tempfail(Reply.named("dk_no_identity").text)
         raw_domain = keys.address_domain(identity[1])
         domain = keys.valid_domain(raw_domain)
         if domain is None:
@@ -279,16 +281,16 @@ class DkStage:
             key = keys.load_private_key(found.path)
         except keys.KeyMissing as error:
             log.event("dk_key_missing", path=str(error))
-            return Verdict.reject("Private key file does not exist (#5.3.5)")
+            return Verdict.reject(Reply.named("dk_key_missing").text)
         except keys.KeyUnreadable as error:
             log.event("dk_key_refused", problem=str(error))
-            return Verdict.tempfail("dk: unable to read private key (#4.3.0)")
+            return Verdict.tempfail(Reply.named("dk_key_unreadable").text)
         except keys.KeyUnparsable as error:
             log.event("dk_key_unparsable", problem=str(error))
-            return Verdict.tempfail("dk: unable to use private key (#4.3.0)")
+            return Verdict.tempfail(Reply.named("dk_key_unusable").text)
         if not isinstance(key, rsa.RSAPrivateKey):
             log.event("dk_key_unparsable", problem=f"{found.path}: DomainKeys needs an RSA key")
-            return Verdict.tempfail("dk: unable to use private key (#4.3.0)")
+            return Verdict.tempfail(Reply.named("dk_key_unusable").text)
         # Below any Authentication-Results of ours: the signature covers what is under it.
         added.append(sign_message(raw, domain, found.selector, key, self.options))
         facts["d"] = domain

@@ -29,7 +29,7 @@ from filters import keys
 from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
-from qmqpd.message import Message
+from qmqpd.message import Message, Reply
 
 HEADER_NAME = b"DKIM-Signature"
 DEFAULT_EXPIRE = 604800  # qmail-dkim: x= one week after signing
@@ -334,9 +334,9 @@ class DkimStage:
         facts["verify"] = letter
         text = results[0].text if results and letter != "A" else RESULTS[letter][1]
         if letter in self.verify_letters:
-            return Verdict.reject(f"dkim: {text} (#5.7.1)", verify=letter)
+            return Verdict.reject(Reply.named("dkim_rejected", text=text).text, verify=letter)
         if letter.lower() in self.verify_letters:
-            return Verdict.tempfail(f"dkim: {text} (#4.7.1)", verify=letter)
+            return Verdict.tempfail(Reply.named("dkim_tempfailed", text=text).text, verify=letter)
         added.append(authentication_results(self.authserv_id, results))
         return None
 
@@ -344,12 +344,11 @@ class DkimStage:
         try:
             headers, body = dkim.rfc822_parse(raw)
         except dkim.MessageFormatError as error:
-            return Verdict.reject("dkim: message header is malformed, cannot sign (#5.6.0)",
+            return Verdict.reject(Reply.named("dkim_header_malformed").text,
                                   error=str(error)[:200])
         identity = keys.identity_header([(name, value) for name, value in headers])
         if identity is None:
-            return Verdict.tempfail(
-                "dkim: could not find From: or Sender: header in message (#4.1.7)")
+            return Verdict.tempfail(Reply.named("dkim_no_identity").text)
         raw_domain = keys.address_domain(b" ".join(identity[1].split()))
         domain = keys.valid_domain(raw_domain)
         if domain is None:
@@ -365,13 +364,13 @@ class DkimStage:
                 made = self._sign_with(spec, domain, headers, body, include, now)
             except keys.KeyMissing as error:
                 log.event("dkim_key_missing", path=str(error))
-                return Verdict.tempfail("dkim: unable to read private key (#4.3.0)")
+                return Verdict.tempfail(Reply.named("dkim_key_unreadable").text)
             except keys.KeyUnreadable as error:
                 log.event("dkim_key_refused", problem=str(error))
-                return Verdict.tempfail("dkim: unable to read private key (#4.3.0)")
+                return Verdict.tempfail(Reply.named("dkim_key_unreadable").text)
             except keys.KeyUnparsable as error:
                 log.event("dkim_key_unparsable", problem=str(error))
-                return Verdict.reject("dkim: could not parse private key (#5.7.5)")
+                return Verdict.reject(Reply.named("dkim_key_unparsable").text)
             if not made:
                 log.event("dkim_unsigned", reason="no key for domain", domain=domain,
                           pattern=spec.pattern)

@@ -68,17 +68,11 @@ def _writer(cfg: config_mod.Config) -> tuple[Writer | None, list[config_mod.Conf
     if not cfg.user and not cfg.group:
         return Writer.current(), []
     try:
-        uid, gid, name = procctl.resolve_user(cfg.user) if cfg.user else (
-            os.geteuid(), os.getegid(), "")
-        if cfg.group:
-            gids = procctl.resolve_groups(cfg.group)
-        elif name:
-            gids = os.getgrouplist(name, gid)
-        else:
-            gids = [gid] if gid >= 0 else []
+        uid, _primary, gids, name = procctl.identity(cfg.user, cfg.group)
     except procctl.ProcError as error:
         setting = "GROUP" if str(error).startswith("GROUP") else "USER"
         return None, [config_mod.problem(setting, cfg.source(setting), str(error))]
+    uid = os.geteuid() if uid < 0 else uid
     return Writer(uid, tuple(gids), name or str(uid)), []
 
 

@@ -22,6 +22,7 @@ from qmqpd.queue import (
     QueueError,
     QueueSetupError,
     detect_layout,
+    envelope_records,
     free_bytes,
     unwritable,
 )
@@ -280,11 +281,7 @@ class Injector:
 
 def _envelope_input(message: Message) -> bytes:
     """qmail-queue's fd 1 input: F<sender>\\0, T<rcpt>\\0 each, then the closing \\0."""
-    parts = [b"F", message.sender, b"\0"]
-    for recipient in message.recipients:
-        parts += (b"T", recipient, b"\0")
-    parts.append(b"\0")
-    return b"".join(parts)
+    return envelope_records(message.sender, message.recipients) + b"\0"
 
 
 class _Pipes:

@@ -57,6 +57,21 @@ class Client:
         return env
 
 
+def encode_env_item(name: str, value: str | None) -> str:
+    """One rule env item as tcprules writes it: `+NAME=value` sets, `-NAME` unsets."""
+    return f"-{name}" if value is None else f"+{name}={value}"
+
+
+def decode_env_item(item: str) -> tuple[str, str | None] | None:
+    """(name, value) of `+NAME=value`, (name, None) of `-NAME`; None for anything else."""
+    if item.startswith("+") and "=" in item:
+        name, _, value = item[1:].partition("=")
+        return name, value
+    if item.startswith("-") and len(item) > 1:
+        return item[1:], None
+    return None
+
+
 class MessageData:
     """The message bytes as the client sent them: in memory, or in an unlinked spool file.
 
@@ -224,6 +239,19 @@ REPLIES: dict[str, str] = {
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
     "scanner_size_limit": "Zmessage larger than the virus scanner accepts (#4.3.4)",
+    # DomainKeys (qmail-dk's texts) and DKIM (qmail-dkim's)
+    "dk_rejected": "Ddk: {text} (#5.7.1)",
+    "dk_tempfailed": "Zdk: {text} (#4.7.1)",
+    "dk_no_identity": "Zdk: could not find From: or Sender: header (#4.1.7)",
+    "dk_key_missing": "DPrivate key file does not exist (#5.3.5)",
+    "dk_key_unreadable": "Zdk: unable to read private key (#4.3.0)",
+    "dk_key_unusable": "Zdk: unable to use private key (#4.3.0)",
+    "dkim_rejected": "Ddkim: {text} (#5.7.1)",
+    "dkim_tempfailed": "Zdkim: {text} (#4.7.1)",
+    "dkim_header_malformed": "Ddkim: message header is malformed, cannot sign (#5.6.0)",
+    "dkim_no_identity": "Zdkim: could not find From: or Sender: header in message (#4.1.7)",
+    "dkim_key_unreadable": "Zdkim: unable to read private key (#4.3.0)",
+    "dkim_key_unparsable": "Ddkim: could not parse private key (#5.7.5)",
 }
 
 # qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).

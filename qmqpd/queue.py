@@ -65,6 +65,15 @@ class QueueSetupError(Exception):
     """A queue directory that cannot be created or fixed."""
 
 
+def envelope_records(sender: bytes, recipients: list[bytes]) -> bytes:
+    """`F<sender>\\0` and `T<rcpt>\\0` per recipient: the envelope as qmail-queue reads it
+    on fd 1 (then one more NUL) and as its todo file holds it (after u and p)."""
+    parts = [b"F", sender, b"\0"]
+    for recipient in recipients:
+        parts += (b"T", recipient, b"\0")
+    return b"".join(parts)
+
+
 def envelope_bytes(sender: bytes, recipients: list[bytes], uid: int, pid: int) -> bytes:
     """The intd/todo file: u, p, F and one T record per recipient, each NUL-terminated."""
     for address in (sender, *recipients):
@@ -72,10 +81,7 @@ def envelope_bytes(sender: bytes, recipients: list[bytes], uid: int, pid: int) -
             raise QueueError(EXIT_TOO_LONG, "envelope address too long")
         if b"\0" in address:
             raise QueueError(EXIT_ENVELOPE, "envelope address contains NUL")
-    parts = [b"u%d\0p%d\0F" % (uid, pid), sender, b"\0"]
-    for recipient in recipients:
-        parts += (b"T", recipient, b"\0")
-    return b"".join(parts)
+    return b"u%d\0p%d\0" % (uid, pid) + envelope_records(sender, recipients)
 
 
 def _check_layout(todo_layout: str, split: int) -> None:

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 
 import cdbx
 
+from qmqpd.message import decode_env_item
+
 _IPV4_BIT_LETTERS = b"abcdefghijklmnopqrstuvwxyz123456"
 _TRAILING_BLANKS = " \t\n"
 _ULONG = 2**64
@@ -459,11 +461,9 @@ def rule_from_data(key: str, data: bytes) -> Rule:
     for item in _items(data):
         if item.startswith(b"D"):
             return Rule(False, env, key)
-        if item.startswith(b"+") and b"=" in item:
-            name, _, value = _decode(item[1:]).partition("=")
-            env[name] = value
-        elif item.startswith(b"-"):
-            env[_decode(item[1:])] = None
+        decoded = decode_env_item(_decode(item))
+        if decoded is not None:
+            env[decoded[0]] = decoded[1]
     return Rule(True, env, key)
 
 
