@@ -107,13 +107,18 @@ def planner(cfg: config_mod.Config) -> PlanBook:
     return book
 
 
+def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
+    """`serve` without --config lays out its embedded queue when it is not there yet."""
+    return (cfg.source("QUEUEDIR") == "embedded defaults"
+            and not os.path.isdir(os.path.join(cfg.queuedir, "todo")))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from filters import pipeline
     from qmqpd import master, queue, worker
 
     cfg = _load(args, embedded=True)
-    uses_embedded_queue = cfg.source("QUEUEDIR") == "embedded defaults"
-    if uses_embedded_queue and not os.path.isdir(os.path.join(cfg.queuedir, "todo")):
+    if _creates_embedded_queue(cfg):
         queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
 
     def reload() -> config_mod.Config:
@@ -127,6 +132,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     """`qmqpd check`: the validation of start and HUP, each problem on its own line."""
     cfg = _load(args, embedded=True)
     book, problems = plan_all(cfg)
+    if _creates_embedded_queue(cfg):  # as serve would: not a problem, said as a note
+        problems = [p for p in problems if p.setting != "QUEUEDIR"]
+        print(f"note: `qmqpd serve` creates the queue {cfg.queuedir} (embedded defaults)")
     for found in problems:
         print(f"qmqpd check: {found}", file=sys.stderr)
     if problems or book is None:

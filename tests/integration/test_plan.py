@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -417,5 +416,20 @@ def test_replaced_cdb_with_a_bad_rule_keeps_the_running_plans(world: World,
         server.stop()
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_check_without_config_accepts_the_queue_serve_creates(tmp_path: Path) -> None:
+    done = subprocess.run([*command("qmqpd"), "check"], env=clean_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0, done.stderr
+    assert "creates the queue ./var/queue" in done.stdout
+    assert not (tmp_path / "var").exists()  # check changes nothing
+
+
+def test_session_with_a_bad_config_answers_z_and_logs_the_setting(
+        world: World, tcpserver_sessions: Callable[[dict[str, str]], object]) -> None:
+    session = tcpserver_sessions({"QUEUEDIR": str(world.queue), "SPLIT": "7"})
+    queued = todo_count(world.queue)
+    answer = send(session.port)  # type: ignore[attr-defined]
+    assert answer == b"41:Zqq unable to read configuration (#4.3.0),"
+    log = session.log.read_text()  # type: ignore[attr-defined]
+    assert f"SPLIT (split) from environment: 7, but {world.queue} is laid out with 23" in log
+    assert todo_count(world.queue) == queued
