@@ -38,13 +38,10 @@ MESSAGE = (b"From: a@example.com\nTo: b@example.org\nSubject: startup\n"
            b"Message-ID: <bench@example.com>\n\nhello\n")
 
 
-def netstring(data: bytes) -> bytes:
-    return b"%d:%s," % (len(data), data)
-
-
 def request() -> bytes:
-    body = netstring(MESSAGE) + netstring(b"a@example.com") + netstring(b"b@example.org")
-    return netstring(body)
+    from qmqpd.netstring import encode
+
+    return encode(encode(MESSAGE) + encode(b"a@example.com") + encode(b"b@example.org"))
 
 
 def qmqpd(python: str) -> list[str]:
