@@ -113,9 +113,6 @@ def _check_program(config: Config, name: str) -> list[ConfigError]:
 
 def _check_queue(config: Config, path: str, writer: Writer) -> ConfigError | None:
     setting = _queue_setting(config)
-    if not os.path.lexists(path):
-        return problem(setting, config.source(setting), f"{path}: No such file or directory; "
-                       f"create it with `qmqpd queue create {path}`")
     denied = unwritable(path, writer.uid, writer.gids, config.todo_layout)
     if denied is not None:
         return problem("USER", config.source("USER"),

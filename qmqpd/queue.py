@@ -578,14 +578,20 @@ def unwritable(path: str, uid: int, gids: tuple[int, ...], todo_layout: str = "f
     """The first directory on the writer's way that uid cannot pass or write, described;
     None when it can write every one (or one is missing: the layout check says so).
     Judged by mode bits, so the answer is the same whoever asks (root or the user)."""
-    steps = [("", 1), ("pid", 3), ("mess", 1), (os.path.join("mess", "0"), 3)]
+    absolute = os.path.abspath(path)
+    above, current = [], absolute
+    while (parent := os.path.dirname(current)) != current:
+        above.append(parent)
+        current = parent
+    steps = [(directory, 1) for directory in reversed(above)]  # / first: each must be passable
+    steps += [(absolute, 1), ("pid", 3), ("mess", 1), (os.path.join("mess", "0"), 3)]
     for top in ("intd", "todo"):
         if todo_layout == "split":
             steps += [(top, 1), (os.path.join(top, "0"), 3)]
         else:
             steps.append((top, 3))
     for name, mask in steps:
-        target = os.path.join(path, name) if name else path
+        target = os.path.join(absolute, name)
         try:
             info = os.stat(target)
         except FileNotFoundError:
