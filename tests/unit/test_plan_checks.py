@@ -182,3 +182,23 @@ def test_envelope_records_shared_by_todo_file_and_qmail_queue() -> None:
     records = envelope_records(b"a@b", [b"c@d", b"e@f"])
     assert records == b"Fa@b\0Tc@d\0Te@f\0"
     assert envelope_bytes(b"a@b", [b"c@d", b"e@f"], 7, 9) == b"u7\0p9\0" + records
+
+
+# ---- `qmqpd session`'s own argument reading ------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "config"), [
+    (["session"], None), (["session", "--config", "a.toml"], "a.toml"),
+    (["session", "--config=b.toml"], "b.toml")])
+def test_session_arguments_without_the_parser(argv: list[str], config: str | None) -> None:
+    from qmqpd import cli
+
+    args = cli._session_fast_path(argv)
+    assert args is not None and args.config == config and args.func is cli.cmd_session
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["session", "--help"], ["session", "--config"],
+                                  ["session", "--config", "-x"], ["session", "extra"]])
+def test_anything_else_goes_to_the_parser(argv: list[str]) -> None:
+    from qmqpd import cli
+
+    assert cli._session_fast_path(argv) is None
