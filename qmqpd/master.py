@@ -120,6 +120,7 @@ class Master:
         self.planner = planner
         self.plans: Plans | None = None
         self.next_rules_check = 0.0
+        self.unusable_rules: set[str | None] = set()
         self.selector = selectors.DefaultSelector()
         self.listeners: list[socket.socket] = []
         self.lingering: set[_Linger] = set()
@@ -335,8 +336,10 @@ class Master:
         try:
             return int(self.plans.settings(rule.env).maxperip)
         except ConfigError as error:  # only a rule added after the last planning
-            log.warning("rule settings unusable; using the global MAXPERIP", rule=rule.key,
-                        error=str(error))
+            if rule.key not in self.unusable_rules:  # once per rule, not per connection
+                self.unusable_rules.add(rule.key)
+                log.warning("rule settings unusable; using the global MAXPERIP",
+                            rule=rule.key, error=str(error))
             return int(self.config.maxperip)
 
     def _lookup(self, ip: str) -> Rule:
@@ -469,6 +472,7 @@ class Master:
         self.rules = rules
         self.config = new
         self.plans = plans
+        self.unusable_rules.clear()
         self.capacity.resize(new.maxdaemons)
         self.pool.reload(new)
         log.event("reload", generation=self.pool.generation, maxdaemons=new.maxdaemons,
@@ -491,6 +495,7 @@ class Master:
                       rules=self.config.rules, error=str(error))
             return
         self.plans = plans
+        self.unusable_rules.clear()
         log.event("replan", reason="rules changed", rules=self.config.rules)
 
     def _abort(self) -> None:

@@ -405,6 +405,10 @@ def test_replaced_cdb_with_a_bad_rule_keeps_the_running_plans(world: World,
         line = next(x for x in server.log().splitlines() if "rules changed but" in x)
         assert f"SPLIT (split) from rule 127.0.0.9 in {cdb}: 7, but" in line
         assert re.match(rb"\d+:K", send(server.port))  # the other clients go on
+        # the bad rule's own clients: Z (nothing queued wrongly), the reason in the log
+        answer = exchange(server.port, request(MESSAGE, b"a@example.org", [b"b@example.net"]),
+                          source="127.0.0.9")
+        assert answer == b"41:Zqq unable to read configuration (#4.3.0),"
         text.write_text('127.0.0.9:allow,DATABYTES="10"\n:allow\n')
         compile_rules(str(text), str(cdb))
         wait_until(lambda: "event=replan" in server.log(), "the new plans")
