@@ -3,7 +3,14 @@
 
 For every session count it drives the same N messages into qmqp-sink (the ceiling of
 client + loopback), into `qmqpd serve` and into a private Postfix instance whose mail is
-all discarded, and prints msgs/s, p50/p99 latency and the qmqpd/Postfix ratio.
+all discarded, and prints msgs/s, p50/p99 latency, CPU per message (the server's and the
+whole machine's) and the qmqpd/Postfix ratio; then, in a short extra run under
+`strace -f -c`, the sync system calls each server makes per message.
+
+qmqpd runs with its limits on: the default MAXPERIP, and a tcprules rule that gives
+127.0.0.1 (where qmqp-source and the probe connect from) the sessions the run needs.
+The figures mean little on a busy machine: it refuses to start when the 1-minute load
+average is above --max-load (1.0) unless --force is given, and prints the load with them.
 
 Throughput: N divided by the wall time of one qmqp-source run (its `-c` counter drives the
 progress bar). Latency: qmqp-source does not report it, so a small probe sends one message
@@ -105,21 +112,92 @@ postlog unix-dgram n - n - 1 postlogd
 
 
 
-def qmqpd_config(port: int, queue: Path, maxdaemons: int, prefork: int,
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "sync", "msync")
+
+
+def qmqpd_config(port: int, queue: Path, maxdaemons: int, prefork: int, rules: Path,
                  extra: list[str]) -> str:
-    """The TOML for `qmqpd serve`; `key = value` lines in extra replace or add settings."""
+    """The TOML for `qmqpd serve`; `key = value` lines in extra replace or add settings.
+
+    MAXPERIP keeps its default: the rules cdb raises it for the load generator only.
+    """
     settings = {
         "localip": '"127.0.0.1"', "port": str(port), "queuedir": f'"{queue}"',
         "use_fsync": "true", "use_syncdir": "true", "maxdaemons": str(maxdaemons),
-        "maxperip": "0",  # qmqp-source opens all sessions from 127.0.0.1
-        "prefork": str(prefork),
+        "prefork": str(prefork), "rules": f'"{rules}"',
     }
     for line in extra:
         key, equals, value = line.partition("=")
         if not equals:
             raise BenchError(f"--qmqpd-setting wants key = value, not {line!r}")
-        settings[key.strip()] = value.strip()
+        key, value = key.strip().lower(), value.strip()
+        if key == "maxperip" and value == "0":
+            raise BenchError("maxperip = 0 turns the per-IP limit off; the bench measures "
+                             "with limits on (its rule gives 127.0.0.1 what the run needs)")
+        settings[key] = value
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
+
+
+def load_generator_rules(max_sessions: int) -> str:
+    """tcprules text: 127.0.0.1 may hold every session of the run, the latency probe and
+    a few connections the client has closed but the master has not yet counted out."""
+    needed = max_sessions + 1 + max(4, max_sessions // 4)
+    return f'127.0.0.1:allow,MAXPERIP="{needed}"\n:deny\n'
+
+
+def load_refusal(load: float, limit: float, force: bool) -> str | None:
+    """Why the bench will not start (None: it may)."""
+    if force or load <= limit:
+        return None
+    return (f"1-minute load average {load:.2f} is above {limit:.2f}: the figures would "
+            "measure the other work; wait for a quiet machine or pass --force")
+
+
+def parse_strace_counts(text: str) -> dict[str, int]:
+    """`strace -c` table → calls per system call name."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        # % time, seconds, usecs/call, calls, [errors], syscall
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3])
+    return counts
+
+
+def busy_seconds(stat_line: str) -> float:
+    """CPU seconds the whole machine spent not idle, from /proc/stat's `cpu` line."""
+    values = [int(value) for value in stat_line.split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    with open("/proc/stat") as handle:
+        return busy_seconds(handle.readline())
+
+
+def mount_of(path: Path) -> tuple[str, str, str]:
+    """(device, filesystem type, options) of the mount holding path, from /proc/mounts."""
+    best = ("", "", "unknown", "")
+    target = str(path.resolve())
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            device, mount, kind, options, *_ = line.split()
+            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best[1]):
+                best = (device, mount, kind, options)
+    return best[0], best[2], best[3]
+
+
+def describe_filesystem(path: Path) -> str:
+    """`ext4 on /dev/vda (options), no journal`: ext4 without a journal syncs each file and
+    directory with its own cache flush, so the journal matters to every sync figure."""
+    device, kind, options = mount_of(path)
+    text = f"{kind} on {device} ({options})"
+    with contextlib.suppress(OSError):
+        task = Path(f"/sys/fs/ext4/{os.path.basename(device)}/journal_task").read_text()
+        text += ", no journal" if task.strip() == "<none>" else ", journal"
+    return text
 
 
 class BenchError(Exception):
@@ -297,13 +375,15 @@ class QmqpdTarget(Target):
     name = "qmqpd"
 
     def __init__(self, root: Path, command: list[str], maxdaemons: int, prefork: int,
-                 extra: list[str]) -> None:
+                 max_sessions: int, extra: list[str]) -> None:
         super().__init__(root)
         self.command = command
         self.dir = root / "qmqpd"
         self.queue = self.dir / "queue"
         self.log = self.dir / "qmqpd.log"
         self.config = self.dir / "qmqpd.toml"
+        self.rules = self.dir / "tcp.qmqp.cdb"
+        self.max_sessions = max_sessions
         self.maxdaemons = maxdaemons
         self.prefork = prefork
         self.extra = extra
@@ -314,8 +394,12 @@ class QmqpdTarget(Target):
         # cwd: a `python -m qmqpd` command must not pick up a qmqpd/ from where we started
         subprocess.run([*self.command, "queue", "create", str(self.queue)], check=True,
                        stdout=subprocess.DEVNULL, cwd=self.dir)
+        rules_text = self.dir / "tcp.qmqp"
+        rules_text.write_text(load_generator_rules(self.max_sessions))
+        subprocess.run([*self.command, "rules", "compile", str(rules_text), str(self.rules)],
+                       check=True, stdout=subprocess.DEVNULL, cwd=self.dir)
         self.config.write_text(qmqpd_config(self.port, self.queue, self.maxdaemons,
-                                            self.prefork, self.extra))
+                                            self.prefork, self.rules, self.extra))
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [*self.command, "serve", "--config", str(self.config)],
@@ -533,6 +617,7 @@ class RunResult:
     accepted: int | None
     server_cpu: float | None
     client_cpu: float
+    machine_cpu: float
     client_errors: list[str] = field(default_factory=list)
     samples: list[float] = field(default_factory=list, repr=False)
 
@@ -587,6 +672,7 @@ def measure(target: Target, messages: int, sessions: int, length: int, warmup: i
     target.settle()
     accepted_before = stable_count(target.accepted)  # qmqpd logs after it answers
     cpu_before = target.cpu_seconds()
+    machine_before = machine_busy_seconds()
     progress = Progress(f"{target.name} s={sessions}", messages)
     probe = LatencyProbe(target.port, length, probe_pause)
     with profile() if profile else contextlib.nullcontext():
@@ -598,6 +684,7 @@ def measure(target: Target, messages: int, sessions: int, length: int, warmup: i
             probe.stop()
             progress.finish()
     cpu_after = target.cpu_seconds()
+    machine_cpu = machine_busy_seconds() - machine_before
     target.settle()
     accepted_after = stable_count(target.accepted)
     accepted = None
@@ -612,7 +699,69 @@ def measure(target: Target, messages: int, sessions: int, length: int, warmup: i
         probe_failures=dict(probe.failures), accepted=accepted,
         server_cpu=(cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None
         else None,
-        client_cpu=client_cpu, client_errors=errors[:5], samples=samples)
+        client_cpu=client_cpu, machine_cpu=machine_cpu, client_errors=errors[:5],
+        samples=samples)
+
+
+# -- sync system calls per message ----------------------------------------------------------
+def tree_pids(pid: int) -> list[int]:
+    pids = [pid]
+    for child in children_of(pid):
+        pids += tree_pids(child)
+    return pids
+
+
+def _traced_by(pid: int) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def strace_counts(pids: list[int], output: Path) -> Iterator[None]:
+    """`strace -f -c` of the sync calls of running processes (and the children they fork)
+    for the duration of the block; the summary table goes to output."""
+    binary = shutil.which("strace")
+    if binary is None:
+        raise BenchError("strace not found (Debian package strace); or --sync-messages 0")
+    process = subprocess.Popen(
+        [binary, "-f", "-qq", "-c", "-o", str(output), "-e", "trace=" + ",".join(SYNC_CALLS),
+         *(f"-p{pid}" for pid in pids)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while any(_traced_by(pid) != process.pid for pid in pids if Path(f"/proc/{pid}").exists()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise BenchError(f"strace could not attach to {pids}: {error.strip()}")
+            time.sleep(0.05)
+        yield
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # detach and write the summary
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def syncs_per_message(target: Target, messages: int, length: int) -> dict[str, float]:
+    """One extra run of `messages` at one session with strace counting the server's
+    sync calls (its rate under strace is no figure)."""
+    pid = target.main_pid()
+    if pid is None:
+        raise BenchError(f"{target.name} is not running; cannot count its syncs")
+    output = target.root / f"strace-{target.name}.txt"
+    with strace_counts(tree_pids(pid), output):
+        _, _, errors = run_qmqp_source(target.port, messages, 1, length, None)
+        target.settle()
+    if errors:
+        raise BenchError(f"{target.name} run under strace failed: {errors[:3]}")
+    counts = parse_strace_counts(output.read_text())
+    return {name: counts.get(name, 0) / messages for name in SYNC_CALLS
+            if counts.get(name) or name in ("fsync", "fdatasync")}
 
 
 # -- profile of qmqpd under load ----------------------------------------------------------
@@ -727,7 +876,7 @@ def version_of(command: list[str]) -> str:
     return "unknown"
 
 
-def machine_facts(qmqpd_cmd: list[str]) -> dict[str, str]:
+def machine_facts(qmqpd_cmd: list[str], root: Path) -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
         for line in handle:
@@ -737,14 +886,20 @@ def machine_facts(qmqpd_cmd: list[str]) -> dict[str, str]:
     with open("/proc/meminfo") as handle:
         memory_kb = int(handle.readline().split()[1])
     return {
-        "cpu": f"{os.cpu_count()} x {cpu}",
+        "nproc": str(os.cpu_count()),
+        "model name": cpu,
         "memory": f"{memory_kb // 1024} MiB",
         "kernel": platform.release(),
-        "load before": " ".join(f"{value:.2f}" for value in os.getloadavg()),
+        "queue filesystem": describe_filesystem(root),
+        "load before": load_text(),
         "python": platform.python_version(),
         "postfix": version_of(["postconf", "-d", "-h", "mail_version"]),
         "qmqpd": " ".join(qmqpd_cmd),
     }
+
+
+def load_text() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def memory_report(qmqpd: QmqpdTarget, postfix: PostfixTarget | None) -> dict[str, object]:
@@ -779,13 +934,14 @@ def summarise_runs(rows: list[RunResult]) -> dict[str, float | None]:
         "server_ms_per_msg": median([row.server_cpu * 1000 / row.messages for row in rows
                                      if row.server_cpu is not None]),
         "client_ms_per_msg": median([row.client_cpu * 1000 / row.messages for row in rows]),
+        "machine_ms_per_msg": median([row.machine_cpu * 1000 / row.messages for row in rows]),
     }
 
 
 def print_table(results: list[RunResult], sessions: list[int]) -> None:
     print("\n| sessions | server | msgs/s (median) | runs msgs/s | p50 ms | p99 ms | probes "
-          "| server CPU ms/msg | client CPU ms/msg | vs Postfix |")
-    print("| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| server CPU ms/msg | client CPU ms/msg | machine CPU ms/msg | vs Postfix |")
+    print("| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for count in sessions:
         names = list(dict.fromkeys(row.target for row in results if row.sessions == count))
         summaries = {name: summarise_runs([row for row in results
@@ -800,7 +956,8 @@ def print_table(results: list[RunResult], sessions: list[int]) -> None:
             print(f"| {count} | {name} | {rate:,.0f} | {runs} | {fmt(summary['p50_ms'])} "
                   f"| {fmt(summary['p99_ms'])} | {summary['probes']} "
                   f"| {fmt(summary['server_ms_per_msg'], 2)} "
-                  f"| {fmt(summary['client_ms_per_msg'], 2)} | {ratio} |")
+                  f"| {fmt(summary['client_ms_per_msg'], 2)} "
+                  f"| {fmt(summary['machine_ms_per_msg'], 2)} | {ratio} |")
 
 
 def _mib(values: list[int]) -> str:
@@ -874,6 +1031,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the timed runs, one extra qmqpd run at the largest "
                              "session count under py-spy")
     parser.add_argument("--profile-rate", type=int, default=250)
+    parser.add_argument("--sync-messages", type=int, default=200,
+                        help="messages of the extra run under strace -f -c that counts each "
+                             "server's sync calls (0: skip)")
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="refuse to start above this 1-minute load average (default 1.0)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even above --max-load (the figures then say little)")
     parser.add_argument("--json", type=Path, help="also write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
@@ -889,7 +1053,8 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
     targets: list[Target] = []
     if "sink" in wanted:
         targets.append(SinkTarget(root))
-    qmqpd = QmqpdTarget(root, command, args.maxdaemons, args.prefork, args.qmqpd_setting)
+    qmqpd = QmqpdTarget(root, command, args.maxdaemons, args.prefork, max(args.sessions),
+                        args.qmqpd_setting)
     targets.append(qmqpd)
     postfix = PostfixTarget(root) if "postfix" in wanted else None
     if postfix:
@@ -900,7 +1065,7 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
         print(f"started {target.name} pid {target.main_pid()} port {target.port}",
               file=sys.stderr, flush=True)
 
-    facts = machine_facts(command)
+    facts = machine_facts(command, root)
     print("machine: " + "; ".join(f"{key} {value}" for key, value in facts.items()))
     print(f"run: {args.messages} messages of {args.length} bytes, sessions "
           f"{','.join(map(str, args.sessions))}, warm-up {args.warmup}, "
@@ -914,8 +1079,15 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
             for target in measured if repeat % 2 == 0 else measured[::-1]:
                 results.append(measure(target, args.messages, sessions, args.length,
                                        args.warmup, args.probe_pause))
+    load_after = load_text()
     time.sleep(1.0)  # workers go back to idle
     memory_after = memory_report(qmqpd, postfix)
+
+    syncs: dict[str, dict[str, float]] = {}
+    if args.sync_messages > 0:
+        for target in measured:
+            if target.name != "qmqp-sink":
+                syncs[target.name] = syncs_per_message(target, args.sync_messages, args.length)
 
     profile_summary = None
     if args.profile:
@@ -927,7 +1099,15 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
                 args.probe_pause, profile=lambda: py_spy(main_pid, output, args.profile_rate))
         profile_summary = summarise_profile(output.read_text())
 
+    print(f"\nload average (1, 5, 15 min): before {facts['load before']}, "
+          f"after the timed runs {load_after}")
     print_table(results, args.sessions)
+    if syncs:
+        print(f"\nsync calls per message (strace -f -c of the server's processes, "
+              f"{args.sync_messages} messages, 1 session):")
+        for name, calls in syncs.items():
+            print(f"  {name:<8} " + ", ".join(f"{call} {value:.2f}"
+                                               for call, value in calls.items()))
     print_memory("idle, before the runs", memory_before)
     print_memory("idle, 1 s after the runs", memory_after)
     if profile_summary:
@@ -937,7 +1117,8 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
         print(f"PROBLEM: {problem}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": facts, "args": {k: str(v) for k, v in vars(args).items()},
+            "machine": facts, "load_after": load_after, "syncs_per_message": syncs,
+            "args": {k: str(v) for k, v in vars(args).items()},
             "pids": {target.name: target.main_pid() for target in targets},
             "results": [{**asdict(result), "samples": len(result.samples)}
                         for result in results],
@@ -948,6 +1129,10 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refusal = load_refusal(os.getloadavg()[0], args.max_load, args.force)
+    if refusal:
+        print(f"serve_vs_postfix: {refusal}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
     require_root()
     signal.signal(signal.SIGTERM, _raise_interrupt)
     root = Path(tempfile.mkdtemp(prefix="qmqpd-bench-"))

@@ -37,6 +37,11 @@ class Verdict:
         """Accepted towards the client, but not queued (e.g. REJECTVIRUS=2)."""
         return cls("discard", facts=facts)
 
+    @classmethod
+    def from_reply(cls, reply: Reply, **facts: object) -> Verdict:
+        """Z or D with a text from the REPLIES table."""
+        return cls("tempfail" if reply.status == "Z" else "reject", reply.text, facts=facts)
+
     def reply(self) -> Reply | None:
         """The answer this verdict forces, or None when the message goes on."""
         if self.action == "tempfail":

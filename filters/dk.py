@@ -6,22 +6,26 @@ whitespace. Both end each line with CRLF, drop trailing empty body lines, and dr
 header/body separator when the body is then empty. The data is hashed with SHA-1 and
 signed RSASSA-PKCS1-v1_5. The signature covers the header fields below it, so it is put on
 top; it is not itself hashed.
+
+Header and body go through one SHA-1 as a stream (filters.mailstream): the header block is
+held in memory (at most mailstream.HEADER_LIMIT bytes), the body never is.
 """
 
 from __future__ import annotations
 
 import base64
 import getopt
+import hashlib
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from filters import keys
+from filters import keys, mailstream
 from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
@@ -29,51 +33,53 @@ from qmqpd.message import Message, Reply
 
 HEADER_NAME = b"DomainKey-Signature"
 _WSP = re.compile(rb"[ \t\r\n]")
+# With -h, h= names at most this many distinct fields (the first ones from the top); fields
+# of other names are then not signed, which RFC 4870 allows.
+MAX_H_NAMES = 64
 
 # --- canonicalisation ----------------------------------------------------------------------
 
 
-def split_message(message: bytes) -> tuple[list[list[bytes]], list[bytes]]:
-    """Header fields (each a list of its lines) and body lines; CRLF or LF separated."""
-    lines = re.split(rb"\r?\n", message)
-    if lines and lines[-1] == b"":
-        lines.pop()  # the final line terminator does not start a line
-    fields: list[list[bytes]] = []
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        index += 1
-        if line == b"":
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(line)
-        else:
-            fields.append([line])
-    return fields, lines[index:]
+def field_name(field: Sequence[bytes]) -> bytes:
+    return field[0].strip().lower()
 
 
-def field_name(field: list[bytes]) -> bytes:
-    return field[0].split(b":", 1)[0].strip().lower()
-
-
-def canonical_data(fields: Sequence[list[bytes]], body: Sequence[bytes], method: str,
-                   signed_names: Sequence[bytes] | None = None) -> bytes:
-    """The bytes RFC 4870 hashes for these header fields and body lines."""
-    if signed_names is not None:
-        wanted = {name.lower() for name in signed_names}
-        fields = [f for f in fields if field_name(f) in wanted]
+def _canonical_field(field: Sequence[bytes], method: str) -> bytes:
+    raw = mailstream.raw_field(list(field))
     if method == "nofws":
-        head = [_WSP.sub(b"", b"".join(f)) + b"\r\n" for f in fields]
-        lines = [_WSP.sub(b"", line) for line in body]
-    else:
-        head = [b"".join(line + b"\r\n" for line in f) for f in fields]
-        lines = list(body)
-    while lines and lines[-1] == b"":
-        lines.pop()
-    data = b"".join(head)
-    if lines:
-        data += b"\r\n" + b"".join(line + b"\r\n" for line in lines)
-    return data
+        return _WSP.sub(b"", raw) + b"\r\n"
+    return raw
+
+
+def hash_data(fields: Sequence[Sequence[bytes]], body: Iterable[bytes], method: str,
+              signed_names: Sequence[bytes] | None = None) -> bytes:
+    """The SHA-1 of the bytes RFC 4870 signs for these fields and body chunks."""
+    digest = hashlib.sha1()
+    _feed(digest, fields, body, method, signed_names)
+    return digest.digest()
+
+
+def canonical_data(message: bytes, method: str,
+                   signed_names: Sequence[bytes] | None = None) -> bytes:
+    """The bytes RFC 4870 signs for a whole message (for tests and tools)."""
+    parsed = mailstream.split([message])
+    collected: list[bytes] = []
+
+    class Collect:
+        def update(self, data: bytes, /) -> None:
+            collected.append(data)
+
+    _feed(Collect(), parsed.fields, parsed.body, method, signed_names)
+    return b"".join(collected)
+
+
+def _feed(sink: mailstream.Sink, fields: Sequence[Sequence[bytes]], body: Iterable[bytes],
+          method: str, signed_names: Sequence[bytes] | None) -> None:
+    wanted = None if signed_names is None else {name.lower() for name in signed_names}
+    for field in fields:
+        if wanted is None or field_name(field) in wanted:
+            sink.update(_canonical_field(field, method))
+    mailstream.feed(body, mailstream.BodyCanon(f"dk-{method}", [sink]))
 
 
 # --- signing -------------------------------------------------------------------------------
@@ -109,19 +115,27 @@ def parse_options(text: str) -> DkOptions:
     return DkOptions(**values)  # type: ignore[arg-type]
 
 
-def sign_message(message: bytes, domain: str, selector: str, key: rsa.RSAPrivateKey,
-                 options: DkOptions) -> bytes:
+def h_names(fields: Sequence[Sequence[bytes]]) -> list[bytes]:
+    """The distinct field names from the top, as written, at most MAX_H_NAMES."""
+    names: list[bytes] = []
+    seen: set[bytes] = set()
+    for field in fields:
+        name = field[0].strip()
+        if name.lower() not in seen:
+            seen.add(name.lower())
+            names.append(name)
+            if len(names) == MAX_H_NAMES:
+                break
+    return names
+
+
+def sign_message(message: bytes | mailstream.Split, domain: str, selector: str,
+                 key: rsa.RSAPrivateKey, options: DkOptions) -> bytes:
     """The `DomainKey-Signature:` header (LF line ends) for the message it goes on top of."""
-    fields, body = split_message(message)
-    names: list[bytes] | None = None
-    if options.with_h:
-        names = []
-        for field in fields:
-            name = field[0].split(b":", 1)[0].strip()
-            if name.lower() not in (n.lower() for n in names):
-                names.append(name)
-    data = canonical_data(fields, body, options.method, names)
-    signature = key.sign(data, padding.PKCS1v15(), hashes.SHA1())
+    parsed = message if isinstance(message, mailstream.Split) else mailstream.split([message])
+    names = h_names(parsed.fields) if options.with_h else None
+    digest = hash_data(parsed.fields, parsed.body, options.method, names)
+    signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
     tags = [f"a=rsa-sha1; q=dns; c={options.method};", f"s={selector}; d={domain};"]
     if names is not None:
         tags.append("h=" + ":".join(n.decode("ascii", "replace") for n in names) + ";")
@@ -152,18 +166,23 @@ class DkResult:
         return self.detail or RESULTS[self.letter][0]
 
 
-def verify_message(message: bytes, lookup: keys.TxtLookup) -> DkResult:
-    """The first DomainKey-Signature (from the top) checked against the fields below it."""
-    fields, body = split_message(message)
-    for index, field in enumerate(fields):
+def verify_message(message: bytes | mailstream.Split, lookup: keys.TxtLookup) -> DkResult:
+    """The first DomainKey-Signature (from the top) checked against the fields below it.
+    A header block that cannot be parsed is G (bad syntax)."""
+    try:
+        parsed = message if isinstance(message, mailstream.Split) else mailstream.split(
+            [message])
+    except mailstream.MalformedHeader as error:
+        return DkResult("G", "", str(error)[:200])
+    for index, field in enumerate(parsed.fields):
         if field_name(field) == HEADER_NAME.lower():
-            return _verify(field, fields[index + 1:], body, lookup)
+            return _verify(field, parsed.fields[index + 1:], parsed.body, lookup)
     return DkResult("C")
 
 
-def _verify(sig_field: list[bytes], below: list[list[bytes]], body: list[bytes],
-            lookup: keys.TxtLookup) -> DkResult:
-    tags = keys.tag_list(b"".join(sig_field).split(b":", 1)[1])
+def _verify(sig_field: Sequence[bytes], below: Sequence[Sequence[bytes]],
+            body: Iterable[bytes], lookup: keys.TxtLookup) -> DkResult:
+    tags = keys.tag_list(sig_field[1])
     domain_raw, selector = tags.get(b"d", b""), tags.get(b"s", b"")
     domain = domain_raw.decode("ascii", "replace")
     if not domain_raw or not selector or b"b" not in tags:
@@ -176,7 +195,7 @@ def _verify(sig_field: list[bytes], below: list[list[bytes]], body: list[bytes],
     if not _identity_matches(below, domain_raw):
         return DkResult("B", domain, "sender not in d= domain")
     try:
-        record = lookup(selector + b"._domainkey." + domain_raw + b".")
+        record = lookup(selector + b"._domainkey." + domain_raw + b".", None)
     except keys.DnsTempError as error:
         return DkResult("F", domain, str(error)[:200])
     if record is None:
@@ -188,24 +207,23 @@ def _verify(sig_field: list[bytes], below: list[list[bytes]], body: list[bytes],
         return DkResult("E", domain, "key does not allow sha1")
     try:
         public = serialization.load_der_public_key(base64.b64decode(key_tags[b"p"]))
-    except ValueError as error:
+    except (ValueError, UnsupportedAlgorithm) as error:
         return DkResult("E", domain, str(error)[:200])
     if not isinstance(public, rsa.RSAPublicKey):
         return DkResult("E", domain, "not an RSA key")
     names = tags[b"h"].split(b":") if b"h" in tags else None
-    data = canonical_data(below, body, method, names)
+    digest = hash_data(below, body, method, names)
     try:
-        public.verify(base64.b64decode(tags[b"b"]), data, padding.PKCS1v15(), hashes.SHA1())
+        public.verify(base64.b64decode(tags[b"b"]), digest, padding.PKCS1v15(),
+                      utils.Prehashed(hashes.SHA1()))
     except (InvalidSignature, ValueError):
         return DkResult("B", domain)
     return DkResult("A", domain)
 
 
-def _identity_matches(fields: Sequence[list[bytes]], domain: bytes) -> bool:
+def _identity_matches(fields: Sequence[Sequence[bytes]], domain: bytes) -> bool:
     """RFC 4870: the Sender: (else From:) domain is d= or a subdomain of it."""
-    unfolded = [(field[0].split(b":", 1)[0].strip(), b" ".join(x.strip() for x in field)
-                 .split(b":", 1)[1]) for field in fields if b":" in field[0]]
-    found = keys.identity_header(unfolded)
+    found = keys.identity_header(fields)
     if found is None:
         return False
     sender = (keys.address_domain(found[1]) or "").lower().encode()
@@ -227,6 +245,21 @@ def authentication_results(authserv_id: str, result: DkResult) -> bytes:
 
 @dataclass
 class DkStage:
+    """DomainKeys verification (DKVERIFY) and signing (DKSIGN) of one message, read as a
+    stream (see the module docstring).
+
+    Policy, the same as the DKIM stage's:
+    - a key that is missing (path without `%`), unreadable or unusable (not RSA, not a key)
+      is the operator's to fix: Z (`unable to read private key` / `unable to use private
+      key`, #4.3.0), and the client retries once it is fixed;
+    - a header block that cannot be parsed (or is over mailstream.HEADER_LIMIT) cannot be
+      signed as it is, now or later: D (`message header is malformed, cannot sign`,
+      #5.6.0); when only verifying it is the result letter G and the DKVERIFY letters decide;
+    - no key for the domain under a `%` pattern, or a From/Sender domain that is not a
+      hostname: queued unsigned, with a log line (IndiMail's rule);
+    - no From: or Sender: header: Z (#4.1.7), as the DKIM stage answers.
+    """
+
     name: str = "dk"
     pattern: str | None = None
     options: DkOptions = DkOptions()
@@ -236,34 +269,47 @@ class DkStage:
     authserv_id: str = ""
 
     def process(self, message: Message) -> Verdict:
-        raw = message.final_bytes()
         added: list[bytes] = []
         facts: dict[str, object] = {}
         if self.verify_letters is not None:
             assert self.lookup is not None
-            result = verify_message(raw, self.lookup)
+            result = self._verify(message)
             facts["verify"] = result.letter
             if result.letter in self.verify_letters:
-                return Verdict.reject(Reply.named("dk_rejected", text=result.text).text,
-                                      verify=result.letter)
+                return Verdict.from_reply(
+                    Reply.named("verify_rejected", stage=self.name, text=result.text),
+                    verify=result.letter)
             if result.letter.lower() in self.verify_letters:
-                return Verdict.tempfail(Reply.named("dk_tempfailed", text=result.text).text,
-                                        verify=result.letter)
+                return Verdict.from_reply(
+                    Reply.named("verify_tempfailed", stage=self.name, text=result.text),
+                    verify=result.letter)
             added.append(authentication_results(self.authserv_id, result))
         if self.pattern is not None:
-            verdict = self._sign(raw, added, facts)
+            verdict = self._sign(message, added, facts)
             if verdict is not None:
                 return verdict
         return Verdict.accept(*added, **facts)
 
-    def _sign(self, raw: bytes, added: list[bytes], facts: dict[str, object]) -> Verdict | None:
+    def _verify(self, message: Message) -> DkResult:
+        assert self.lookup is not None
+        try:
+            parsed = mailstream.split(message.final_chunks())
+        except mailstream.MalformedHeader as error:
+            return DkResult("G", "", str(error)[:200])
+        return verify_message(parsed, self.lookup)
+
+    def _sign(self, message: Message, added: list[bytes],
+              facts: dict[str, object]) -> Verdict | None:
         assert self.pattern is not None
-        fields, _body = split_message(raw)
-        unfolded = [(f[0].split(b":", 1)[0].strip(), b" ".join(x.strip() for x in f)
-                     .split(b":", 1)[1]) for f in fields if b":" in f[0]]
-        identity = keys.identity_header(unfolded)
+        try:
+            parsed = mailstream.split(message.final_chunks())
+        except mailstream.MalformedHeader as error:
+            log.event("dk_malformed", problem=str(error)[:200])
+            return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
+                                      error=str(error)[:200])
+        identity = keys.identity_header(parsed.fields)
         if identity is None:
-            return Verdict.tempfail(Reply.named("dk_no_identity").text)
+            return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
         raw_domain = keys.address_domain(identity[1])
         domain = keys.valid_domain(raw_domain)
         if domain is None:
@@ -279,20 +325,12 @@ class DkStage:
                 facts["unsigned"] = "no key"
                 return None
             key = keys.load_private_key(found.path)
-        except keys.KeyMissing as error:
-            log.event("dk_key_missing", path=str(error))
-            return Verdict.reject(Reply.named("dk_key_missing").text)
-        except keys.KeyUnreadable as error:
-            log.event("dk_key_refused", problem=str(error))
-            return Verdict.tempfail(Reply.named("dk_key_unreadable").text)
-        except keys.KeyUnparsable as error:
-            log.event("dk_key_unparsable", problem=str(error))
-            return Verdict.tempfail(Reply.named("dk_key_unusable").text)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            log.event("dk_key_unparsable", problem=f"{found.path}: DomainKeys needs an RSA key")
-            return Verdict.tempfail(Reply.named("dk_key_unusable").text)
+            if not isinstance(key, rsa.RSAPrivateKey):
+                raise keys.KeyUnparsable(f"{found.path}: DomainKeys needs an RSA key")
+        except keys.KeyProblem as error:
+            return keys.problem_verdict(self.name, error)
         # Below any Authentication-Results of ours: the signature covers what is under it.
-        added.append(sign_message(raw, domain, found.selector, key, self.options))
+        added.append(sign_message(parsed, domain, found.selector, key, self.options))
         facts["d"] = domain
         return None
 

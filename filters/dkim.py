@@ -1,13 +1,15 @@
 """DKIM (RFC 6376) signing and verification stage, with qmail-dkim's settings.
 
-Signing produces exactly the header dkimpy would (its canonicalisation, header selection and
-folding are reused) but the RSA and Ed25519 operations run in OpenSSL through
-`cryptography`: dkimpy's pure-Python RSA costs milliseconds per message. RSA PKCS#1 v1.5 and
-Ed25519 are deterministic, so the bytes are identical.
+Signing produces exactly the header dkimpy would (its canonicalisation rules, tag order and
+folding) but the RSA and Ed25519 operations run in OpenSSL through `cryptography`: dkimpy's
+pure-Python RSA costs milliseconds per message. RSA PKCS#1 v1.5 and Ed25519 are
+deterministic, so the bytes are identical.
 
-Verification uses dkimpy's parsing and hashing with our own key lookup, so that each
-outcome maps to one of qmail-dkim's result letters (A-Y), and a DNS failure is a temporary
-result (P), never a silent pass.
+The message is read as a stream (filters.mailstream): the body hash is computed chunk by
+chunk and header selection is one pass, so work is linear in the message and memory is the
+header block. Verification uses dkimpy's tag and key-record parsing with our own key lookup,
+so that each outcome maps to one of qmail-dkim's result letters (A-Y), and a DNS failure is
+a temporary result (P), never a silent pass.
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ from __future__ import annotations
 import base64
 import getopt
 import hashlib
+import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import dkim
+import nacl.exceptions
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
+from dkim.util import InvalidTagValueList, parse_tag_value
 
-from filters import keys
+from filters import keys, mailstream
 from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
@@ -95,21 +102,101 @@ def _seconds(value: str, setting: str) -> int:
     return int(value)
 
 
-def headers_to_sign(headers: Sequence[tuple[bytes, bytes]],
-                    exclude: Sequence[bytes]) -> list[bytes]:
-    """qmail-dkim's choice: every header but X-* (X-Mailer is kept), trace, results,
-    signatures and EXCLUDE_DKIMSIGN prefixes; From always."""
-    names = []
-    for name, _value in headers:
-        lower = name.lower()
+# A hostile message may carry tens of thousands of header fields; the signature covers a
+# bounded set: each name at most MAX_PER_NAME times (its bottom-most occurrences, as RFC 6376
+# selects them) and at most MAX_SIGNED_HEADERS entries in h=, the names RFC 6376 §5.4.1
+# recommends (plus the MIME and identity fields) first, then the others in message order.
+MAX_PER_NAME = 8
+MAX_SIGNED_HEADERS = 64
+RECOMMENDED = frozenset((
+    b"from", b"sender", b"reply-to", b"subject", b"date", b"to", b"cc", b"message-id",
+    b"resent-date", b"resent-from", b"resent-sender", b"resent-to", b"resent-cc",
+    b"in-reply-to", b"references", b"list-id", b"list-help", b"list-unsubscribe",
+    b"list-subscribe", b"list-post", b"list-owner", b"list-archive", b"mime-version",
+    b"content-type", b"content-transfer-encoding"))
+
+
+def headers_to_sign(headers: Sequence[Sequence[bytes]], exclude: Sequence[bytes]) -> list[bytes]:
+    """qmail-dkim's choice, bounded: every header but X-* (X-Mailer is kept), trace, results,
+    signatures and EXCLUDE_DKIMSIGN prefixes; From always. Linear in the header count."""
+    counts: dict[bytes, int] = {}
+    for header in headers:
+        lower = header[0].lower()
         if lower.startswith(b"x-") and lower != b"x-mailer":
             continue
         if lower in NEVER_SIGNED or any(lower.startswith(prefix) for prefix in exclude):
             continue
-        names.append(lower)
-    if b"from" not in names:
+        counts[lower] = counts.get(lower, 0) + 1
+    budget = MAX_SIGNED_HEADERS - (0 if b"from" in counts else 1)
+    allowed: dict[bytes, int] = {}
+    for name in sorted(counts, key=lambda n: n not in RECOMMENDED):  # stable: message order
+        allowed[name] = min(counts[name], MAX_PER_NAME, budget)
+        budget -= allowed[name]
+    names = []
+    for header in headers:
+        lower = header[0].lower()
+        if allowed.get(lower, 0) > 0:
+            names.append(lower)
+            allowed[lower] -= 1
+    if b"from" not in counts:
         names.append(b"from")
     return names
+
+
+def select_fields(headers: Sequence[Sequence[bytes]],
+                  include: Sequence[bytes]) -> list[Sequence[bytes]]:
+    """The fields h= names, in h= order, each repeat taking the next one up (dkimpy's
+    select_headers, in one pass instead of one scan per h= entry)."""
+    wanted = Counter(include)
+    # only the bottom-most occurrences can be picked: as many per name as h= lists it
+    positions = {name: deque(maxlen=count) for name, count in wanted.items()}
+    for index, header in enumerate(headers):
+        lower = header[0].lower()
+        if lower in positions:
+            positions[lower].append(index)
+    picked = []
+    for name in include:
+        stack = positions.get(name)
+        if stack:
+            picked.append(headers[stack.pop()])
+    return picked
+
+
+def header_hash(hasher: object, policy: CanonicalizationPolicy,
+                headers: Sequence[Sequence[bytes]], include: Sequence[bytes],
+                signature_value: bytes) -> None:
+    """Feed the signed fields, then the signature field with an empty b=, as RFC 6376 says."""
+    chosen = policy.canonicalize_headers([(n, v) for n, v in select_fields(headers, include)])
+    own = policy.canonicalize_headers([(HEADER_NAME, dkim.RE_BTAG.sub(b"\\1", signature_value))])
+    for name, value in chosen + [(x, y.rstrip()) for x, y in own]:
+        hasher.update(name + b":" + value)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class BodyHash:
+    digest: bytes
+    length: int  # of the canonical body (the l= tag)
+
+
+def hash_bodies(body: Iterable[bytes],
+                wanted: Iterable[tuple[bytes, bytes, int | None]]
+                ) -> dict[tuple[bytes, bytes, int | None], BodyHash]:
+    """Body hashes for each (body canonicalisation, algorithm, l= or None), in one pass over
+    the body chunks: memory stays one chunk whatever the body's size."""
+    canonicalisers: dict[bytes, mailstream.BodyCanon] = {}
+    made: dict[tuple[bytes, bytes, int | None], tuple[object, mailstream.BodyCanon]] = {}
+    for key in set(wanted):
+        canon, algorithm, limit = key
+        canonicaliser = canonicalisers.setdefault(
+            canon, mailstream.BodyCanon(canon.decode(), []))
+        digest = DIGESTS[algorithm][0]()
+        sink: mailstream.Sink = digest if limit is None else mailstream.LimitedSink(digest, limit)
+        canonicaliser.sinks.append(sink)
+        made[key] = (digest, canonicaliser)
+    if canonicalisers:
+        mailstream.feed(body, *canonicalisers.values())
+    return {key: BodyHash(digest.digest(), canonicaliser.length)  # type: ignore[attr-defined]
+            for key, (digest, canonicaliser) in made.items()}
 
 
 def sign_message(headers: list[list[bytes]], body: bytes, domain: bytes, selector: bytes,
@@ -117,9 +204,19 @@ def sign_message(headers: list[list[bytes]], body: bytes, domain: bytes, selecto
                  options: SignOptions, now: int, linesep: bytes = b"\n") -> bytes:
     """The `DKIM-Signature: ...` header, byte for byte what dkimpy's DKIM.sign makes."""
     policy = CanonicalizationPolicy.from_c_value(options.canonicalize)
+    key_for_body = (policy.body_algorithm.name, algorithm, None)
+    bodyhash = hash_bodies([body], [key_for_body])[key_for_body]
+    return make_signature(headers, bodyhash, domain, selector, key, algorithm, include,
+                          options, now, linesep)
+
+
+def make_signature(headers: Sequence[Sequence[bytes]], bodyhash: BodyHash, domain: bytes,
+                   selector: bytes, key: keys.PrivateKey, algorithm: bytes,
+                   include: Sequence[bytes], options: SignOptions, now: int,
+                   linesep: bytes = b"\n") -> bytes:
+    """The header for a body already hashed (see hash_bodies)."""
+    policy = CanonicalizationPolicy.from_c_value(options.canonicalize)
     hasher, digest_algorithm = DIGESTS[algorithm]
-    canonical_body = policy.canonicalize_body(body)
-    bodyhash = base64.b64encode(hasher(canonical_body).digest())
     identity = options.identity or b"@" + domain
     fields = [x for x in (
         (b"v", b"1"),
@@ -127,22 +224,21 @@ def sign_message(headers: list[list[bytes]], body: bytes, domain: bytes, selecto
         (b"c", policy.to_c_value()),
         (b"d", domain),
         (b"i", identity),
-        options.length and (b"l", str(len(canonical_body)).encode()),
+        options.length and (b"l", str(bodyhash.length).encode()),
         (b"q", b"dns/txt"),
         (b"s", selector),
         (b"t", str(now).encode()),
         options.expire is not None and (b"x", str(now + options.expire).encode()),
         (b"h", b" : ".join(include)),
-        (b"bh", bodyhash),
+        (b"bh", base64.b64encode(bodyhash.digest)),
         (b"b", b"0" * 60),  # forces b= onto its own line, as dkimpy does
     ) if x]
     unsigned = dkim.fold(b"; ".join(b"=".join(x) for x in fields),
                          namelen=len(HEADER_NAME), linesep=b"\r\n")
     unsigned = dkim.RE_BTAG.sub(b"\\1", unsigned)
-    header_hash = hasher()
-    dkim.hash_headers(header_hash, policy, policy.canonicalize_headers(headers), list(include),
-                      (HEADER_NAME, b" " + unsigned), dict(fields))
-    digest = header_hash.digest()
+    hashed = hasher()
+    header_hash(hashed, policy, headers, include, b" " + unsigned)
+    digest = hashed.digest()
     if isinstance(key, ed25519.Ed25519PrivateKey):
         signature = key.sign(digest)
     else:
@@ -174,6 +270,8 @@ RESULTS = {
     "S": ("none", "no signatures"), "U": ("fail", "body hash mismatch"),
     "V": ("permerror", "algorithm mismatch"),
 }
+DEFAULT_MAX_SIGNATURES = 5
+MIN_KEY_BITS = 1024  # dkimpy's minimum for an RSA key that verifies
 
 
 @dataclass(frozen=True)
@@ -205,19 +303,47 @@ def _letter_for_validation(error: Exception) -> str:
     return "H"
 
 
-def verify_one(message: bytes, index: int, lookup: keys.TxtLookup) -> SignatureResult:
-    checker = dkim.DKIM(message)
+@dataclass(frozen=True)
+class _Prepared:
+    """A signature whose tags parsed: what is needed to check it."""
+
+    sig: dict[bytes, bytes]
+    include: list[bytes]
+    field: Sequence[bytes]
+    policy: CanonicalizationPolicy
+    body_key: tuple[bytes, bytes, int | None]
+    found: SignatureResult
+
+
+def _prepare(sig_field: Sequence[bytes]) -> _Prepared | SignatureResult:
     try:
-        prepared = checker.verify_headerprep(index)
+        sig = parse_tag_value(sig_field[1])
+        dkim.validate_signature_fields(sig)
+    except InvalidTagValueList as error:
+        return SignatureResult("H", detail=str(error)[:200])
     except (dkim.ValidationError, dkim.MessageFormatError) as error:
         return SignatureResult(_letter_for_validation(error), detail=str(error)[:200])
-    sig, include, sig_headers = prepared
     found = SignatureResult("A", sig[b"d"].decode(errors="replace"),
                             sig[b"s"].decode(errors="replace"),
                             sig[b"a"].decode(errors="replace"),
                             base64_prefix(sig.get(b"b", b"")))
     try:
-        record = lookup(sig[b"s"] + b"._domainkey." + sig[b"d"] + b".")
+        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError as error:
+        return _with(found, "H", f"invalid c= value: {error}"[:200])
+    if sig.get(b"l") == b"":
+        return _with(found, "H", "l= value is empty")
+    include = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
+    limit = int(sig[b"l"]) if b"l" in sig else None
+    return _Prepared(sig, include, sig_field, policy,
+                     (policy.body_algorithm.name, sig[b"a"], limit), found)
+
+
+def _check(prepared: _Prepared, headers: Sequence[Sequence[bytes]],
+           bodyhash: BodyHash, lookup: keys.TxtLookup, timeout: float | None) -> SignatureResult:
+    sig, found = prepared.sig, prepared.found
+    try:
+        record = lookup(sig[b"s"] + b"._domainkey." + sig[b"d"] + b".", timeout)
     except keys.DnsTempError as error:
         return _with(found, "P", str(error))
     if record is None:
@@ -226,18 +352,34 @@ def verify_one(message: bytes, index: int, lookup: keys.TxtLookup) -> SignatureR
     if not tags.get(b"p"):
         return _with(found, "N")
     try:
-        checker.pk, checker.keysize, checker.ktag, checker.seqtlsrpt = dkim.evaluate_pk(
-            b"key", record)
+        public, keysize, ktag, tlsrpt = dkim.evaluate_pk(b"key", record)
     except (dkim.KeyFormatError, ValueError) as error:
         return _with(found, "R", str(error)[:200])
-    if (checker.ktag == b"ed25519") != sig[b"a"].startswith(b"ed25519"):
+    if tlsrpt:
+        return _with(found, "H", "key is for TLS reports only")
+    if (ktag == b"ed25519") != sig[b"a"].startswith(b"ed25519"):
         return _with(found, "V")
+    expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+    if bodyhash.digest != expected:
+        return _with(found, "U")
+    include = list(prepared.include)
+    if b"from" in include:
+        include.append(b"from")  # dkimpy's check that no extra From was added (bug #644046)
+    hashed = DIGESTS[sig[b"a"]][0]()
+    header_hash(hashed, prepared.policy, headers, include, prepared.field[1])
+    signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
+    if ktag == b"ed25519":
+        try:
+            public.verify(hashed.digest(), signature)
+        except nacl.exceptions.BadSignatureError:
+            return _with(found, "I")
+        return found
     try:
-        good = checker.verify_sig_process(sig, include, sig_headers[index], None)
-    except dkim.ValidationError as error:
-        return _with(found, _letter_for_validation(error))
-    except dkim.DKIMException as error:
-        return _with(found, "R", str(error)[:200])
+        good = RSASSA_PKCS1_v1_5_verify(hashed, signature, public)
+    except (TypeError, ValueError, DigestTooLargeError) as error:
+        return _with(found, "R", f"signature does not fit the key: {error}"[:200])
+    if good and keysize < MIN_KEY_BITS:
+        return _with(found, "R", f"public key too small: {keysize}")
     return found if good else _with(found, "I")
 
 
@@ -250,10 +392,30 @@ def base64_prefix(value: bytes) -> str:
     return b"".join(value.split())[:8].decode(errors="replace")
 
 
-def verify_message(message: bytes, lookup: keys.TxtLookup) -> list[SignatureResult]:
-    headers, _body = dkim.rfc822_parse(message)
-    count = sum(1 for name, _ in headers if name.lower() == b"dkim-signature")
-    return [verify_one(message, index, lookup) for index in range(count)]
+def verify_message(message: bytes | mailstream.Split, lookup: keys.TxtLookup,
+                   max_signatures: int = DEFAULT_MAX_SIGNATURES,
+                   deadline: float | None = None) -> list[SignatureResult]:
+    """The results of the first (topmost) max_signatures signatures; the others are not
+    looked at. `deadline` (time.monotonic()) bounds all key lookups together: a signature
+    whose lookup cannot start before it is a temporary failure (P). Raises MalformedHeader."""
+    parsed = message if isinstance(message, mailstream.Split) else mailstream.split([message])
+    signatures = [f for f in parsed.fields if f[0].lower() == b"dkim-signature"]
+    prepared = [_prepare(f) for f in signatures[:max_signatures]]
+    wanted = [p.body_key for p in prepared if isinstance(p, _Prepared)]
+    bodies = hash_bodies(parsed.body, wanted)
+    results = []
+    for item in prepared:
+        if isinstance(item, SignatureResult):
+            results.append(item)
+            continue
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                results.append(_with(item.found, "P", "no time left for the key lookup"))
+                continue
+        results.append(_check(item, parsed.fields, bodies[item.body_key], lookup, timeout))
+    return results
 
 
 def overall_letter(results: Sequence[SignatureResult]) -> str:
@@ -299,8 +461,35 @@ class SignSpec:
     use_domain_table: bool
 
 
+@dataclass(frozen=True)
+class _Signer:
+    key: keys.PrivateKey
+    selector: bytes
+    algorithms: tuple[bytes, ...]
+    options: SignOptions
+
+
 @dataclass
 class DkimStage:
+    """DKIM verification (DKIMVERIFY) and signing (DKIMSIGN, DKIMSIGNEXTRA) of one message.
+
+    The message is read as a stream: the header block (at most mailstream.HEADER_LIMIT
+    bytes) in memory, the body hashed chunk by chunk. Verification looks at the topmost
+    `max_signatures` signatures with one `verify_timeout` for all their key lookups.
+
+    Policy, the same as the DomainKeys stage's:
+    - a key that is missing (path without `%`), unreadable or unusable is the operator's
+      to fix: Z (`unable to read private key` / `unable to use private key`, #4.3.0), and the
+      client retries once it is fixed;
+    - a header block that cannot be parsed (or is over the limit) cannot be signed as it is,
+      now or later: D (`message header is malformed, cannot sign`, #5.6.0) so the sender
+      hears at once, rather than the mail leaving unsigned where signing was asked for;
+      when only verifying, it is the result letter H and the DKIMVERIFY letters decide;
+    - no key for the domain under a `%` pattern, or a From/Sender domain that is not a
+      hostname: queued unsigned, with a log line (IndiMail's rule);
+    - no From: or Sender: header: Z (#4.1.7), as qmail-dkim answers.
+    """
+
     name: str = "dkim"
     signs: list[SignSpec] = field(default_factory=list)
     verify_letters: str | None = None
@@ -309,46 +498,61 @@ class DkimStage:
     exclude: tuple[bytes, ...] = ()
     lookup: keys.TxtLookup | None = None
     authserv_id: str = ""
+    max_signatures: int = DEFAULT_MAX_SIGNATURES
+    verify_timeout: float | None = None
 
     def process(self, message: Message) -> Verdict:
-        raw = message.final_bytes()
         added: list[bytes] = []
         facts: dict[str, object] = {}
         if self.verify_letters is not None:
-            verdict = self._verify(raw, added, facts)
+            verdict = self._verify(message, added, facts)
             if verdict is not None:
                 return verdict
         if self.signs:
-            verdict = self._sign(raw, added, facts)
+            verdict = self._sign(message, added, facts)
             if verdict is not None:
                 return verdict
         return Verdict.accept(*added, **facts)
 
-    def _verify(self, raw: bytes, added: list[bytes], facts: dict[str, object]) -> Verdict | None:
+    def _verify(self, message: Message, added: list[bytes],
+                facts: dict[str, object]) -> Verdict | None:
         assert self.lookup is not None and self.verify_letters is not None
+        deadline = None
+        if self.verify_timeout is not None:
+            deadline = time.monotonic() + self.verify_timeout
         try:
-            results = verify_message(raw, self.lookup)
-        except dkim.MessageFormatError as error:
+            parsed = mailstream.split(message.final_chunks())
+            found = sum(1 for f in parsed.fields if f[0].lower() == b"dkim-signature")
+            results = verify_message(parsed, self.lookup, self.max_signatures, deadline)
+        except mailstream.MalformedHeader as error:
             results = [SignatureResult("H", detail=str(error)[:200])]
+            found = 0
+        if found > len(results):
+            facts["unchecked"] = found - len(results)
         letter = overall_letter(results)
         facts["verify"] = letter
         text = results[0].text if results and letter != "A" else RESULTS[letter][1]
         if letter in self.verify_letters:
-            return Verdict.reject(Reply.named("dkim_rejected", text=text).text, verify=letter)
+            return Verdict.from_reply(
+                Reply.named("verify_rejected", stage=self.name, text=text), verify=letter)
         if letter.lower() in self.verify_letters:
-            return Verdict.tempfail(Reply.named("dkim_tempfailed", text=text).text, verify=letter)
+            return Verdict.from_reply(
+                Reply.named("verify_tempfailed", stage=self.name, text=text), verify=letter)
         added.append(authentication_results(self.authserv_id, results))
         return None
 
-    def _sign(self, raw: bytes, added: list[bytes], facts: dict[str, object]) -> Verdict | None:
+    def _sign(self, message: Message, added: list[bytes],
+              facts: dict[str, object]) -> Verdict | None:
         try:
-            headers, body = dkim.rfc822_parse(raw)
-        except dkim.MessageFormatError as error:
-            return Verdict.reject(Reply.named("dkim_header_malformed").text,
-                                  error=str(error)[:200])
-        identity = keys.identity_header([(name, value) for name, value in headers])
+            parsed = mailstream.split(message.final_chunks())
+        except mailstream.MalformedHeader as error:
+            log.event("dkim_malformed", problem=str(error)[:200])
+            return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
+                                      error=str(error)[:200])
+        headers = parsed.fields
+        identity = keys.identity_header(headers)
         if identity is None:
-            return Verdict.tempfail(Reply.named("dkim_no_identity").text)
+            return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
         raw_domain = keys.address_domain(b" ".join(identity[1].split()))
         domain = keys.valid_domain(raw_domain)
         if domain is None:
@@ -356,47 +560,46 @@ class DkimStage:
                       domain=(raw_domain or "")[:100])
             facts["unsigned"] = "bad domain"
             return None
-        include = headers_to_sign([(name, value) for name, value in headers], self.exclude)
-        now = int(time.time())
-        signatures: list[bytes] = []
+        signers: list[_Signer] = []
         for spec in self.signs:
             try:
-                made = self._sign_with(spec, domain, headers, body, include, now)
-            except keys.KeyMissing as error:
-                log.event("dkim_key_missing", path=str(error))
-                return Verdict.tempfail(Reply.named("dkim_key_unreadable").text)
-            except keys.KeyUnreadable as error:
-                log.event("dkim_key_refused", problem=str(error))
-                return Verdict.tempfail(Reply.named("dkim_key_unreadable").text)
-            except keys.KeyUnparsable as error:
-                log.event("dkim_key_unparsable", problem=str(error))
-                return Verdict.reject(Reply.named("dkim_key_unparsable").text)
-            if not made:
+                signer = self._signer(spec, domain)
+            except keys.KeyProblem as error:
+                return keys.problem_verdict(self.name, error)
+            if signer is None:
                 log.event("dkim_unsigned", reason="no key for domain", domain=domain,
                           pattern=spec.pattern)
                 facts.setdefault("unsigned", "no key")
-            signatures.extend(made)
-        if signatures:
-            facts["d"] = domain
-            facts["signatures"] = len(signatures)
+            else:
+                signers.append(signer)
+        if not signers:
+            return None
+        jobs = [(signer, algorithm, (CanonicalizationPolicy.from_c_value(
+                    signer.options.canonicalize).body_algorithm.name, algorithm, None))
+                for signer in signers for algorithm in signer.algorithms]
+        bodies = hash_bodies(parsed.body, [body_key for _, _, body_key in jobs])
+        include = headers_to_sign(headers, self.exclude)
+        now = int(time.time())
+        signatures = [make_signature(headers, bodies[body_key], domain.encode(), signer.selector,
+                                     signer.key, algorithm, include, signer.options, now)
+                      for signer, algorithm, body_key in jobs]
+        facts["d"] = domain
+        facts["signatures"] = len(signatures)
+        facts["signed_headers"] = len(include)
         added[:0] = signatures
         return None
 
-    def _sign_with(self, spec: SignSpec, domain: str, headers: list[list[bytes]], body: bytes,
-                   include: list[bytes], now: int) -> list[bytes]:
+    def _signer(self, spec: SignSpec, domain: str) -> _Signer | None:
         pattern = spec.pattern
         if spec.use_domain_table and self.domain_table:
             table = keys.domain_key_table(keys.under(self.controldir, self.domain_table))
             pattern = table.get(domain, pattern)
         found = keys.resolve_key(pattern, domain, self.controldir)
         if found is None:
-            return []
+            return None
         key = keys.load_private_key(found.path)
-        made = []
-        for algorithm in algorithms_for(key, spec.options):
-            made.append(sign_message(headers, body, domain.encode(), found.selector.encode(),
-                                     key, algorithm, include, spec.options, now))
-        return made
+        return _Signer(key, found.selector.encode(), algorithms_for(key, spec.options),
+                       spec.options)
 
 
 def from_config(config: Config) -> DkimStage | None:
@@ -417,4 +620,6 @@ def from_config(config: Config) -> DkimStage | None:
                      controldir=config.controldir, domain_table=config.dkimkeys,
                      exclude=exclude,
                      lookup=keys.dns_lookup(config.dns_servers, config.dns_timeout),
-                     authserv_id=keys.authserv_id())
+                     authserv_id=keys.authserv_id(),
+                     max_signatures=config.dkimverify_max_signatures,
+                     verify_timeout=config.dkimverify_timeout)

@@ -28,9 +28,14 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from filters.base import Verdict
+from qmqpd import log
+from qmqpd.message import Reply
+
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-# name (bytes, as in the signature) -> the TXT key record, None when there is none.
-TxtLookup = Callable[[bytes], bytes | None]
+# (name as in the signature, seconds left or None) -> the TXT key record, None when there
+# is none. The time limit is the smaller of DNS_TIMEOUT and the seconds left.
+TxtLookup = Callable[[bytes, float | None], bytes | None]
 
 MAX_DOMAIN = 253
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
@@ -88,13 +93,20 @@ def address_domain(value: bytes) -> str | None:
     return None
 
 
-def identity_header(fields: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None:
-    """The Sender: field, else the From: field (the signing identity of DK and DKIM)."""
-    for wanted in (b"sender", b"from"):
-        for name, value in fields:
-            if name.lower() == wanted:
-                return name, value
-    return None
+def identity_header(fields: Sequence[Sequence[bytes]]) -> tuple[bytes, bytes] | None:
+    """The Sender: field, else the From: field (the signing identity of DK and DKIM), its
+    value unfolded (continuation lines joined by a space)."""
+    found: Sequence[bytes] | None = None
+    for field in fields:
+        lower = field[0].lower()
+        if lower == b"sender":
+            found = field
+            break
+        if lower == b"from" and found is None:
+            found = field
+    if found is None:
+        return None
+    return found[0], b" ".join(line.strip() for line in found[1].split(b"\n")).strip()
 
 
 # --- finding and loading private keys ------------------------------------------------------
@@ -231,6 +243,18 @@ def key_kind(key: PrivateKey) -> str:
     return "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
 
 
+def problem_verdict(stage: str, error: KeyProblem) -> Verdict:
+    """The one answer both signing stages give for a key they cannot use: Z, logged."""
+    if isinstance(error, KeyMissing):
+        log.event(f"{stage}_key_missing", path=str(error))
+        return Verdict.from_reply(Reply.named("key_unreadable", stage=stage))
+    if isinstance(error, KeyUnreadable):
+        log.event(f"{stage}_key_refused", problem=str(error))
+        return Verdict.from_reply(Reply.named("key_unreadable", stage=stage))
+    log.event(f"{stage}_key_unparsable", problem=str(error))
+    return Verdict.from_reply(Reply.named("key_unusable", stage=stage))
+
+
 # --- public keys from DNS ------------------------------------------------------------------
 
 _RESOLVERS: dict[tuple[tuple[str, ...], float], dns.resolver.Resolver] = {}
@@ -278,18 +302,21 @@ def parse_servers(raw: str) -> tuple[str, ...]:
     return servers
 
 
-def txt_record(name: str, timeout: float, servers: tuple[str, ...] = ()) -> bytes | None:
-    """The key record at name (the first TXT with `p=`), None if there is none for sure."""
+def txt_record(name: str, timeout: float, servers: tuple[str, ...] = (),
+               lifetime: float | None = None) -> bytes | None:
+    """The key record at name (the first TXT with `p=`), None if there is none for sure.
+    `lifetime` (at most timeout) bounds the whole lookup, retries included."""
     try:
         dns.name.from_text(name)
     except dns.exception.DNSException:
         return None  # a name that cannot exist in DNS has no key
     try:
-        answer = _resolver(servers, timeout).resolve(name, "TXT", search=False)
+        limit = timeout if lifetime is None else max(0.001, min(lifetime, timeout))
+        answer = _resolver(servers, timeout).resolve(name, "TXT", search=False, lifetime=limit)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return None
     except dns.exception.Timeout:
-        raise DnsTempError(f"{name}: DNS timeout after {timeout}s") from None
+        raise DnsTempError(f"{name}: DNS timeout after {limit:g}s") from None
     except dns.exception.DNSException as error:
         raise DnsTempError(f"{name}: {type(error).__name__}: {error}") from None
     records = [b"".join(rdata.strings) for rdata in answer]
@@ -300,12 +327,12 @@ def txt_record(name: str, timeout: float, servers: tuple[str, ...] = ()) -> byte
 
 
 def dns_lookup(servers: tuple[str, ...], timeout: float) -> TxtLookup:
-    def lookup(name: bytes) -> bytes | None:
+    def lookup(name: bytes, left: float | None = None) -> bytes | None:
         try:
             text = name.decode("ascii")
         except UnicodeDecodeError:
             return None
-        return txt_record(text, timeout, servers)
+        return txt_record(text, timeout, servers, left)
 
     return lookup
 

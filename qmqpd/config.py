@@ -166,6 +166,35 @@ def _servers(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _networks(raw: Any) -> tuple[str, ...]:
+    """PROXY_TRUSTED: IP addresses or CIDR prefixes, comma or space separated."""
+    import ipaddress  # only when set: a session's start-up does not load it
+
+    out = []
+    for item in _list_items(raw):
+        if item:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+    return tuple(out)
+
+
+def _listen_address(raw: Any) -> str:
+    """METRICS: empty (off), host:port or [v6]:port with a literal IP address."""
+    import ipaddress
+
+    text = _str(raw).strip()
+    if not text:
+        return ""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError
+    if host.startswith("[") and host.endswith("]"):
+        if ipaddress.ip_address(host[1:-1]).version != 6:
+            raise ValueError
+    elif ipaddress.ip_address(host).version != 4:
+        raise ValueError
+    return text
+
+
 class Setting(NamedTuple):
     name: str
     parse: Callable[[Any], Any]
@@ -208,13 +237,50 @@ SETTINGS: dict[str, Setting] = {
         _s("SOFT_MEM", _int_parser(0), 0, "bytes, 0 = no cap",
            "address-space cap of each worker (softlimit -m)", "master"),
         _s("SHUTDOWN_TIMEOUT", _int_parser(0, 86400), 30, "seconds 0-86400",
-           "on TERM, how long sessions in progress may take to finish", "master"),
+           "on TERM, the whole bound on the drain: sessions in progress may finish until "
+           "then (each answer is written after the master has counted it); a worker still "
+           "busy at the bound is killed and its client gets no answer, so it retries (no K "
+           "was given, nothing is lost); a second TERM ends the drain at once", "master"),
+        _s("FIRST_BYTE_TIMEOUT", _int_parser(1, 3600), 10, "seconds 1-3600",
+           "how long `qmqpd serve` waits for a new connection's first bytes before it "
+           "closes it; until they arrive the connection holds a descriptor and a MAXPERIP "
+           "slot but no worker (QMQP clients send at once; idle sockets cost no worker)",
+           "master"),
         _s("STATUS_FILE", _str, "/run/qmqpd/status.json", "a path; empty = none",
            "where the master keeps its status for `qmqpd status` (one per server)", "master"),
+        _s("PROXY_PROTOCOL", _choice("off", "v1", "v2", "any"), "off", "off, v1, v2 or any",
+           "connections start with a PROXY protocol header (HAProxy send-proxy / "
+           "send-proxy-v2) naming the real client; a connection without one, or not from "
+           "PROXY_TRUSTED, is closed", "master"),
+        _s("PROXY_TRUSTED", _networks, (), "IP addresses or CIDR prefixes, comma separated",
+           "the load balancers allowed to send a PROXY header; needed when PROXY_PROTOCOL "
+           "is on", "master"),
+        _s("PROXY_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
+           "how long the master waits for a whole PROXY header before closing", "master"),
+        _s("METRICS", _listen_address, "", "empty (off), ip:port or [ipv6]:port",
+           "serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9628",
+           "master"),
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
            "idle timeout of each read and write"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",
-           "limit on one whole session"),
+           "hard limit on one whole session; MIN_RATE ends slow transfers long before it"),
+        _s("MIN_RATE", _int_parser(0, 1 << 30), 512, "bytes per second, 0 = no minimum",
+           "slowest transfer accepted: after RATE_GRACE seconds the client must have sent "
+           "MIN_RATE bytes for every further second, else it gets Z and is cut, so a request "
+           "of L bytes may take RATE_GRACE + L/MIN_RATE seconds (at most SESSION_TIMEOUT); "
+           "512 is below a 9600 bit/s GSM data call shared by two sessions, so a working "
+           "relay link does not hit it, while a 1 byte/s sender loses its slot after "
+           "RATE_GRACE"),
+        _s("RATE_GRACE", _int_parser(0, 86400), 20, "seconds 0-86400",
+           "time before MIN_RATE applies: covers connection setup, TCP slow start and the "
+           "retransmission backoff of a lossy link (1+2+4+8 s after four losses in a row), "
+           "and frees a slot held by a 1 byte/s sender after about this long"),
+        _s("MAXRECIPIENTS", _int_parser(0), 100_000, "an integer >= 0 (0 = no limit)",
+           "recipients in one message; more get D and the rest of the request is read and "
+           "dropped; 100000 is far above an SMTP transaction (RFC 5321 asks for 100) and "
+           "above the single envelope a list manager such as ezmlm writes for most lists, "
+           "while it caps the addresses a worker holds at about 7 MB; raise it in the rule "
+           "of a list host with bigger lists"),
         _s("DATABYTES", _int_parser(0), 20_000_000, "bytes, 0 = no limit",
            "largest message accepted"),
         _s("QUEUEDIR", _str, "", "path of one qmail queue",
@@ -298,6 +364,12 @@ SETTINGS: dict[str, Setting] = {
            "name servers asked for DKIM/DomainKeys public keys", "signing"),
         _s("DNS_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
            "limit on one public key lookup; a timeout is a temporary result", "signing"),
+        _s("DKIMVERIFY_MAX_SIGNATURES", _int_parser(1, 1000), 5, "a count, 1-1000",
+           "DKIMVERIFY checks at most this many DKIM-Signature fields (the topmost); the "
+           "others are not looked at (logged as dkim_unchecked)", "signing"),
+        _s("DKIMVERIFY_TIMEOUT", _float_parser(0.1, 600), 6.0, "seconds 0.1-600",
+           "limit on all public key lookups of one message together; a signature whose "
+           "lookup has no time left is a temporary result (P)", "signing"),
     )
 }
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from filters import pipeline
 from qmqpd import log
-from qmqpd.config import ConfigError
+from qmqpd.config import Config, ConfigError
 from qmqpd.injector import Injector
 from qmqpd.message import Client, Message, Reply
-from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError
+from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError, TooSlow
 from qmqpd.protocol import (
     BadEnvelope,
     Refused,
@@ -65,15 +66,34 @@ def _shutdown_write(fd: int) -> None:
         sock.close()
 
 
+# Called once with the settled result just before the answer is written (a worker reports
+# done then, so its master has counted the session as ended before the client can
+# reconnect). After an early answer it is called once the drain is over instead: until
+# then the client is still sending, so its connection is still open.
+BeforeAnswer = Callable[[SessionResult], None]
+
+
+class _Announce:
+    def __init__(self, result: SessionResult, hook: BeforeAnswer | None) -> None:
+        self.result = result
+        self.hook = hook
+
+    def __call__(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook(self.result)
+
+
 def _answer_and_drain(source: FdSource, wfd: int, reply: Reply, unread: int,
-                      timeout: float) -> None:
+                      timeout: float, announce: _Announce) -> None:
     write_reply(wfd, reply, timeout)
     _shutdown_write(wfd)
     source.drain(min(unread, DRAIN_BYTES), min(DRAIN_SECONDS, timeout))
+    announce()
 
 
 def _receive_and_inject(source: FdSource, wfd: int, client: Client, plan: SessionPlan,
-                        result: SessionResult) -> None:
+                        result: SessionResult, announce: _Announce) -> None:
     config = plan.config
     injector = Injector(config, client, plan.route)
     result.queue = injector.queue_path or config.qmailqueue
@@ -84,7 +104,8 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, plan: Sessio
             config.databytes,
             received_line(client, time.time()),
             spool_dir=injector.spool_dir,
-            before_body=lambda _length: injector.check_space(),
+            before_body=injector.check_space,
+            max_recipients=config.maxrecipients,
         )
         result.size = message.size
         result.sender = message.sender
@@ -105,48 +126,68 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, plan: Sessio
     finally:
         if message is not None:
             message.close()
+    announce()
     write_reply(wfd, result.reply, config.timeout)
 
 
-def serve_connection(rfd: int, wfd: int, client: Client, plans: PlanBook) -> SessionResult:
+def _source(rfd: int, config: Config, started: float) -> FdSource:
+    """The session's reader: idle timeout, session limit and the minimum transfer rate."""
+    return FdSource(rfd, config.timeout, started + config.session_timeout,
+                    min_rate=config.min_rate, grace=config.rate_grace)
+
+
+def serve_connection(rfd: int, wfd: int, client: Client, plans: PlanBook,
+                     before_answer: BeforeAnswer | None = None) -> SessionResult:
     """Serve exactly one request; never raises for anything the client or the queue does.
     Settings, queue and stages come from the client's plan, made before it connected."""
     started = time.monotonic()
     config = plans.config
     result = SessionResult()
-    source = FdSource(rfd, config.timeout, started + config.session_timeout)
+    announce = _Announce(result, before_answer)
+    source = _source(rfd, config, started)
     try:
         plan = plans.for_env(client.rule_env)
         session_config = plan.config
-        source = FdSource(rfd, session_config.timeout, started + session_config.session_timeout)
-        _receive_and_inject(source, wfd, client, plan, result)
+        source = _source(rfd, session_config, started)
+        _receive_and_inject(source, wfd, client, plan, result, announce)
     except Refused as refusal:
         result.reply = refusal.reply
-        _answer_and_drain(source, wfd, refusal.reply, refusal.unread, config.timeout)
+        _answer_and_drain(source, wfd, refusal.reply, refusal.unread, config.timeout,
+                          announce)
     except BadEnvelope as bad:
         result.reply = bad.reply
+        announce()
         write_reply(wfd, bad.reply, config.timeout)
     except EarlyEOF:
         result.error = "early eof"
+    except TooSlow as slow:
+        # A cut slow sender is not drained: that would hold the slot it just lost.
+        result.error = str(slow)
+        result.reply = Reply.named("too_slow", rate=source.min_rate)
+        announce()
+        write_reply(wfd, result.reply, config.timeout)
     except IdleTimeout as timeout:
         result.error = f"timeout {timeout}"
     except NetstringError as error:
         result.error = error.reason
         result.reply = protocol_error(error)
-        _answer_and_drain(source, wfd, result.reply, 1 << 20, 1.0)
+        _answer_and_drain(source, wfd, result.reply, 1 << 20, 1.0, announce)
     except ConfigError as error:
         result.error = str(error)
         result.reply = Reply.named("config")
+        announce()
         write_reply(wfd, result.reply, config.timeout)
     except MemoryError:
         # The worker's memory cap was hit: answer while we still can, then the worker exits.
         result.error = "memory cap reached"
         result.reply = Reply.named("out_of_memory")
         result.fatal = True
+        announce()
         write_reply(wfd, result.reply, config.timeout)
     except Exception as error:  # unknown outcome: temporary failure, never a lost K
         result.error = f"{type(error).__name__}: {error}"
         result.reply = Reply.named("temporary")
+        announce()
         write_reply(wfd, result.reply, config.timeout)
     _log_session(client, result, started)
     return result

@@ -182,8 +182,9 @@ class Injector:
         """Where a large message waits: the queue's own pid/, so it is on the queue's disk."""
         return None if self.program else os.path.join(self.queue_path, "pid")
 
-    def check_space(self) -> Reply | None:
-        """None when there is room (or no check); the Z answer when below MIN_FREE."""
+    def check_space(self, length: int = 0) -> Reply | None:
+        """None when there is room (or no check); the Z answer when the queue filesystem
+        would fall below MIN_FREE after taking ``length`` more bytes (the announced size)."""
         if not self.config.min_free or not self.queue_path:
             return None
         try:
@@ -191,15 +192,16 @@ class Injector:
         except OSError as exc:
             log.event("queue_statvfs_failed", queue=self.queue_path, error=exc.strerror)
             return reply_for_exit(EXIT_READ)
-        if available < self.config.min_free:
-            log.event("queue_min_free", queue=self.queue_path, free=available,
+        if available - length < self.config.min_free:
+            log.event("queue_min_free", queue=self.queue_path, free=available, length=length,
                       min_free=self.config.min_free)
             return Reply.named("disk_full")
         return None
 
     def inject(self, message: Message, deadline: float | None = None) -> Outcome:
         """Queue the message; deadline is time.monotonic() based (default SESSION_TIMEOUT)."""
-        refusal = self.check_space()
+        # Again with the size: a message spooled on the queue's disk is copied to mess/.
+        refusal = self.check_space(message.size)
         if refusal is not None:
             return Outcome(refusal, self.queue_path)
         if self.external:

@@ -95,3 +95,28 @@ class Capacity:
         if maximum < 1:
             raise ValueError("capacity must be at least 1")
         self.maximum = maximum
+
+
+# Descriptors the master keeps for itself beyond clients and worker channels: listeners,
+# the wakeup pipe, the epoll fds, the rules cdb, the status file, a socketpair being made.
+FD_RESERVE = 64
+# The master never plans for fewer client sockets than this, however low the limit.
+FD_CLIENTS_FLOOR = 8
+
+
+class DescriptorBudget:
+    """Client sockets the master may hold at once (connections waiting for their first
+    bytes or for a worker, refused ones lingering), from RLIMIT_NOFILE: the limit less a
+    reserve and two channels per worker slot (after a reload old and new workers overlap)."""
+
+    def __init__(self, nofile: int, workers: int) -> None:
+        self.nofile = nofile
+        self.clients = max(FD_CLIENTS_FLOOR, nofile - FD_RESERVE - 2 * workers)
+
+    @property
+    def lingering(self) -> int:
+        """Refused sockets kept to linger: at most half the client budget."""
+        return max(1, self.clients // 2)
+
+    def over(self, held: int) -> bool:
+        return held >= self.clients

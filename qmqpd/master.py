@@ -1,9 +1,21 @@
 """The master: one selector loop that accepts, applies rules and limits, and hands off.
 
-accept -> rules (deny: close, nothing sent) -> MAXPERIP (over: Z and close) -> MAXDAEMONS
-(all busy: stop watching the listen sockets; the kernel backlog holds the rest) -> the fd
-and the client's facts go to an idle worker. The per-IP slot is released exactly once:
-when the worker reports done, or when it is reaped holding the session.
+accept -> rules (deny: close, nothing sent) -> MAXPERIP (over: Z and close) -> wait for the
+first bytes (FIRST_BYTE_TIMEOUT; an idle socket costs a descriptor, never a worker) ->
+MAXDAEMONS (all busy: the connection waits, oldest first) -> the fd and the client's facts
+go to an idle worker. The per-IP slot is taken at accept and released exactly once: when
+a waiting connection is closed, when the worker reports done, or when it is reaped
+holding the session.
+
+Accounting is exact: a worker says done before it answers, and the master reads every
+record its workers have sent before it accepts, refuses, hands off or forks (the worker
+channels sit in their own selector, polled without waiting first), so a client that
+reconnects at once is never counted twice.
+
+The master never dies of load: RLIMIT_NOFILE is raised to its hard limit at start, the
+client sockets it holds (waiting and lingering) are kept within a DescriptorBudget, and
+EMFILE/ENFILE/ENOBUFS/ENOMEM anywhere in the loop shed load (close lingerers, then the
+oldest idle connection; pause accepting) instead of ending it.
 
 Signal handlers only record the signal; the loop acts on it (TERM/INT drain and exit,
 HUP reload, CHLD reap). The master never parses mail.
@@ -14,22 +26,23 @@ stage verdicts from the workers' done records) and keeps STATUS_FILE for `qmqpd 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
-import select
 import selectors
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-from qmqpd import log, procctl, status
+from qmqpd import log, metrics, procctl, status
 from qmqpd.config import Config, ConfigError, problem
-from qmqpd.limits import Capacity, PerIpCounter, fold_ip
+from qmqpd.limits import Capacity, DescriptorBudget, PerIpCounter, fold_ip
 from qmqpd.message import Client, Reply
 from qmqpd.pool import BootFailure, Ended, Exit, Pool, State, Worker
 from qmqpd.rules import Rule, RuleTable
@@ -39,20 +52,29 @@ from qmqpd.rules import Rule, RuleTable
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 64 * 1024
 LINGER_MAX = 1024
-# At most one "all MAXDAEMONS busy" warning per this many seconds.
+# At most one "all MAXDAEMONS busy" warning per this many seconds; the same for shedding.
 BUSY_WARNING_INTERVAL = 60.0
-# After an accept error such as EMFILE, stop accepting this long.
+SHED_WARNING_INTERVAL = 10.0
+# After running out of descriptors or memory, stop accepting this long.
 ACCEPT_PAUSE = 0.5
+# Connections accepted in one go before the loop looks at timers and signals again.
+ACCEPT_BATCH = 256
+# The kernel's queue of connections not yet accepted: the master accepts eagerly (idle
+# ones wait in the master without a worker), so this only absorbs bursts of connects.
+LISTEN_BACKLOG = 1024
 # Longest sleep of the loop: bounds how late a deadline is noticed.
 TICK = 1.0
 # Settings a HUP cannot change: the sockets are bound and privileges dropped.
-RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE")
+RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
+# The errors that mean "out of descriptors or memory": shed load, never exit.
+SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # How often the loop looks whether the rules cdb was replaced (one stat).
 RULES_CHECK_INTERVAL = 1.0
 
 _LISTEN = "listen"
 _WAKEUP = "wakeup"
+_WORKERS = "workers"
 
 
 @dataclass(eq=False)
@@ -81,6 +103,20 @@ class ListenError(Exception):
         super().__init__(f"cannot listen on {address} port {port}: {error.strerror or error}")
         self.address_problem = not isinstance(error, socket.gaierror) and error.errno in (
             errno.EADDRINUSE, errno.EACCES)
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """An accepted, allowed connection that holds a per-IP slot but no worker yet: first
+    it waits for its first bytes (peeked, never read, so the worker reads the whole
+    request from the socket), then, if every worker is busy, for a worker. A header the
+    master must consume before the worker (PROXY) is read at the same point."""
+
+    sock: socket.socket
+    ip: str
+    client: Client
+    deadline: float  # for the first bytes
+    has_data: bool = False
 
 
 def netstring(text: str) -> bytes:
@@ -122,10 +158,16 @@ class Master:
         self.next_rules_check = 0.0
         self.unusable_rules: set[str | None] = set()
         self.selector = selectors.DefaultSelector()
+        # worker channels apart, so they can be read without waiting before every admit
+        self.worker_selector = selectors.DefaultSelector()
         self.listeners: list[socket.socket] = []
-        self.lingering: set[_Linger] = set()
+        # both in arrival order: the oldest goes first when descriptors run short
+        self.lingering: dict[_Linger, None] = {}
+        self.waiting: dict[_Waiting, None] = {}
+        self.ready: deque[_Waiting] = deque()  # sent their first bytes, wait for a worker
         self.per_ip = PerIpCounter()
         self.capacity = Capacity(config.maxdaemons)
+        self.budget = DescriptorBudget(1024, config.maxdaemons + config.prefork)
         self.hostname = socket.gethostname()
         self.rules = RuleTable(None)
         self.pool: Pool | None = None
@@ -135,33 +177,47 @@ class Master:
         self.watching = False
         self.stop_deadline: float | None = None
         self.next_busy_warning = 0.0
+        self.next_shed_warning = 0.0
         self.accept_paused_until = 0.0
+        self.spawn_failures = 0
         self.title = ""
         self.counters = status.SessionCounters()
         self.status = status.StatusWriter(config.status_file)
         self.started_at = time.time()
         self.listen_names: list[str] = []
+        self.metrics = (metrics.Exporter(config.metrics, self._status,
+                                         lambda: metrics.queue_dirs(self.config))
+                        if config.metrics else None)
 
     # ---- start --------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
+        nofile = procctl.raise_fd_limit()
+        self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
         try:
-            self.listeners = open_listeners(cfg.localip, cfg.port, max(64, cfg.maxdaemons))
+            self.listeners = open_listeners(cfg.localip, cfg.port,
+                                            max(LISTEN_BACKLOG, cfg.maxdaemons))
         except ListenError as error:
             setting = "PORT" if error.address_problem else "LOCALIP"
             raise problem(setting, cfg.source(setting), str(error)) from None
         for sock in self.listeners:
             host, port = sock.getsockname()[:2]
-            log.event("listen", addr=host, port=port)
+            log.event("listen", addr=host, port=port, nofile=nofile,
+                      client_fds=self.budget.clients)
             self.listen_names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if self.metrics is not None:  # before the privilege drop: the port may be low
+            self.metrics.open()
+            self.metrics.register(self.selector)
         self.status.prepare(*_owner(cfg))
         procctl.drop_privileges(cfg.user, cfg.group)
         self.plans = self.planner(cfg)  # as the workers' user: keys, queues, every rule
         self.rules = self._open_rules(cfg)
         self._install_signals()
+        self.selector.register(self.worker_selector.fileno(), selectors.EVENT_READ, _WORKERS)
         gc.collect()
         gc.freeze()
-        self.pool = Pool(self._enter_worker, cfg, self.selector, after_fork=self._in_child)
+        self.pool = Pool(self._enter_worker, cfg, self.worker_selector,
+                         after_fork=self._in_child)
 
     def _enter_worker(self, channel: socket.socket, _config: Config) -> None:
         """In a fresh worker: serve with the plans that were current at the fork."""
@@ -191,22 +247,33 @@ class Master:
             sock.close()
         for linger in self.lingering:
             linger.sock.close()
+        for conn in self.waiting:
+            conn.sock.close()
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
+        if self.metrics is not None:
+            self.metrics.close()
         self.selector.close()
+        self.worker_selector.close()
 
     # ---- loop ---------------------------------------------------------------------------
     def run(self) -> int:
         assert self.pool is not None
         try:
             while self.accepting or self.pool.workers:
-                self._tick()
+                try:
+                    self._tick()
+                except OSError as error:
+                    if error.errno not in SHORTAGE:
+                        raise
+                    self._short_of(error, time.monotonic())
                 self._replan_if_rules_changed(time.monotonic())
         except BootFailure as failure:
             log.error("cannot start workers; stopping", reason=str(failure))
             self._abort()
             self._final_status(111)
             return 111
+        self._close_clients()
         self._final_status(0)
         log.event("exit", status=0)
         return 0
@@ -215,9 +282,17 @@ class Master:
         assert self.pool is not None
         now = time.monotonic()
         self._handle_signals(now)
+        self._poll_workers(now)
         self._release_exits(self.pool.reap(now))
+        if not self.accepting and not self.pool.workers:
+            return  # drained: exit now, not after the next sleep
         self.pool.maintain(now)
+        self._note_spawn_failures(now)
         self._expire_lingering(now)
+        if self.metrics is not None:
+            self.metrics.expire(now)
+        self._expire_waiting(now)
+        self._serve_ready(now)
         self._watch_listeners(now)
         self._set_title()
         self.status.maybe_write(now, self._status)
@@ -232,22 +307,24 @@ class Master:
             soonest.append(deadline)
         if self.stop_deadline is not None:
             soonest.append(self.stop_deadline)
+        if self.accept_paused_until > now:
+            soonest.append(self.accept_paused_until)
         return max(0.0, min(soonest) - now)
 
     def _dispatch(self, data: object, fileobj: object, now: float) -> None:
-        assert self.pool is not None
         if data is _WAKEUP:
             self._drain_wakeup()
+        elif data is _WORKERS:
+            self._poll_workers(now)
         elif data is _LISTEN:
             assert isinstance(fileobj, socket.socket)
             self._accept(fileobj, now)
-        elif isinstance(data, Worker):
-            if data.pid in self.pool.workers:
-                ended = self.pool.on_readable(data, now)
-                if ended is not None:
-                    self._session_ended(ended)
+        elif isinstance(data, _Waiting):
+            self._first_bytes(data, now)
         elif isinstance(data, _Linger):
             self._linger_read(data)
+        elif self.metrics is not None and self.metrics.owns(data):
+            self.metrics.handle(data, now)
 
     def _drain_wakeup(self) -> None:
         try:
@@ -256,15 +333,42 @@ class Master:
         except BlockingIOError:
             pass
 
-    # ---- accept -------------------------------------------------------------------------
-    def _can_take(self) -> bool:
+    # ---- workers ------------------------------------------------------------------------
+    def _poll_workers(self, now: float) -> None:
+        """Read every record the workers have sent so far, without waiting, then give the
+        workers that became idle to connections waiting for one."""
         assert self.pool is not None
-        if time.monotonic() < self.accept_paused_until:
+        for key, _mask in self.worker_selector.select(0):
+            worker = key.data
+            assert isinstance(worker, Worker)
+            if worker.pid in self.pool.workers:
+                ended = self.pool.on_readable(worker, now)
+                if ended is not None:
+                    self._session_ended(ended)
+        self._serve_ready(now)
+
+    def _note_spawn_failures(self, now: float) -> None:
+        assert self.pool is not None
+        if self.pool.spawn_failures != self.spawn_failures:
+            self.spawn_failures = self.pool.spawn_failures
+            self._shed(now, "a worker could not be started")
+
+    # ---- accept -------------------------------------------------------------------------
+    def _held(self) -> int:
+        """Client sockets the master holds (they count against its descriptor budget)."""
+        return len(self.lingering) + len(self.waiting)
+
+    def _can_take(self, now: float) -> bool:
+        if not self.accepting or now < self.accept_paused_until:
             return False
-        return self.accepting and not self.capacity.full and self.pool.idle > 0
+        # at the budget, only if an older socket can be given up for the new one
+        return not self.budget.over(self._held()) or self._sheddable()
+
+    def _sheddable(self) -> bool:
+        return bool(self.lingering) or len(self.waiting) > len(self.ready)
 
     def _watch_listeners(self, now: float) -> None:
-        want = self._can_take()
+        want = self._can_take(now)
         if want != self.watching:
             for sock in self.listeners:
                 if want:
@@ -272,32 +376,38 @@ class Master:
                 else:
                     self.selector.unregister(sock)
             self.watching = want
-        if self.accepting and self.capacity.full and now >= self.next_busy_warning:
-            self._warn_if_waiting(now)
-
-    def _warn_if_waiting(self, now: float) -> None:
-        """Warn (rate-limited) only when a client is really waiting in the backlog."""
-        waiting, _, _ = select.select(self.listeners, [], [], 0)
-        if waiting:
-            log.warning("all sessions busy; clients wait in the listen backlog; "
+        if self.ready and self.capacity.full and now >= self.next_busy_warning:
+            log.warning("all sessions busy; clients wait for a worker; "
                         "raise MAXDAEMONS if this persists",
                         setting="MAXDAEMONS", maxdaemons=self.capacity.maximum,
+                        waiting=len(self.ready),
                         busiest=",".join(f"{ip}={n}" for ip, n in self.per_ip.busiest(3)))
             self.next_busy_warning = now + BUSY_WARNING_INTERVAL
 
     def _accept(self, listener: socket.socket, now: float) -> None:
-        while self._can_take():
+        for _ in range(ACCEPT_BATCH):
+            if not self._can_take(now):
+                return
+            if self.budget.over(self._held()):
+                self._shed_one()
             try:
                 conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
+                if error.errno in SHORTAGE:
+                    self._short_of(error, now)
+                    return
                 if error.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    # e.g. EMFILE: the connection stays queued; pause instead of spinning
                     log.error("accept failed; pausing", error=error.strerror)
                     self.accept_paused_until = now + ACCEPT_PAUSE
                     return
                 continue
+            # Exact accounting: read the workers' records after the accept. This client
+            # connected after its previous session's answer, which its worker sent only
+            # after its done record; so that done is readable now (before the accept it
+            # might not have been yet, and the client would be counted twice).
+            self._poll_workers(now)
             try:
                 self._admit(conn, peer, now)
             except OSError as error:  # the client went away while we looked at it
@@ -320,15 +430,21 @@ class Master:
             self.counters.connection("refused_perip")
             self._refuse(conn, now)
             return
-        self.capacity.acquire()
-        client = self._client(conn, ip, peer, rule)
-        if self._hand(conn, client, ip, now):
-            self.counters.connection("handed")
-        else:
-            self._release(ip)
-            self.counters.connection("dropped")
-            log.event("drop", ip=ip, error="no worker could take the connection")
-        conn.close()
+        try:  # the socket stays blocking: it goes to the worker as accepted
+            waiting = _Waiting(conn, ip, self._client(conn, ip, peer, rule),
+                               now + self.config.first_byte_timeout)
+        except OSError:
+            self.per_ip.release(ip)
+            raise
+        self.waiting[waiting] = None
+        if self._peek(waiting) is not None:  # often the request is there already
+            return
+        try:  # nothing yet: wait for it without a worker
+            self.selector.register(conn, selectors.EVENT_READ, waiting)
+        except OSError as error:
+            self._close_waiting(waiting, "cannot watch the connection")
+            if error.errno in SHORTAGE:
+                self._short_of(error, now)
 
     def _rule_limit(self, rule: Rule) -> int:
         """MAXPERIP from the rule's validated settings (rule env over the global)."""
@@ -360,13 +476,87 @@ class Master:
             rule_env=dict(rule.env),
         )
 
-    def _hand(self, conn: socket.socket, client: Client, ip: str, now: float) -> bool:
+    # ---- connections waiting for their first bytes, then for a worker -------------------
+    def _peek(self, conn: _Waiting) -> bool | None:
+        """Settle a connection once its first bytes or its end arrive: True = it has data
+        (queued for a worker), False = it is gone (closed), None = nothing yet. Peeking
+        leaves every byte in the socket for the worker to read."""
+        try:
+            data = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:  # reset, or anything else: the connection is of no further use
+            data = b""
+        if not data:
+            self._close_waiting(conn, "closed before sending")
+            return False
+        conn.has_data = True
+        self.ready.append(conn)
+        return True
+
+    def _first_bytes(self, conn: _Waiting, now: float) -> None:
+        if conn.has_data or conn not in self.waiting:
+            return
+        if self._peek(conn):
+            self.selector.unregister(conn.sock)
+            self._poll_workers(now)  # hands it at once if a worker is idle
+
+    def _serve_ready(self, now: float) -> None:
+        """Hand connections that have sent data to idle workers, oldest first."""
+        assert self.pool is not None
+        while self.ready and self.accepting and not self.capacity.full:
+            worker = self.pool.take_idle()
+            if worker is None:
+                return
+            conn = self.ready.popleft()
+            del self.waiting[conn]
+            self.capacity.acquire()
+            if self._hand(conn, now):
+                self.counters.connection("handed")
+            else:
+                self._release(conn.ip)
+                self.counters.connection("dropped")
+                log.event("drop", ip=conn.ip, error="no worker could take the connection")
+            conn.sock.close()
+
+    def _hand(self, conn: _Waiting, now: float) -> bool:
         assert self.pool is not None
         while (worker := self.pool.take_idle()) is not None:
-            if self.pool.hand(worker, conn.fileno(), client, ip, now):
+            if self.pool.hand(worker, conn.sock.fileno(), conn.client, conn.ip, now):
                 return True
         return False
 
+    def _close_waiting(self, conn: _Waiting, reason: str) -> None:
+        if conn not in self.waiting:
+            return
+        del self.waiting[conn]
+        if conn.has_data:
+            self.ready.remove(conn)
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(conn.sock)
+        conn.sock.close()
+        self.per_ip.release(conn.ip)
+        self.counters.connection("dropped")
+        log.event("drop", ip=conn.ip, reason=reason)
+
+    def _expire_waiting(self, now: float) -> None:
+        """Close connections that sent nothing within FIRST_BYTE_TIMEOUT (oldest first;
+        the scan stops at the first one still in time)."""
+        for conn in list(self.waiting):
+            if conn.has_data:
+                continue
+            if conn.deadline > now:
+                break
+            self._close_waiting(conn, "nothing sent within FIRST_BYTE_TIMEOUT")
+
+    def _close_clients(self) -> None:
+        for conn in list(self.waiting):
+            self._close_waiting(conn, "server stopping")
+        for linger in list(self.lingering):
+            self._end_linger(linger)
+
+    # ---- refused clients ----------------------------------------------------------------
     def _refuse(self, conn: socket.socket, now: float) -> None:
         """Answer Z so a qmqpc-style client tries its next server, then linger briefly."""
         try:
@@ -376,12 +566,12 @@ class Master:
         except OSError:
             conn.close()
             return
-        if len(self.lingering) >= LINGER_MAX:
+        if len(self.lingering) >= min(LINGER_MAX, self.budget.lingering):
             conn.close()
             return
         linger = _Linger(conn, now + LINGER_SECONDS)
-        self.lingering.add(linger)
         self.selector.register(conn, selectors.EVENT_READ, linger)
+        self.lingering[linger] = None
 
     def _linger_read(self, linger: _Linger) -> None:
         try:
@@ -395,13 +585,45 @@ class Master:
             self._end_linger(linger)
 
     def _end_linger(self, linger: _Linger) -> None:
-        self.lingering.discard(linger)
+        if linger not in self.lingering:
+            return
+        del self.lingering[linger]
         self.selector.unregister(linger.sock)
         linger.sock.close()
 
     def _expire_lingering(self, now: float) -> None:
-        for linger in [item for item in self.lingering if item.deadline <= now]:
+        for linger in list(self.lingering):
+            if linger.deadline > now:
+                break
             self._end_linger(linger)
+
+    # ---- shedding -----------------------------------------------------------------------
+    def _shed_one(self) -> bool:
+        """Give up one held client socket: a lingerer (it has its answer) first, else the
+        oldest connection that has sent nothing. False when there is none to give up."""
+        if self.lingering:
+            self._end_linger(next(iter(self.lingering)))
+            return True
+        for conn in self.waiting:
+            if not conn.has_data:
+                self._close_waiting(conn, "descriptor budget full; oldest idle closed")
+                return True
+        return False
+
+    def _shed(self, now: float, reason: str) -> None:
+        """Out of descriptors or memory: free what the master can and pause accepting."""
+        freed = 0
+        want = max(16, self._held() // 8)
+        while freed < want and self._shed_one():
+            freed += 1
+        self.accept_paused_until = now + ACCEPT_PAUSE
+        if now >= self.next_shed_warning:
+            log.warning("short of descriptors or memory; shedding load", reason=reason,
+                        closed=freed, held=self._held(), client_fds=self.budget.clients)
+            self.next_shed_warning = now + SHED_WARNING_INTERVAL
+
+    def _short_of(self, error: OSError, now: float) -> None:
+        self._shed(now, error.strerror or str(error))
 
     # ---- sessions ending ----------------------------------------------------------------
     def _release(self, ip: str) -> None:
@@ -449,9 +671,11 @@ class Master:
             self.watching = False
         for sock in self.listeners:
             sock.close()
-        self.pool.stop(now)
+        # not yet handed to a worker: no session in progress, the client retries elsewhere
+        for conn in list(self.waiting):
+            self._close_waiting(conn, "server stopping")
         self.stop_deadline = now + self.config.shutdown_timeout
-        self.pool.hurry(self.stop_deadline)
+        self.pool.stop(now, self.stop_deadline)
 
     def _reload(self) -> None:
         assert self.pool is not None
@@ -474,6 +698,7 @@ class Master:
         self.plans = plans
         self.unusable_rules.clear()
         self.capacity.resize(new.maxdaemons)
+        self.budget = DescriptorBudget(self.budget.nofile, new.maxdaemons + new.prefork)
         self.pool.reload(new)
         log.event("reload", generation=self.pool.generation, maxdaemons=new.maxdaemons,
                   maxperip=new.maxperip, prefork=new.prefork)
@@ -524,6 +749,7 @@ class Master:
             "generation": self.pool.generation,
             "workers": {**workers, "total": len(self.pool.workers)},
             "sessions": self.capacity.busy,
+            "waiting": len(self.waiting),
             "clients": len(self.per_ip),
             "busiest": [{"ip": ip, "sessions": count}
                         for ip, count in self.per_ip.busiest(status.TOP_CLIENTS)],
@@ -536,7 +762,8 @@ class Master:
     def _set_title(self) -> None:
         assert self.pool is not None
         where = ",".join(f"{cfg_ip}:{self.config.port}" for cfg_ip in self.config.localip)
-        title = f"qmqpd: master {where} busy={self.capacity.busy} idle={self.pool.idle}"
+        title = (f"qmqpd: master {where} busy={self.capacity.busy} idle={self.pool.idle} "
+                 f"waiting={len(self.waiting)}")
         if not self.accepting:
             title += " stopping"
         if title != self.title:

@@ -224,6 +224,8 @@ REPLIES: dict[str, str] = {
     "bad_address": "Dsorry, I can't accept addresses like that (#5.1.3)",
     "no_recipients": "Dno recipients given (#5.1.3)",
     "too_big": "Dmessage too big (#5.3.4)",
+    "too_many_recipients": "Dtoo many recipients: at most {limit} per message (#5.5.3)",
+    "too_slow": "Zconnection too slow: below {rate} bytes per second (#4.4.2)",
     "protocol": "Dprotocol error: {reason} (#5.5.2)",
     "disk_full": "Zqq write error or disk full (#4.3.0)",
     "read_error": "Zqq read error (#4.3.0)",
@@ -239,19 +241,15 @@ REPLIES: dict[str, str] = {
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
     "scanner_size_limit": "Zmessage larger than the virus scanner accepts (#4.3.4)",
-    # DomainKeys (qmail-dk's texts) and DKIM (qmail-dkim's)
-    "dk_rejected": "Ddk: {text} (#5.7.1)",
-    "dk_tempfailed": "Zdk: {text} (#4.7.1)",
-    "dk_no_identity": "Zdk: could not find From: or Sender: header (#4.1.7)",
-    "dk_key_missing": "DPrivate key file does not exist (#5.3.5)",
-    "dk_key_unreadable": "Zdk: unable to read private key (#4.3.0)",
-    "dk_key_unusable": "Zdk: unable to use private key (#4.3.0)",
-    "dkim_rejected": "Ddkim: {text} (#5.7.1)",
-    "dkim_tempfailed": "Zdkim: {text} (#4.7.1)",
-    "dkim_header_malformed": "Ddkim: message header is malformed, cannot sign (#5.6.0)",
-    "dkim_no_identity": "Zdkim: could not find From: or Sender: header in message (#4.1.7)",
-    "dkim_key_unreadable": "Zdkim: unable to read private key (#4.3.0)",
-    "dkim_key_unparsable": "Ddkim: could not parse private key (#5.7.5)",
+    # The signing stages (dk, dkim) answer alike: a key the operator must fix is temporary,
+    # a message that cannot be signed as it is is permanent.
+    "key_unreadable": "Z{stage}: unable to read private key (#4.3.0)",
+    "key_unusable": "Z{stage}: unable to use private key (#4.3.0)",
+    "sign_malformed": "D{stage}: message header is malformed, cannot sign (#5.6.0)",
+    "sign_no_identity": "Z{stage}: could not find From: or Sender: header in message (#4.1.7)",
+    # A verification result the operator listed (DKVERIFY/DKIMVERIFY letters)
+    "verify_rejected": "D{stage}: {text} (#5.7.1)",
+    "verify_tempfailed": "Z{stage}: {text} (#4.7.1)",
 }
 
 # qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).

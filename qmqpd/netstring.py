@@ -37,67 +37,134 @@ class IdleTimeout(Exception):
     """No byte arrived within the idle timeout, or the session limit ran out."""
 
 
+class TooSlow(IdleTimeout):
+    """The client fell below the minimum transfer rate after its grace period."""
+
+
 def encode(data: bytes) -> bytes:
     return b"%d:%s," % (len(data), data)
 
 
 class FdSource:
-    """Buffered reads from a file descriptor with an idle timeout and a session deadline."""
+    """Buffered reads from a file descriptor with an idle timeout and a session deadline.
 
-    def __init__(self, fd: int, idle_timeout: float, deadline: float) -> None:
+    Reads advance an index into the buffer (qmail's substdio style): consuming a byte or a
+    block never copies the rest of the buffer, so the cost per byte is constant.
+
+    With ``min_rate`` (bytes/s) the client must keep up after ``grace`` seconds: the read
+    deadline is ``started + grace + received / min_rate``, so every byte buys time and a
+    request of L bytes takes at most ``grace + L / min_rate`` to arrive.
+    """
+
+    def __init__(self, fd: int, idle_timeout: float, deadline: float, min_rate: int = 0,
+                 grace: float = 0.0) -> None:
         self.fd = fd
         self.idle_timeout = idle_timeout
         self.deadline = deadline
+        self.min_rate = min_rate
+        self.grace = grace
+        self.started = time.monotonic()
+        self.received = 0
         self._buffer = b""
+        self._pos = 0
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN | select.POLLPRI)
 
+    def rate_deadline(self) -> float | None:
+        """When the bytes received so far stop covering the minimum rate (None = no rule)."""
+        if not self.min_rate:
+            return None
+        return self.started + self.grace + self.received / self.min_rate
+
     def _wait(self) -> None:
         now = time.monotonic()
-        wait = min(self.idle_timeout, self.deadline - now)
+        limit = self.deadline
+        slow = self.rate_deadline()
+        if slow is not None and slow < limit:
+            limit = slow
+        idle = self.idle_timeout < limit - now
+        wait = self.idle_timeout if idle else limit - now
         if wait <= 0 or not self._poll.poll(wait * 1000):
-            raise IdleTimeout("session limit reached" if now + wait >= self.deadline else "idle")
+            if idle:
+                raise IdleTimeout("idle")
+            if limit == slow:
+                elapsed = now - self.started
+                raise TooSlow(f"too slow: {self.received} bytes in {elapsed:.0f}s, "
+                              f"below {self.min_rate} bytes/s after {self.grace:g}s")
+            raise IdleTimeout("session limit reached")
 
-    def _fill(self, want: int) -> None:
+    def _read_block(self, size: int) -> bytes:
         self._wait()
-        block = os.read(self.fd, max(want, READ_SIZE))
+        block = os.read(self.fd, size)
         if not block:
             raise EarlyEOF("connection closed early")
-        self._buffer += block
+        self.received += len(block)
+        return block
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) - self._pos
 
     def read_byte(self) -> int:
-        if not self._buffer:
-            self._fill(1)
-        byte = self._buffer[0]
-        self._buffer = self._buffer[1:]
+        if self._pos >= len(self._buffer):
+            self._buffer = self._read_block(READ_SIZE)
+            self._pos = 0
+        byte = self._buffer[self._pos]
+        self._pos += 1
         return byte
 
+    def peek(self, limit: int) -> bytes:
+        """Up to ``limit`` buffered bytes without consuming them (reads once when empty)."""
+        if self._pos >= len(self._buffer):
+            self._buffer = self._read_block(max(limit, READ_SIZE))
+            self._pos = 0
+        return self._buffer[self._pos : self._pos + limit]
+
+    def advance(self, count: int) -> None:
+        """Consume ``count`` bytes that peek() returned."""
+        if count > self.buffered:
+            raise ValueError("advance past the buffered bytes")
+        self._pos += count
+
     def read_exact(self, count: int) -> bytes:
-        while len(self._buffer) < count:
-            self._fill(count - len(self._buffer))
-        data, self._buffer = self._buffer[:count], self._buffer[count:]
-        return data
+        if count <= self.buffered:
+            data = self._buffer[self._pos : self._pos + count]
+            self._pos += count
+            return data
+        parts = [self._buffer[self._pos :]]
+        need = count - len(parts[0])
+        self._buffer, self._pos = b"", 0
+        while need:
+            block = self._read_block(max(need, READ_SIZE))
+            if len(block) > need:
+                parts.append(block[:need])
+                self._buffer, self._pos = block, need
+                break
+            parts.append(block)
+            need -= len(block)
+        return b"".join(parts)
 
     def copy_exact(self, count: int, sink: BinaryIO) -> None:
         """Move ``count`` bytes into ``sink`` in bounded blocks, never all in memory."""
         while count:
-            if not self._buffer:
-                self._wait()
-                self._buffer = os.read(self.fd, min(count, 1 << 20))
-                if not self._buffer:
-                    raise EarlyEOF("connection closed early")
-            take = self._buffer[:count]
-            self._buffer = self._buffer[len(take) :]
-            sink.write(take)
-            count -= len(take)
+            if self._pos >= len(self._buffer):
+                self._buffer = self._read_block(min(count, 1 << 20))
+                self._pos = 0
+            take = min(count, len(self._buffer) - self._pos)
+            sink.write(memoryview(self._buffer)[self._pos : self._pos + take])
+            self._pos += take
+            count -= take
 
     def drain(self, max_bytes: int, seconds: float) -> None:
-        """Discard what the peer still sends, bounded, so a final answer is not lost to RST."""
+        """Discard what the peer still sends, bounded, so a final answer is not lost to RST.
+
+        The minimum rate holds here too: a slow sender is not drained for the full time."""
         stop = time.monotonic() + seconds
-        left = max_bytes - len(self._buffer)
-        self._buffer = b""
+        left = max_bytes - self.buffered
+        self._buffer, self._pos = b"", 0
         while left > 0:
-            wait = stop - time.monotonic()
+            slow = self.rate_deadline()
+            wait = (stop if slow is None else min(stop, slow)) - time.monotonic()
             if wait <= 0 or not self._poll.poll(wait * 1000):
                 return
             try:
@@ -106,6 +173,7 @@ class FdSource:
                 return
             if not block:
                 return
+            self.received += len(block)
             left -= len(block)
 
 
@@ -132,6 +200,15 @@ class Budget:
     def copy_exact(self, count: int, sink: BinaryIO) -> None:
         self.charge(count)
         self.source.copy_exact(count, sink)
+
+    def peek(self, limit: int) -> bytes:
+        """Buffered bytes this budget still allows, at most ``limit``, not consumed."""
+        return self.source.peek(min(limit, self.remaining))
+
+    def consume(self, count: int) -> None:
+        """Take ``count`` bytes that peek() returned."""
+        self.charge(count)
+        self.source.advance(count)
 
     def skip(self, count: int) -> None:
         """Consume ``count`` bytes in small blocks (an oversized address is read, not kept)."""

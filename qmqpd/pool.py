@@ -7,6 +7,10 @@
 
 The pool never imports the worker code: the entry function is passed in, so the master
 side does not load protocol, filter or queue code paths. Deadlines use time.monotonic().
+Every state change goes through `_change_state`, which refuses one ALLOWED_FROM does not
+list. A worker says done before it answers its client, so a worker the pool holds busy
+is really serving. On stop, SHUTDOWN_TIMEOUT bounds the whole drain: a worker still busy
+at the bound is killed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ KILL_GRACE = 5.0
 SESSION_SLACK = 10.0
 # Idle workers beyond PREFORK are retired after this long without work.
 IDLE_SURPLUS_TIMEOUT = 60.0
+# After a failed fork or socketpair (EMFILE, ENOMEM, EAGAIN): wait this long, warn this rarely.
+SPAWN_RETRY = 1.0
+SPAWN_WARNING_INTERVAL = 60.0
 
 
 class State(enum.Enum):
@@ -50,6 +57,19 @@ class State(enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     RETIRING = "retiring"
+
+
+# The one table of state changes: a state and the states it may be entered from.
+ALLOWED_FROM: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset(),  # only at fork
+    State.IDLE: frozenset({State.STARTING, State.BUSY}),
+    State.BUSY: frozenset({State.IDLE}),
+    State.RETIRING: frozenset({State.STARTING, State.IDLE, State.BUSY}),
+}
+
+
+class StateError(AssertionError):
+    """A state change the table does not allow: a bug in the pool, never a client's doing."""
 
 
 class BootFailure(Exception):
@@ -117,6 +137,9 @@ class Pool:
         self.last_boot_failure = ""
         self.next_spawn_at = 0.0
         self.spawning = True
+        self.stop_at: float | None = None  # the shutdown bound, once stopping
+        self.next_spawn_warning = 0.0
+        self.spawn_failures = 0  # fork/socketpair failures since start (the master sheds)
 
     # ---- counts -------------------------------------------------------------------------
     def in_state(self, state: State) -> list[Worker]:
@@ -136,9 +159,15 @@ class Pool:
 
     # ---- fork ---------------------------------------------------------------------------
     def spawn(self, now: float) -> Worker:
+        """Fork one worker; OSError (EMFILE, ENFILE, ENOMEM, EAGAIN) leaves nothing behind."""
         master_end, worker_end = ipc.channel_pair()
         gc.freeze()  # keep the master's objects in shared pages after fork
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            master_end.close()
+            worker_end.close()
+            raise
         if pid == 0:
             self._child(master_end, worker_end)
         worker_end.close()
@@ -146,8 +175,21 @@ class Pool:
                         max_requests=jittered(self.config.max_requests))
         worker.deadline = now + BOOT_TIMEOUT
         self.workers[pid] = worker
-        self.selector.register(master_end, selectors.EVENT_READ, worker)
+        try:
+            self.selector.register(master_end, selectors.EVENT_READ, worker)
+        except OSError:  # ENOMEM in epoll: the worker cannot be heard, so it goes
+            self._close_channel(worker)
+            self._change_state(worker, State.RETIRING)
+            self._signal(worker, signal.SIGKILL)
+            raise
         return worker
+
+    @staticmethod
+    def _change_state(worker: Worker, new: State) -> None:
+        """Every state change goes through here and must be one the table allows."""
+        if worker.state not in ALLOWED_FROM[new]:
+            raise StateError(f"worker {worker.pid}: {worker.state.value} -> {new.value}")
+        worker.state = new
 
     def _child(self, master_end: socket.socket, worker_end: socket.socket) -> None:
         code = 70
@@ -194,7 +236,7 @@ class Pool:
             self._close_channel(worker)
             self._retire(worker, now)
             return False
-        worker.state = State.BUSY
+        self._change_state(worker, State.BUSY)
         worker.session = session
         worker.deadline = now + self.config.session_timeout + self.config.timeout + SESSION_SLACK
         worker.signals_sent.clear()
@@ -204,23 +246,29 @@ class Pool:
         """Handle one record; a DONE returns the session it ended, anything else None."""
         try:
             record = ipc.receive(worker.channel)
+        except ConnectionResetError:
+            record = None  # the worker died with a record unread: an ordinary exit
         except (ipc.ChannelError, OSError) as error:
             log.error("bad record from worker; killing it", worker=worker.pid, error=str(error))
             self._close_channel(worker)
             self._signal(worker, signal.SIGKILL)
-            worker.state = State.RETIRING
+            if worker.state is not State.RETIRING:
+                self._change_state(worker, State.RETIRING)
             return None
         if record is None:  # the worker is exiting; reap will tell how
             self._close_channel(worker)
             if worker.state is State.IDLE:  # starting and busy keep their state for reap
-                worker.state = State.RETIRING
-            worker.deadline = now + KILL_GRACE
+                self._change_state(worker, State.RETIRING)
+            if worker.deadline is None or worker.deadline > now + KILL_GRACE:
+                worker.deadline = now + KILL_GRACE
             worker.signals_sent.clear()
             return None
         if record.kind is ipc.Kind.READY and worker.state is State.STARTING:
             self.boot_failures = 0
             self._set_idle(worker, now)
             return None
+        if record.kind is ipc.Kind.READY and worker.state is State.RETIRING:
+            return None  # told to stop while it booted: it exits on its own
         if record.kind is ipc.Kind.DONE and worker.state is State.BUSY:
             return Ended(self._done(worker, record.exiting, now), record.outcome)
         log.error("unexpected record from worker; killing it", worker=worker.pid,
@@ -232,18 +280,23 @@ class Pool:
         session, worker.session = worker.session, None
         worker.served += 1
         recycle = worker.max_requests and worker.served >= worker.max_requests
-        worker.state = State.IDLE  # the session is over; retiring starts from idle
         if exiting:
-            worker.state = State.RETIRING
-            worker.deadline = now + KILL_GRACE
-        elif recycle or worker.retire_when_done or worker.generation != self.generation:
+            self._change_state(worker, State.RETIRING)
+            worker.deadline = self._bounded(now + KILL_GRACE)
+        elif (recycle or worker.retire_when_done or worker.generation != self.generation
+              or not self.spawning):
+            self._set_idle(worker, now)  # the session is over; retiring starts from idle
             self._retire(worker, now)
         else:
             self._set_idle(worker, now)
         return session
 
+    def _bounded(self, deadline: float) -> float:
+        """A deadline no later than the shutdown bound, while stopping."""
+        return deadline if self.stop_at is None else min(deadline, self.stop_at)
+
     def _set_idle(self, worker: Worker, now: float) -> None:
-        worker.state = State.IDLE
+        self._change_state(worker, State.IDLE)
         worker.idle_since = now
         worker.deadline = None
         worker.signals_sent.clear()
@@ -255,8 +308,8 @@ class Pool:
             return
         if worker.state is State.RETIRING:
             return
-        worker.state = State.RETIRING
-        worker.deadline = now + KILL_GRACE
+        self._change_state(worker, State.RETIRING)
+        worker.deadline = self._bounded(now + KILL_GRACE)
         if worker.channel_open:
             try:
                 ipc.send_retire(worker.channel)
@@ -322,13 +375,28 @@ class Pool:
             active = len(self._current(State.IDLE, State.STARTING, State.BUSY))
             if ready >= want or active >= self.config.maxdaemons:
                 break
-            self.spawn(now)
+            try:
+                self.spawn(now)
+            except OSError as error:  # out of descriptors, memory or processes: retry later
+                self.next_spawn_at = now + SPAWN_RETRY
+                if now >= self.next_spawn_warning:
+                    log.error("cannot start a worker; retrying", error=error.strerror,
+                              retry_in=SPAWN_RETRY)
+                    self.next_spawn_warning = now + SPAWN_WARNING_INTERVAL
+                self.spawn_failures += 1
+                break
 
     def _enforce_deadlines(self, now: float) -> None:
         for worker in list(self.workers.values()):
             if worker.deadline is None or now < worker.deadline:
                 continue
-            if signal.SIGTERM not in worker.signals_sent:
+            if self.stop_at is not None and now >= self.stop_at:
+                if signal.SIGKILL not in worker.signals_sent:
+                    log.warning("shutdown bound reached; KILL", worker=worker.pid,
+                                state=worker.state.value, setting="SHUTDOWN_TIMEOUT")
+                    self._signal(worker, signal.SIGKILL)
+                worker.deadline = now + KILL_GRACE
+            elif signal.SIGTERM not in worker.signals_sent:
                 log.warning("worker past its deadline; TERM", worker=worker.pid,
                             state=worker.state.value)
                 self._signal(worker, signal.SIGTERM)
@@ -368,19 +436,24 @@ class Pool:
         for worker in self.in_state(State.BUSY):
             worker.retire_when_done = True
 
-    def stop(self, now: float) -> None:
-        """No more spawning; idle and starting workers go now, busy ones after their session."""
+    def stop(self, now: float, bound: float) -> None:
+        """No more spawning; idle and starting workers go now, busy ones after their session.
+        At `bound` whatever is left is killed: the bound is the whole shutdown."""
         self.spawning = False
+        self.stop_at = bound
         for worker in list(self.workers.values()):
             if worker.state is State.STARTING:
                 self._signal(worker, signal.SIGTERM)
-                worker.state = State.RETIRING
-                worker.deadline = now + KILL_GRACE
+                self._change_state(worker, State.RETIRING)
+                worker.deadline = self._bounded(now + KILL_GRACE)
             else:
                 self._retire(worker, now)
+        self.hurry(bound)
 
     def hurry(self, deadline: float) -> None:
-        """Shorten every busy worker's deadline (drain bound, second TERM)."""
+        """Bring every worker's deadline forward to `deadline` (drain bound, second TERM)."""
+        if self.stop_at is not None:
+            self.stop_at = min(self.stop_at, deadline)
         for worker in self.workers.values():
             if worker.deadline is None or worker.deadline > deadline:
                 worker.deadline = deadline

@@ -119,3 +119,28 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 def parent_alive(expected_ppid: int) -> bool:
     """The getppid check that covers the race before PR_SET_PDEATHSIG took effect."""
     return os.getppid() == expected_ppid
+
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as nr_open:
+            return int(nr_open.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # an unlimited hard limit still stops at fs.nr_open on Linux
+    target = _nr_open() if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY:
+        return target
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft

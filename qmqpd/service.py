@@ -9,12 +9,14 @@ carries the same settings as Environment= lines.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import shlex
 import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Template
 
@@ -25,19 +27,23 @@ DEFAULT_LOG_BASE = "/var/log"
 DEFAULT_KEY_PATTERN = "domainkeys/%/default"
 
 
-def _templates_dir() -> Path:
-    """packaging/ beside the package in a checkout, or where an install put it."""
-    for candidate in (
+def templates() -> Traversable:
+    """The service templates: package data of an installed qmqpd (wheel, sdist, Debian
+    package), or packaging/ beside the package in a source checkout."""
+    candidates: list[Traversable] = [
+        importlib.resources.files("qmqpd") / "packaging",
         Path(__file__).resolve().parent.parent / "packaging",
-        Path(sys.prefix) / "share" / "qmqpd" / "packaging",
-    ):
-        if (candidate / "systemd" / "qmqpd.service").exists():
+    ]
+    for candidate in candidates:
+        if candidate.joinpath("systemd", "qmqpd.service").is_file():
             return candidate
-    raise FileNotFoundError("qmqpd's packaging templates are not installed")
+    raise FileNotFoundError("qmqpd's packaging templates are not installed "
+                            "(looked in " + ", ".join(map(str, candidates)) + ")")
 
 
 def _render(name: str, **values: str) -> str:
-    return Template((_templates_dir() / name).read_text()).substitute(values)
+    template = templates().joinpath(*name.split("/")).read_text(encoding="utf-8")
+    return Template(template).substitute(values)
 
 
 class ServiceError(Exception):

@@ -12,6 +12,8 @@ DEBIAN_PACKAGES=(
   opendkim-tools       # independent ed25519 DKIM verifier
   daemontools          # supervise, svc, multilog for the service tests
   runit                # runsv, sv
+  haproxy              # a real load balancer sending the PROXY protocol (cluster tests)
+  prometheus           # promtool and a real Prometheus scraping /metrics
 )
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -1,6 +1,7 @@
 """bench/serve_vs_postfix.py end to end with a few messages: real qmqp-sink, `qmqpd serve`
-and a private Postfix on 127.0.0.1, driven by Postfix's qmqp-source; everything it
-started is gone afterwards, also after Ctrl-C."""
+(limits on) and a private Postfix on 127.0.0.1, driven by Postfix's qmqp-source, with the
+sync calls counted under strace; everything it started is gone afterwards, also after
+Ctrl-C; and it refuses to start on a loaded machine unless forced."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ pytestmark = [
 def _command(*args: str) -> list[str]:
     # qmqpd from this tree, whatever is installed in the interpreter
     qmqpd = f"env PYTHONPATH={ROOT} {sys.executable} -m qmqpd"
-    return [sys.executable, str(BENCH), "--qmqpd", qmqpd, *args]
+    # --force: the test checks that the bench works, not its figures, so any load will do
+    return [sys.executable, str(BENCH), "--qmqpd", qmqpd, "--force", *args]
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
@@ -55,7 +57,8 @@ def _started_pids(stderr: str) -> dict[str, int]:
 def test_small_run_measures_all_three_and_stops_them(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
     result = subprocess.run(
-        _command("-m", "30", "-s", "1,3", "--warmup", "5", "--json", str(report)),
+        _command("-m", "30", "-s", "1,3", "--warmup", "5", "--sync-messages", "10",
+                 "--json", str(report)),
         capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(report.read_text())
@@ -67,8 +70,16 @@ def test_small_run_measures_all_three_and_stops_them(tmp_path: Path) -> None:
         assert row["client_errors"] == []
         if name != "qmqp-sink":
             assert row["accepted"] == 30  # every message answered K by the server itself
+        assert row["machine_cpu"] > 0
     assert data["memory_after"]["qmqpd_idle_workers"], "idle workers were measured"
     assert "| 3 | qmqpd |" in result.stdout
+    assert "load average (1, 5, 15 min): before" in result.stdout
+    for fact in ("nproc", "model name", "kernel", "queue filesystem", "load before"):
+        assert data["machine"][fact], fact
+    # qmqpd's commit: fdatasync of mess and intd, fsync of mess/N/ and todo/, per message
+    syncs = data["syncs_per_message"]
+    assert syncs["qmqpd"]["fdatasync"] == 2.0 and syncs["qmqpd"]["fsync"] == 2.0
+    assert syncs["postfix"]["fsync"] + syncs["postfix"]["fdatasync"] >= 1.0
     assert data["problems"] == []
     for name, pid in data["pids"].items():
         assert pid and _gone(pid), f"{name} (pid {pid}) still running"
@@ -86,7 +97,8 @@ def bench_tmp() -> Iterator[Path]:
 
 def test_interrupt_stops_every_server(tmp_path: Path, bench_tmp: Path) -> None:
     process = subprocess.Popen(
-        _command("-m", "200000", "-s", "2", "--warmup", "0", "--targets", "qmqpd,postfix"),
+        _command("-m", "200000", "-s", "2", "--warmup", "0", "--targets", "qmqpd,postfix",
+                 "--sync-messages", "0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "TMPDIR": str(bench_tmp)})
     assert process.stderr is not None
@@ -112,3 +124,13 @@ def test_interrupt_stops_every_server(tmp_path: Path, bench_tmp: Path) -> None:
                  if path.stat().st_mtime > time.time() - 120]
     assert not any(str(pid) in shutil.which("true") or "" for pid in pids.values())
     assert leftovers == [], leftovers
+
+
+def test_refuses_to_start_above_the_load_limit(tmp_path: Path) -> None:
+    """A limit no load average can be under: the bench refuses before starting anything."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--max-load", "-1", "-m", "5", "-s", "1"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    assert result.returncode == 75, result.stderr
+    assert "--force" in result.stderr and "load average" in result.stderr
+    assert "started" not in result.stderr

@@ -37,7 +37,7 @@ my %lower = map { lc($_) =~ s/\.$//r => $records->{$_} } keys %$records;
 Mail::DKIM::DNS::resolver(LocalResolver->new(\%lower));
 binmode STDIN;
 my $verifier = Mail::DKIM::Verifier->new();
-while (my $line = <STDIN>) { $verifier->PRINT($line); }
+while (read(STDIN, my $block, 1 << 20)) { $verifier->PRINT($block); }
 $verifier->CLOSE();
 foreach my $sig ($verifier->signatures) {
     my $kind = ref($sig) =~ /DkSignature/ ? 'DK' : 'DKIM';

@@ -4,6 +4,8 @@ framing, the qmqpd config it writes and the py-spy profile summary."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -70,16 +72,69 @@ def test_qmqp_request_is_one_netstring_of_message_sender_recipients() -> None:
     assert request == b"25:4:body,3:a@b,3:c@d,3:e@f,,"
 
 
-def test_qmqpd_config_is_valid_toml_with_overrides() -> None:
-    text = bench.qmqpd_config(6280, Path("/q"), 75, 4, ["use_syncdir = false", "timeout = 9"])
+def test_qmqpd_config_is_valid_toml_with_limits_on_and_overrides() -> None:
+    text = bench.qmqpd_config(6280, Path("/q"), 75, 4, Path("/r.cdb"),
+                              ["use_syncdir = false", "timeout = 9"])
     settings = tomllib.loads(text)
     assert settings["use_syncdir"] is False
     assert settings["use_fsync"] is True
-    assert settings["maxperip"] == 0
+    assert "maxperip" not in settings  # the default limit, raised by the rule only
+    assert settings["rules"] == "/r.cdb"
     assert settings["timeout"] == 9
     assert settings["queuedir"] == "/q"
     with pytest.raises(bench.BenchError):
-        bench.qmqpd_config(1, Path("/q"), 1, 1, ["no equals sign"])
+        bench.qmqpd_config(1, Path("/q"), 1, 1, Path("/r"), ["no equals sign"])
+    with pytest.raises(bench.BenchError, match="limits on"):
+        bench.qmqpd_config(1, Path("/q"), 1, 1, Path("/r"), ["MAXPERIP = 0"])
+
+
+@pytest.mark.parametrize("sessions", [1, 8, 32, 100])
+def test_rule_gives_the_load_generator_its_sessions_and_the_probe(sessions: int) -> None:
+    text = bench.load_generator_rules(sessions)
+    first, default = text.splitlines()
+    address, _, rest = first.partition(":")
+    assert address == "127.0.0.1" and rest.startswith("allow,")
+    limit = int(rest.split('MAXPERIP="')[1].rstrip('"'))
+    assert sessions + 1 < limit <= 2 * sessions + 5
+    assert default == ":deny"
+
+
+def test_load_refusal_above_the_limit_unless_forced() -> None:
+    assert bench.load_refusal(0.4, 1.0, force=False) is None
+    assert bench.load_refusal(1.0, 1.0, force=False) is None
+    assert "--force" in bench.load_refusal(1.7, 1.0, force=False)
+    assert bench.load_refusal(9.0, 1.0, force=True) is None
+
+
+STRACE_C = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 61.05    0.060230         150       400           fdatasync
+ 38.95    0.038430          96       400         3 fsync
+  0.00    0.000000           0       400           sync_file_range
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.098660          82      1200         3 total
+"""
+
+
+def test_strace_summary_counts_calls_per_syscall() -> None:
+    assert bench.parse_strace_counts(STRACE_C) == {
+        "fdatasync": 400, "fsync": 400, "sync_file_range": 400}
+    assert bench.parse_strace_counts("") == {}
+
+
+def test_busy_seconds_leave_out_idle_and_iowait() -> None:
+    ticks = bench.CLK_TCK
+    line = f"cpu  {3 * ticks} 0 {ticks} {50 * ticks} {7 * ticks} 0 {ticks} 0 0 0"
+    assert bench.busy_seconds(line) == pytest.approx(5.0)
+
+
+@pytest.mark.skipif(shutil.which("findmnt") is None, reason="util-linux findmnt missing")
+def test_mount_of_agrees_with_findmnt(tmp_path: Path) -> None:
+    device, kind, _options = bench.mount_of(tmp_path)
+    found = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "--target", str(tmp_path)],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert [device, kind] == found[:2]
 
 
 def test_parse_sessions() -> None:
@@ -117,3 +172,11 @@ def test_profile_summary_separates_master_busy_and_idle_workers() -> None:
     assert inclusive["qmqpd/protocol.py:read_request"] == 25.0
     assert "qmqpd/worker.py:worker_main" not in inclusive  # start-up frames left out
     assert summary["master_self"][0] == ("selectors.py:select", 90.0)
+
+
+def test_filesystem_description_names_the_mount(tmp_path: Path) -> None:
+    device, kind, options = bench.mount_of(tmp_path)
+    text = bench.describe_filesystem(tmp_path)
+    assert text.startswith(f"{kind} on {device} ({options})")
+    if kind == "ext4":
+        assert text.endswith((", journal", ", no journal"))

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmqpd.limits import Capacity, PerIpCounter, fold_ip
+from qmqpd.limits import (
+    FD_CLIENTS_FLOOR,
+    FD_RESERVE,
+    Capacity,
+    DescriptorBudget,
+    PerIpCounter,
+    fold_ip,
+)
 
 
 def test_fold_ip_maps_v4_mapped_and_compacts_v6() -> None:
@@ -100,3 +107,15 @@ def test_counts_match_a_model_and_never_exceed_the_limit(
             assert counter.count(ip) <= limit
         assert counter.count(ip) == model.get(key, 0)
     assert counter.total == sum(model.values())
+
+
+def test_descriptor_budget_keeps_a_reserve_and_two_channels_per_worker() -> None:
+    budget = DescriptorBudget(1024, 75 + 4)
+    assert budget.clients == 1024 - FD_RESERVE - 2 * 79
+    assert budget.lingering == budget.clients // 2
+    assert not budget.over(budget.clients - 1) and budget.over(budget.clients)
+
+
+def test_descriptor_budget_never_below_its_floor() -> None:
+    budget = DescriptorBudget(64, 75)
+    assert budget.clients == FD_CLIENTS_FLOOR and budget.lingering >= 1

@@ -125,3 +125,18 @@ def test_parent_alive_and_title() -> None:
             return 5 if cmdline.read().startswith(b"qmqpd: test title") else 6
 
     assert in_child(body) == 5
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
+    import resource
+
+    def body() -> int:
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        now = procctl.raise_fd_limit()
+        soft_after, hard_after = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            return 0 if now == soft_after and now > 64 else 1
+        return 0 if now == soft_after == hard == hard_after else 1
+
+    assert in_child(body) == 0

@@ -230,13 +230,12 @@ def test_keygen_main_prints_the_zone_line(tmp_path: Path, capsys: pytest.Capture
 # --- DomainKeys canonicalisation -----------------------------------------------------------
 
 def test_dk_canonicalisation_in_words() -> None:
-    fields, body = dk.split_message(b"From: a@b\nSubject: x\n  y \n\n l1 \n\n\n")
-    assert dk.canonical_data(fields, body, "simple") == (
+    message = b"From: a@b\nSubject: x\n  y \n\n l1 \n\n\n"
+    assert dk.canonical_data(message, "simple") == (
         b"From: a@b\r\nSubject: x\r\n  y \r\n\r\n l1 \r\n")
-    assert dk.canonical_data(fields, body, "nofws") == b"From:a@b\r\nSubject:xy\r\n\r\nl1\r\n"
-    assert dk.canonical_data(fields, body, "nofws", [b"subject"]) == b"Subject:xy\r\n\r\nl1\r\n"
-    empty_fields, empty_body = dk.split_message(b"From: a@b\n\n \n\t\n")
-    assert dk.canonical_data(empty_fields, empty_body, "nofws") == b"From:a@b\r\n"
+    assert dk.canonical_data(message, "nofws") == b"From:a@b\r\nSubject:xy\r\n\r\nl1\r\n"
+    assert dk.canonical_data(message, "nofws", [b"subject"]) == b"Subject:xy\r\n\r\nl1\r\n"
+    assert dk.canonical_data(b"From: a@b\n\n \n\t\n", "nofws") == b"From:a@b\r\n"
 
 
 # --- our verifier, keys served by a real DNS responder on loopback --------------------------
