@@ -276,9 +276,13 @@ class DkStage:
             result = self._verify(message)
             facts["verify"] = result.letter
             if result.letter in self.verify_letters:
-                return Verdict.reject(f"dk: {result.text} (#5.7.1)", verify=result.letter)
+                return Verdict.from_reply(
+                    Reply.named("verify_rejected", stage=self.name, text=result.text),
+                    verify=result.letter)
             if result.letter.lower() in self.verify_letters:
-                return Verdict.tempfail(f"dk: {result.text} (#4.7.1)", verify=result.letter)
+                return Verdict.from_reply(
+                    Reply.named("verify_tempfailed", stage=self.name, text=result.text),
+                    verify=result.letter)
             added.append(authentication_results(self.authserv_id, result))
         if self.pattern is not None:
             verdict = self._sign(message, added, facts)

@@ -533,9 +533,11 @@ class DkimStage:
         facts["verify"] = letter
         text = results[0].text if results and letter != "A" else RESULTS[letter][1]
         if letter in self.verify_letters:
-            return Verdict.reject(f"dkim: {text} (#5.7.1)", verify=letter)
+            return Verdict.from_reply(
+                Reply.named("verify_rejected", stage=self.name, text=text), verify=letter)
         if letter.lower() in self.verify_letters:
-            return Verdict.tempfail(f"dkim: {text} (#4.7.1)", verify=letter)
+            return Verdict.from_reply(
+                Reply.named("verify_tempfailed", stage=self.name, text=text), verify=letter)
         added.append(authentication_results(self.authserv_id, results))
         return None
 

@@ -11,9 +11,10 @@ import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from filters.base import Stage, Verdict
-from qmqpd.config import Config
+from qmqpd.config import SETTINGS, Config, ConfigError, problem
 from qmqpd.message import Message, Reply
 
 # Each entry: a factory that returns the stage when the settings switch it on, else None.
@@ -51,11 +52,19 @@ def _factories() -> list[StageFactory]:
     return factories
 
 
+class StageVerdict(NamedTuple):
+    """What one stage decided, in the order the stages ran: for the master's counters."""
+
+    stage: str
+    action: str  # accept, tempfail, reject or discard
+
+
 @dataclass
 class PipelineResult:
     reply: Reply | None = None  # an answer forced by a stage (Z or D)
     discard: bool = False  # accept towards the client but queue nothing
     facts: dict[str, object] = field(default_factory=dict)
+    verdicts: list[StageVerdict] = field(default_factory=list)
 
 
 def build_stages(config: Config) -> list[Stage]:
@@ -65,6 +74,67 @@ def build_stages(config: Config) -> list[Stage]:
         if stage is not None:
             stages.append(stage)
     return stages
+
+
+def checked_stages(config: Config) -> tuple[list[Stage], list[ConfigError]]:
+    """The stages, built once, and every reason they could not sign or verify: bad
+    options, and key files named without `%` that are missing, unreadable or unparsable.
+    Loading the keys here also leaves them parsed in this process (keys' cache)."""
+    try:
+        stages = build_stages(config)
+    except ConfigError as error:
+        return [], [_named(config, error)]
+    found: list[ConfigError] = []
+    for stage in stages:
+        for setting, pattern, rsa_only in _key_patterns(stage, config):
+            reason = _key_problem(pattern, config.controldir, rsa_only)
+            if reason is not None:
+                found.append(problem(setting, config.source(setting), reason))
+    return stages, found
+
+
+def _named(config: Config, error: ConfigError) -> ConfigError:
+    """A stage's option error (`DKIMSIGNOPTIONS: ...`) with the setting's source added."""
+    if error.setting:
+        return error
+    name, colon, reason = str(error).partition(":")
+    if colon and name in SETTINGS:
+        return problem(name, config.source(name), reason.strip())
+    return error
+
+
+def _key_patterns(stage: Stage, config: Config) -> list[tuple[str, str, bool]]:
+    """(setting, key path pattern, RSA only) for each key a signing stage will use."""
+    if stage.name == "dkim":
+        first = "DKIMSIGN" if config.dkimsign else "DKIMKEY"
+        return [(first if spec.use_domain_table else "DKIMSIGNEXTRA", spec.pattern, False)
+                for spec in getattr(stage, "signs", [])]
+    if stage.name == "dk" and getattr(stage, "pattern", None) is not None:
+        setting = "DKSIGN" if config.dksign else "DKKEY"
+        if "-s" in config.dksignoptions.split():
+            setting = "DKSIGNOPTIONS"
+        return [(setting, stage.pattern, True)]  # type: ignore[attr-defined]
+    return []
+
+
+def _key_problem(pattern: str, controldir: str, rsa_only: bool) -> str | None:
+    """Why the key at pattern cannot sign, or None. A `%` pattern depends on the sender's
+    domain (and a missing file then means "do not sign"), so it is checked per message."""
+    if "%" in pattern:
+        return None
+    from filters import keys  # loaded only when a stage signs
+
+    try:
+        found = keys.resolve_key(pattern, "", controldir)
+        assert found is not None  # without % a missing file raises KeyMissing
+        key = keys.load_private_key(found.path)
+    except keys.KeyMissing as error:
+        return f"key file {error} does not exist"
+    except (keys.KeyUnreadable, keys.KeyUnparsable) as error:
+        return f"key file {error}"
+    if rsa_only and keys.key_kind(key) != "rsa":
+        return f"key file {found.path}: DomainKeys needs an RSA key"
+    return None
 
 
 def run(stages: Sequence[Stage], message: Message) -> PipelineResult:
@@ -81,6 +151,7 @@ def run(stages: Sequence[Stage], message: Message) -> PipelineResult:
         result.facts[f"{stage.name}_ms"] = round((time.monotonic() - started) * 1000, 1)
         result.facts.update({f"{stage.name}_{k}": v for k, v in verdict.facts.items()})
         result.facts[stage.name] = verdict.action
+        result.verdicts.append(StageVerdict(stage.name, verdict.action))
         forced = verdict.reply()
         if forced is not None:
             result.reply = forced

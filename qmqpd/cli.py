@@ -6,15 +6,19 @@ tcpserver, so its start-up must stay small.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from qmqpd import config as config_mod
 
 if TYPE_CHECKING:
+    import argparse
+
+    from qmqpd.injector import Writer
+    from qmqpd.plan import PlanBook
     from qmqpd.queue import QueuedMessage, QueueStats
 
 # `qmqpd serve` with no --config: a working server for a first look, on an unprivileged
@@ -47,22 +51,66 @@ def _load(args: argparse.Namespace, embedded: bool = False) -> config_mod.Config
                            defaults=_embedded(args) if embedded else None)
 
 
-def _queue_paths(cfg: config_mod.Config) -> list[str]:
-    if cfg.queuedir:
-        return [cfg.queuedir]
-    if cfg.queue_base:
-        start = cfg.queue_start
-        return [
-            os.path.join(cfg.queue_base, f"queue{n}")
-            for n in range(start, start + cfg.queue_count)
-        ]
-    return []
-
-
 def cmd_session(args: argparse.Namespace) -> int:
+    # Only what this one connection needs: the plan imports the stage modules it uses.
+    from qmqpd.plan import PlanBook
     from qmqpd.session import run_session
 
-    return run_session(_load(args))
+    return run_session(PlanBook(_load(args)))
+
+
+def _writer(cfg: config_mod.Config) -> tuple[Writer | None, list[config_mod.ConfigError]]:
+    """Who the workers run as (USER/GROUP, as the master drops to them): the identity the
+    queues must be writable by."""
+    from qmqpd import procctl
+    from qmqpd.injector import Writer
+
+    if not cfg.user and not cfg.group:
+        return Writer.current(), []
+    try:
+        uid, _primary, gids, name = procctl.identity(cfg.user, cfg.group)
+    except procctl.ProcError as error:
+        setting = "GROUP" if str(error).startswith("GROUP") else "USER"
+        return None, [config_mod.problem(setting, cfg.source(setting), str(error))]
+    uid = os.geteuid() if uid < 0 else uid
+    return Writer(uid, tuple(gids), name or str(uid)), []
+
+
+def plan_all(cfg: config_mod.Config) -> tuple[PlanBook | None, list[config_mod.ConfigError]]:
+    """The validation `serve` runs at start, on HUP and when the rules cdb changes, and
+    `qmqpd check` prints: the workers' user, the rules cdb, then the plan of the base
+    settings and of every allowing rule's env."""
+    from qmqpd import plan, rules
+
+    writer, problems = _writer(cfg)
+    envs: list[tuple[str, dict[str, str | None]]] = []
+    stamp = None
+    if cfg.rules:
+        stamp = plan.rules_stamp(cfg.rules)
+        try:
+            envs = rules.rule_envs(cfg.rules)
+        except rules.RulesError as error:
+            problems.append(config_mod.problem("RULES", cfg.source("RULES"), str(error)))
+    if writer is None:
+        return None, problems
+    book, found = plan.check_all(cfg, envs, writer, cfg.rules, stamp)
+    return book, problems + found
+
+
+def planner(cfg: config_mod.Config) -> PlanBook:
+    """The plans of cfg, or PlanError listing every problem (the master's planner)."""
+    from qmqpd.plan import PlanError
+
+    book, problems = plan_all(cfg)
+    if problems or book is None:
+        raise PlanError(problems)
+    return book
+
+
+def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
+    """`serve` without --config lays out its embedded queue when it is not there yet."""
+    return (cfg.source("QUEUEDIR") == "embedded defaults"
+            and not os.path.isdir(os.path.join(cfg.queuedir, "todo")))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,15 +118,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qmqpd import master, queue, worker
 
     cfg = _load(args, embedded=True)
-    uses_embedded_queue = cfg.source("QUEUEDIR") == "embedded defaults"
-    if uses_embedded_queue and not os.path.isdir(os.path.join(cfg.queuedir, "todo")):
+    if _creates_embedded_queue(cfg):
         queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
 
     def reload() -> config_mod.Config:
         return _load(args, embedded=True)
 
     pipeline.preload()  # workers share the stage modules instead of each importing them
-    return master.run(cfg, worker.worker_main, reload)
+    return master.run(cfg, worker.worker_main, reload, planner)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """`qmqpd check`: the validation of start and HUP, each problem on its own line."""
+    cfg = _load(args, embedded=True)
+    book, problems = plan_all(cfg)
+    if _creates_embedded_queue(cfg):  # as serve would: not a problem, said as a note
+        problems = [p for p in problems if p.setting != "QUEUEDIR"]
+        print(f"note: `qmqpd serve` creates the queue {cfg.queuedir} (embedded defaults)")
+    for found in problems:
+        print(f"qmqpd check: {found}", file=sys.stderr)
+    if problems or book is None:
+        return _fail(f"{len(problems)} problem(s); `qmqpd serve` would refuse to start", 1)
+    rules = f", {cfg.rules}" if cfg.rules else ""
+    print(f"ok: {len(book)} session plan(s) from {args.config or 'built-in defaults'}{rules}")
+    return 0
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
@@ -106,7 +169,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from qmqpd import queue
 
     cfg = _load(args)
-    paths = args.dirs or _queue_paths(cfg)
+    from qmqpd.injector import queue_paths
+
+    paths = args.dirs or queue_paths(cfg)
     if not paths:
         return _fail("no queue given: name a directory, or set QUEUEDIR or QUEUE_BASE", 100)
     if args.queue_command == "create":
@@ -186,10 +251,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = _load(args, embedded=args.embedded)
     for name, value in cfg.as_dict().items():
         print(f"{name}={value!r}  # {cfg.source(name)}")
+    _book, problems = plan_all(cfg)
+    for found in problems:
+        print(f"qmqpd config: warning: {found}", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse  # not on `qmqpd session`'s path (see _session_fast_path)
+
     parser = argparse.ArgumentParser(prog="qmqpd", description="filtering QMQP server")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -201,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("session", help="serve one QMQP session on fd 0/1")).set_defaults(
         func=cmd_session
     )
+    with_config(sub.add_parser(
+        "check", help="validate settings, queues, keys and every rule as `serve` would; "
+        "non-zero exit on any problem")).set_defaults(func=cmd_check)
 
     rules = sub.add_parser("rules", help="compile or check tcprules-format access rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -248,11 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {"service": cmd_service, "dkim": cmd_dkim}
 
 
+def _session_fast_path(argv: list[str]) -> SimpleNamespace | None:
+    """`session [--config FILE]` without building the parser: it runs once per connection
+    under tcpserver, and the full parser is a good part of a bare session's start-up."""
+    if not argv or argv[0] != "session":
+        return None
+    rest = argv[1:]
+    if not rest:
+        return SimpleNamespace(func=cmd_session, config=None)
+    if len(rest) == 2 and rest[0] == "--config" and not rest[1].startswith("-"):
+        return SimpleNamespace(func=cmd_session, config=rest[1])
+    if len(rest) == 1 and rest[0].startswith("--config=") and len(rest[0]) > 9:
+        return SimpleNamespace(func=cmd_session, config=rest[0][9:])
+    return None  # anything else (--help, mistakes): the parser explains
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
-        return DELEGATED[argv[0]](argparse.Namespace(options=argv[1:]))
-    args = build_parser().parse_args(argv)
+        return DELEGATED[argv[0]](SimpleNamespace(options=argv[1:]))
+    args = _session_fast_path(argv) or build_parser().parse_args(argv)
     try:
         return args.func(args)
     except config_mod.ConfigError as error:

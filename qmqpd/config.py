@@ -8,15 +8,26 @@ allowed.
 
 from __future__ import annotations
 
-import ipaddress
-import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class ConfigError(ValueError):
-    """A setting that cannot be used; the message names key, source and what is allowed."""
+    """A setting that cannot be used; the message names key, source and what is allowed.
+
+    `setting` and `source` say which setting and where it came from, when one is known,
+    so `qmqpd check` can list problems by setting."""
+
+    def __init__(self, message: str, setting: str = "", source: str = "") -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.source = source
+
+
+def problem(setting: str, source: str, reason: str) -> ConfigError:
+    """The one shape of a validation problem: `NAME (key) from SOURCE: reason`."""
+    key = SETTINGS[setting].key if setting in SETTINGS else setting.lower()
+    return ConfigError(f"{setting} ({key}) from {source}: {reason}", setting, source)
 
 
 TRUE_WORDS = frozenset({"1", "yes", "true", "on"})
@@ -157,6 +168,8 @@ def _servers(raw: Any) -> tuple[str, ...]:
 
 def _networks(raw: Any) -> tuple[str, ...]:
     """PROXY_TRUSTED: IP addresses or CIDR prefixes, comma or space separated."""
+    import ipaddress  # only when set: a session's start-up does not load it
+
     out = []
     for item in _list_items(raw):
         if item:
@@ -166,6 +179,8 @@ def _networks(raw: Any) -> tuple[str, ...]:
 
 def _listen_address(raw: Any) -> str:
     """METRICS: empty (off), host:port or [v6]:port with a literal IP address."""
+    import ipaddress
+
     text = _str(raw).strip()
     if not text:
         return ""
@@ -180,8 +195,7 @@ def _listen_address(raw: Any) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     name: str
     parse: Callable[[Any], Any]
     default: Any
@@ -413,14 +427,14 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
     try:
         return setting.parse(raw)
     except (ValueError, TypeError):
-        raise ConfigError(
-            f"{setting.name} ({setting.key}) from {source}: bad value {raw!r}; "
-            f"allowed: {setting.allowed}"
-        ) from None
+        raise problem(setting.name, source,
+                      f"bad value {raw!r}; allowed: {setting.allowed}") from None
 
 
 def read_file(path: str) -> dict[str, Any]:
     """A TOML config file: flat keys in lower case, each a known setting."""
+    import tomllib  # only with --config: `qmqpd session` from an envdir never pays for it
+
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)

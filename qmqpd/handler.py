@@ -7,10 +7,10 @@ workers, so both serving paths behave identically.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from filters import pipeline
 from qmqpd import log
@@ -26,6 +26,9 @@ from qmqpd.protocol import (
     received_line,
     write_reply,
 )
+
+if TYPE_CHECKING:
+    from qmqpd.plan import PlanBook, SessionPlan
 
 # After an early answer the client may still be sending; read and drop at most this much
 # (and for at most DRAIN_SECONDS) so the answer is not destroyed by a TCP reset.
@@ -48,10 +51,13 @@ class SessionResult:
     session_seconds: float | None = None
     # seconds in the injector making the message durable (None: nothing was queued)
     commit_seconds: float | None = None
+    verdicts: list[pipeline.StageVerdict] = field(default_factory=list)
 
 
 def _shutdown_write(fd: int) -> None:
     """Half-close a socket so the client sees our answer followed by EOF."""
+    import socket  # only after an early answer: a plain session never loads it
+
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
@@ -99,9 +105,10 @@ def _answer_and_drain(source: FdSource, wfd: int, reply: Reply, unread: int,
     announce()
 
 
-def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Config,
+def _receive_and_inject(source: FdSource, wfd: int, client: Client, plan: SessionPlan,
                         result: SessionResult, announce: _Announce) -> None:
-    injector = Injector(config, client)
+    config = plan.config
+    injector = Injector(config, client, plan.route)
     result.queue = injector.queue_path or config.qmailqueue
     message: Message | None = None
     try:
@@ -116,8 +123,9 @@ def _receive_and_inject(source: FdSource, wfd: int, client: Client, config: Conf
         result.size = message.size
         result.sender = message.sender
         result.recipients = len(message.recipients)
-        filtered = pipeline.run(pipeline.build_stages(config), message)
+        filtered = pipeline.run(plan.stages, message)
         result.facts = filtered.facts
+        result.verdicts = filtered.verdicts
         if filtered.reply is not None:
             result.reply = filtered.reply
         elif filtered.discard:
@@ -143,17 +151,20 @@ def _source(rfd: int, config: Config, started: float) -> FdSource:
                     min_rate=config.min_rate, grace=config.rate_grace)
 
 
-def serve_connection(rfd: int, wfd: int, client: Client, config: Config,
+def serve_connection(rfd: int, wfd: int, client: Client, plans: PlanBook,
                      before_answer: BeforeAnswer | None = None) -> SessionResult:
-    """Serve exactly one request; never raises for anything the client or the queue does."""
+    """Serve exactly one request; never raises for anything the client or the queue does.
+    Settings, queue and stages come from the client's plan, made before it connected."""
     started = time.monotonic()
+    config = plans.config
     result = SessionResult()
     announce = _Announce(result, before_answer, started)
     source = _source(rfd, config, started)
     try:
-        session_config = config.overlay(client.rule_env, "rule env") if client.rule_env else config
+        plan = plans.for_env(client.rule_env)
+        session_config = plan.config
         source = _source(rfd, session_config, started)
-        _receive_and_inject(source, wfd, client, session_config, result, announce)
+        _receive_and_inject(source, wfd, client, plan, result, announce)
     except Refused as refusal:
         result.reply = refusal.reply
         _answer_and_drain(source, wfd, refusal.reply, refusal.unread, config.timeout,

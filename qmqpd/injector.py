@@ -8,18 +8,27 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import selectors
-import signal
-import subprocess
-import threading
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from qmqpd import log
-from qmqpd.config import Config, ConfigError
+from qmqpd.config import Config, ConfigError, problem
 from qmqpd.message import Client, Message, Reply, reply_for_exit
-from qmqpd.queue import EXIT_READ, Queue, QueueError, free_bytes
+from qmqpd.queue import (
+    EXIT_READ,
+    Queue,
+    QueueError,
+    QueueSetupError,
+    detect_layout,
+    envelope_records,
+    free_bytes,
+    unwritable,
+)
+
+if TYPE_CHECKING:
+    import subprocess
 
 # qmail reads at most this much custom error text from the queue program.
 ERROR_TEXT_LIMIT = 1023
@@ -28,8 +37,7 @@ EXIT_EXEC_FAILED = 120
 _random = random.SystemRandom()
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What happened to one message: the answer, where it went and its id there."""
 
     reply: Reply
@@ -37,38 +45,133 @@ class Outcome:
     qid: str = ""
 
 
-def check_config(config: Config) -> None:
-    """Fail early (at startup) when no queue is configured at all."""
-    if not (config.queuedir or config.queue_base or config.qmailqueue.strip()):
-        raise ConfigError(
-            "no queue configured: set QUEUEDIR (one queue), QUEUE_BASE (queueN directories "
-            "under it) or QMAILQUEUE (a qmail-queue compatible program)"
-        )
-
-
-def choose_queue(config: Config) -> str:
-    """QUEUEDIR, else QUEUE_BASE/queueN with N random in QUEUE_START..+QUEUE_COUNT-1."""
+def queue_paths(config: Config) -> list[str]:
+    """The native queues a config names: QUEUEDIR, else QUEUE_BASE/queueN for N in
+    QUEUE_START .. QUEUE_START+QUEUE_COUNT-1 (qmail-multi); empty when neither is set."""
     if config.queuedir:
-        return str(config.queuedir)
+        return [str(config.queuedir)]
     if not config.queue_base:
-        return ""
-    number = config.queue_start + _random.randrange(config.queue_count)
-    return os.path.join(config.queue_base, f"queue{number}")
+        return []
+    start = config.queue_start
+    return [os.path.join(config.queue_base, f"queue{n}")
+            for n in range(start, start + config.queue_count)]
+
+
+class Writer(NamedTuple):
+    """Who writes the queue: the uid and groups the workers run as (USER/GROUP)."""
+
+    uid: int
+    gids: tuple[int, ...]
+    name: str
+
+    @classmethod
+    def current(cls) -> Writer:
+        gids = tuple(sorted({os.getegid(), *os.getgroups()}))
+        return cls(os.geteuid(), gids, str(os.geteuid()))
+
+
+def check_config(config: Config, writer: Writer | None = None) -> list[ConfigError]:
+    """Every reason this config cannot queue a message, found before any client comes:
+    no queue at all, a QMAILQUEUE program that cannot run, a queue that is missing, laid
+    out with another SPLIT/TODO_LAYOUT, or not writable by the workers' user."""
+    program = config.qmailqueue.split()
+    if program:
+        return _check_program(config, program[0])
+    missing = _no_queue(config)
+    if missing is not None:
+        return [missing]
+    writer = writer or Writer.current()
+    found: list[ConfigError] = []
+    for path in queue_paths(config):
+        reason = _check_queue(config, path, writer)
+        if reason is not None:
+            found.append(reason)
+    return found
+
+
+def _no_queue(config: Config) -> ConfigError | None:
+    if config.qmailqueue.strip() or queue_paths(config):
+        return None
+    return problem("QUEUEDIR", config.source("QUEUEDIR"),
+                   "no queue configured: set QUEUEDIR (one queue), QUEUE_BASE (queueN "
+                   "directories under it) or QMAILQUEUE (a qmail-queue compatible program)")
+
+
+def _queue_setting(config: Config) -> str:
+    return "QUEUEDIR" if config.queuedir else "QUEUE_BASE"
+
+
+def _check_program(config: Config, name: str) -> list[ConfigError]:
+    source = config.source("QMAILQUEUE")
+    path = name if os.sep in name else shutil.which(name)
+    if path is None or not os.path.exists(path):
+        return [problem("QMAILQUEUE", source, f"program {name} does not exist")]
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        return [problem("QMAILQUEUE", source, f"program {path} is not executable")]
+    return []
+
+
+def _check_queue(config: Config, path: str, writer: Writer) -> ConfigError | None:
+    setting = _queue_setting(config)
+    denied = unwritable(path, writer.uid, writer.gids, config.todo_layout)
+    if denied is not None:
+        return problem("USER", config.source("USER"),
+                       f"user {writer.name} (uid {writer.uid}) cannot write queue {path}: "
+                       f"{denied}; run as the queue's owner (qmailq) or hand messages to "
+                       f"qmail-queue with QMAILQUEUE")
+    try:
+        layout = detect_layout(path)
+    except QueueSetupError as error:
+        return problem(setting, config.source(setting),
+                       f"{error}; create it with `qmqpd queue create {path}`")
+    if layout.split != config.split:
+        return problem("SPLIT", config.source("SPLIT"),
+                       f"{config.split}, but {path} is laid out with {layout.split} "
+                       f"(mess/0 .. mess/{layout.split - 1}); qmail-send would never see "
+                       f"the messages: set split = {layout.split}")
+    if layout.todo_layout != config.todo_layout:
+        return problem("TODO_LAYOUT", config.source("TODO_LAYOUT"),
+                       f"{config.todo_layout}, but {path} has a {layout.todo_layout} todo/")
+    return None
+
+
+class Route(NamedTuple):
+    """Where one plan's messages go, built once: the QMAILQUEUE argv, or the native queue
+    writers to pick from for each message."""
+
+    program: tuple[str, ...]
+    queues: tuple[Queue, ...]
+    queuedir: str = ""  # QUEUEDIR handed to an external program
+
+    @classmethod
+    def from_config(cls, config: Config) -> Route:
+        program = tuple(config.qmailqueue.split())
+        if program:
+            return cls(program, (), str(config.queuedir))
+        queues = tuple(
+            Queue(path, split=config.split, todo_layout=config.todo_layout,
+                  fsync=config.use_fsync, syncdir=config.use_syncdir)
+            for path in queue_paths(config))
+        return cls((), queues)
 
 
 class Injector:
     """One session's way into the queue; the queue is chosen once, at construction."""
 
-    def __init__(self, config: Config, client: Client) -> None:
+    def __init__(self, config: Config, client: Client, route: Route | None = None) -> None:
         self.config = config  # already overlaid with the client's rule env by the handler
         self.client = client
-        check_config(self.config)
-        self.program = self.config.qmailqueue.split()
-        # An external program picks its own queue unless QUEUEDIR names one.
-        self.queue_path = self.config.queuedir if self.program else choose_queue(self.config)
-        self._queue = None if self.program else Queue(
-            self.queue_path, split=self.config.split, todo_layout=self.config.todo_layout,
-            fsync=self.config.use_fsync, syncdir=self.config.use_syncdir)
+        if route is None:  # not planned ahead: only the check that needs no disk
+            missing = _no_queue(config)
+            if missing is not None:
+                raise missing
+            route = Route.from_config(config)
+        self.program = list(route.program)
+        # An external program picks its own queue unless QUEUEDIR names one. Native:
+        # QUEUEDIR, or one of QUEUE_BASE/queueN at random (qmail-multi).
+        self._queue = (route.queues[0] if len(route.queues) == 1 else
+                       _random.choice(route.queues) if route.queues else None)
+        self.queue_path = self._queue.path if self._queue is not None else route.queuedir
 
     @property
     def external(self) -> bool:
@@ -128,6 +231,8 @@ class Injector:
         return env
 
     def _run_program(self, message: Message, deadline: float) -> Outcome:
+        import subprocess  # only with QMAILQUEUE: a native queue never loads it
+
         name = self.program[0]
         envelope = _envelope_input(message)
         pipes = _Pipes()
@@ -175,11 +280,7 @@ class Injector:
 
 def _envelope_input(message: Message) -> bytes:
     """qmail-queue's fd 1 input: F<sender>\\0, T<rcpt>\\0 each, then the closing \\0."""
-    parts = [b"F", message.sender, b"\0"]
-    for recipient in message.recipients:
-        parts += (b"T", recipient, b"\0")
-    parts.append(b"\0")
-    return b"".join(parts)
+    return envelope_records(message.sender, message.recipients) + b"\0"
 
 
 class _Pipes:
@@ -207,6 +308,8 @@ class _Feeder:
         self.fd = fd
         self.failed = False
         self._write = write
+        import threading  # the QMAILQUEUE path only
+
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -229,6 +332,8 @@ def _read_errors(fd: int, deadline: float) -> tuple[bytes, bool]:
 
     Returns the text and whether the deadline passed first.
     """
+    import selectors  # the QMAILQUEUE path only
+
     kept = bytearray()
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
@@ -244,6 +349,8 @@ def _read_errors(fd: int, deadline: float) -> tuple[bytes, bool]:
 
 def _wait(process: subprocess.Popen[bytes], deadline: float) -> int | None:
     """The exit status (negative = signal), or None when the deadline passed."""
+    import subprocess
+
     try:
         return process.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -252,6 +359,8 @@ def _wait(process: subprocess.Popen[bytes], deadline: float) -> int | None:
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
     """Stop the program and whatever it started (it leads its own session)."""
+    import signal
+
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):

@@ -21,7 +21,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from qmqpd.message import Client
+from qmqpd.message import Client, decode_env_item, encode_env_item
 
 MAX_RECORD = 64 * 1024
 _FIELD = struct.Struct(">H")
@@ -120,8 +120,7 @@ def _unpack(packet: bytes) -> tuple[Kind, list[bytes]]:
 def encode_client(client: Client) -> list[bytes]:
     fields = [str(getattr(client, name)).encode("utf-8", "surrogateescape") for name in _FACTS]
     for name, value in client.rule_env.items():
-        item = f"-{name}" if value is None else f"+{name}={value}"
-        fields.append(item.encode("utf-8", "surrogateescape"))
+        fields.append(encode_env_item(name, value).encode("utf-8", "surrogateescape"))
     return fields
 
 
@@ -132,13 +131,10 @@ def decode_client(fields: list[bytes]) -> Client:
     facts = dict(zip(_FACTS, text[: len(_FACTS)], strict=True))
     env: dict[str, str | None] = {}
     for item in text[len(_FACTS) :]:
-        if item.startswith("+") and "=" in item:
-            name, value = item[1:].split("=", 1)
-            env[name] = value
-        elif item.startswith("-") and len(item) > 1:
-            env[item[1:]] = None
-        else:
+        decoded = decode_env_item(item)
+        if decoded is None:
             raise ChannelError("bad rule env entry in handoff")
+        env[decoded[0]] = decoded[1]
     return Client(rule_env=env, **facts)
 
 

@@ -35,15 +35,16 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, Protocol
 
 from qmqpd import log, metrics, procctl, status
-from qmqpd.config import Config
+from qmqpd.config import Config, ConfigError, problem
 from qmqpd.limits import Capacity, DescriptorBudget, PerIpCounter, fold_ip
 from qmqpd.message import Client, Reply
-from qmqpd.pool import BootFailure, Ended, Exit, Pool, State, Worker, WorkerEntry
+from qmqpd.pool import BootFailure, Ended, Exit, Pool, State, Worker
 from qmqpd.rules import Rule, RuleTable
 
 # Refused clients: after the Z, read and drop what they still send (bounded) so the
@@ -68,6 +69,9 @@ RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
 # The errors that mean "out of descriptors or memory": shed load, never exit.
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+# How often the loop looks whether the rules cdb was replaced (one stat).
+RULES_CHECK_INTERVAL = 1.0
+
 _LISTEN = "listen"
 _WAKEUP = "wakeup"
 _WORKERS = "workers"
@@ -78,6 +82,27 @@ class _Linger:
     sock: socket.socket
     deadline: float
     left: int = LINGER_BYTES
+
+
+class Plans(Protocol):
+    """The validated session plans of one configuration (qmqpd.plan.PlanBook), made by the
+    planner `cli` passes in, so the master never loads filter or queue code itself."""
+
+    def settings(self, env: Mapping[str, str | None]) -> Config: ...
+
+    def rules_changed(self) -> bool: ...
+
+
+Planner = Callable[[Config], Plans]  # raises ConfigError naming every bad setting
+# A worker's entry gets the plans current when it was forked.
+PlannedEntry = Callable[[socket.socket, Any], None]
+
+
+class ListenError(Exception):
+    def __init__(self, address: str, port: int, error: OSError) -> None:
+        super().__init__(f"cannot listen on {address} port {port}: {error.strerror or error}")
+        self.address_problem = not isinstance(error, socket.gaierror) and error.errno in (
+            errno.EADDRINUSE, errno.EACCES)
 
 
 @dataclass(eq=False)
@@ -113,33 +138,25 @@ def open_listeners(addresses: tuple[str, ...], port: int, backlog: int) -> list[
             sock.bind((address, port))
             sock.listen(backlog)
             sock.setblocking(False)
-        except OSError:
+        except OSError as error:
             sock.close()
             for opened in listeners:
                 opened.close()
-            raise
+            raise ListenError(address, port, error) from None
         listeners.append(sock)
     return listeners
 
 
-def _rule_limit(rule: Rule, default: int) -> int:
-    raw = rule.env.get("MAXPERIP")
-    if raw is None:
-        return default
-    try:
-        return max(0, int(raw.strip()))
-    except ValueError:
-        log.warning("rule MAXPERIP is not a number; using the global one", rule=rule.key,
-                    value=raw)
-        return default
-
-
 class Master:
-    def __init__(self, config: Config, worker_entry: WorkerEntry,
-                 config_loader: Callable[[], Config]) -> None:
+    def __init__(self, config: Config, worker_entry: PlannedEntry,
+                 config_loader: Callable[[], Config], planner: Planner) -> None:
         self.config = config
         self.worker_entry = worker_entry
         self.config_loader = config_loader
+        self.planner = planner
+        self.plans: Plans | None = None
+        self.next_rules_check = 0.0
+        self.unusable_rules: set[str | None] = set()
         self.selector = selectors.DefaultSelector()
         # worker channels apart, so they can be read without waiting before every admit
         self.worker_selector = selectors.DefaultSelector()
@@ -177,7 +194,12 @@ class Master:
         cfg = self.config
         nofile = procctl.raise_fd_limit()
         self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
-        self.listeners = open_listeners(cfg.localip, cfg.port, max(LISTEN_BACKLOG, cfg.maxdaemons))
+        try:
+            self.listeners = open_listeners(cfg.localip, cfg.port,
+                                            max(LISTEN_BACKLOG, cfg.maxdaemons))
+        except ListenError as error:
+            setting = "PORT" if error.address_problem else "LOCALIP"
+            raise problem(setting, cfg.source(setting), str(error)) from None
         for sock in self.listeners:
             host, port = sock.getsockname()[:2]
             log.event("listen", addr=host, port=port, nofile=nofile,
@@ -188,13 +210,18 @@ class Master:
             self.metrics.register(self.selector)
         self.status.prepare(*_owner(cfg))
         procctl.drop_privileges(cfg.user, cfg.group)
+        self.plans = self.planner(cfg)  # as the workers' user: keys, queues, every rule
         self.rules = self._open_rules(cfg)
         self._install_signals()
         self.selector.register(self.worker_selector.fileno(), selectors.EVENT_READ, _WORKERS)
         gc.collect()
         gc.freeze()
-        self.pool = Pool(self.worker_entry, cfg, self.worker_selector,
+        self.pool = Pool(self._enter_worker, cfg, self.worker_selector,
                          after_fork=self._in_child)
+
+    def _enter_worker(self, channel: socket.socket, _config: Config) -> None:
+        """In a fresh worker: serve with the plans that were current at the fork."""
+        self.worker_entry(channel, self.plans)
 
     def _open_rules(self, cfg: Config) -> RuleTable:
         if not cfg.rules:
@@ -240,6 +267,7 @@ class Master:
                     if error.errno not in SHORTAGE:
                         raise
                     self._short_of(error, time.monotonic())
+                self._replan_if_rules_changed(time.monotonic())
         except BootFailure as failure:
             log.error("cannot start workers; stopping", reason=str(failure))
             self._abort()
@@ -397,7 +425,7 @@ class Master:
                 self.metrics.refused(ip, "denied")
             conn.close()
             return
-        limit = _rule_limit(rule, self.config.maxperip)
+        limit = self._rule_limit(rule)
         if not self.per_ip.acquire(ip, limit):
             log.event("perip_limit", ip=ip, count=self.per_ip.count(ip), maxperip=limit,
                       answer=Reply.named("too_many_per_ip").line)
@@ -421,6 +449,18 @@ class Master:
             self._close_waiting(waiting, "cannot watch the connection")
             if error.errno in SHORTAGE:
                 self._short_of(error, now)
+
+    def _rule_limit(self, rule: Rule) -> int:
+        """MAXPERIP from the rule's validated settings (rule env over the global)."""
+        assert self.plans is not None
+        try:
+            return int(self.plans.settings(rule.env).maxperip)
+        except ConfigError as error:  # only a rule added after the last planning
+            if rule.key not in self.unusable_rules:  # once per rule, not per connection
+                self.unusable_rules.add(rule.key)
+                log.warning("rule settings unusable; using the global MAXPERIP",
+                            rule=rule.key, error=str(error))
+            return int(self.config.maxperip)
 
     def _lookup(self, ip: str) -> Rule:
         try:
@@ -649,6 +689,7 @@ class Master:
             return
         try:
             new = self.config_loader()
+            plans = self.planner(new)
             rules = self._open_rules(new)
         except Exception as error:
             log.error("reload failed; keeping the running config", error=str(error))
@@ -660,11 +701,33 @@ class Master:
         self.rules.close()
         self.rules = rules
         self.config = new
+        self.plans = plans
+        self.unusable_rules.clear()
         self.capacity.resize(new.maxdaemons)
         self.budget = DescriptorBudget(self.budget.nofile, new.maxdaemons + new.prefork)
         self.pool.reload(new)
         log.event("reload", generation=self.pool.generation, maxdaemons=new.maxdaemons,
                   maxperip=new.maxperip, prefork=new.prefork)
+
+    def _replan_if_rules_changed(self, now: float) -> None:
+        """A replaced rules cdb is planned again: every rule env checked (a bad one is
+        one log line, and the running plans stay), the plans kept for workers forked from
+        now on. Running workers are not restarted: they plan a rule env new to them on
+        its first client, validated the same way."""
+        if now < self.next_rules_check or self.plans is None or not self.accepting:
+            return
+        self.next_rules_check = now + RULES_CHECK_INTERVAL
+        if not self.plans.rules_changed():
+            return
+        try:
+            plans = self.planner(self.config)
+        except Exception as error:
+            log.error("rules changed but cannot be used; keeping the running plans",
+                      rules=self.config.rules, error=str(error))
+            return
+        self.plans = plans
+        self.unusable_rules.clear()
+        log.event("replan", reason="rules changed", rules=self.config.rules)
 
     def _abort(self) -> None:
         assert self.pool is not None
@@ -725,9 +788,11 @@ def _owner(cfg: Config) -> tuple[int, int]:
     return uid, gid
 
 
-def run(config: Config, worker_entry: WorkerEntry, config_loader: Callable[[], Config]) -> int:
-    """`qmqpd serve`: bind, drop privileges, prefork, serve until TERM; the exit status."""
-    master = Master(config, worker_entry, config_loader)
+def run(config: Config, worker_entry: PlannedEntry, config_loader: Callable[[], Config],
+        planner: Planner) -> int:
+    """`qmqpd serve`: bind, drop privileges, plan, prefork, serve until TERM; the exit
+    status (111 with one line naming the setting when the configuration cannot work)."""
+    master = Master(config, worker_entry, config_loader, planner)
     try:
         master.start()
     except (OSError, procctl.ProcError, ValueError) as error:

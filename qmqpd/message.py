@@ -57,6 +57,21 @@ class Client:
         return env
 
 
+def encode_env_item(name: str, value: str | None) -> str:
+    """One rule env item as tcprules writes it: `+NAME=value` sets, `-NAME` unsets."""
+    return f"-{name}" if value is None else f"+{name}={value}"
+
+
+def decode_env_item(item: str) -> tuple[str, str | None] | None:
+    """(name, value) of `+NAME=value`, (name, None) of `-NAME`; None for anything else."""
+    if item.startswith("+") and "=" in item:
+        name, _, value = item[1:].partition("=")
+        return name, value
+    if item.startswith("-") and len(item) > 1:
+        return item[1:], None
+    return None
+
+
 class MessageData:
     """The message bytes as the client sent them: in memory, or in an unlinked spool file.
 
@@ -232,6 +247,9 @@ REPLIES: dict[str, str] = {
     "key_unusable": "Z{stage}: unable to use private key (#4.3.0)",
     "sign_malformed": "D{stage}: message header is malformed, cannot sign (#5.6.0)",
     "sign_no_identity": "Z{stage}: could not find From: or Sender: header in message (#4.1.7)",
+    # A verification result the operator listed (DKVERIFY/DKIMVERIFY letters)
+    "verify_rejected": "D{stage}: {text} (#5.7.1)",
+    "verify_tempfailed": "Z{stage}: {text} (#4.7.1)",
 }
 
 # qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).

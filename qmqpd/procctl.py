@@ -47,20 +47,26 @@ def resolve_groups(group: str) -> list[int]:
     return gids
 
 
+def identity(user: str = "", group: str = "") -> tuple[int, int, list[int], str]:
+    """(uid, primary gid, every gid, name) a process has after drop_privileges(user, group):
+    GROUP's list if given, else the user's groups (initgroups); -1 = left as it is."""
+    uid, gid, name = resolve_user(user) if user else (-1, -1, "")
+    gids = resolve_groups(group) if group else []
+    primary = gids[0] if gids else gid
+    if not gids and name:
+        gids = os.getgrouplist(name, primary)
+    elif not gids and user:
+        gids = [primary] if primary >= 0 else []
+    return uid, primary, gids, name
+
+
 def drop_privileges(user: str = "", group: str = "") -> None:
     """Switch to user/group for good (groups first, uid last, like setuidgid)."""
     if not user and not group:
         return
-    uid, gid, name = resolve_user(user) if user else (-1, -1, "")
-    gids = resolve_groups(group) if group else []
-    primary = gids[0] if gids else gid
+    uid, primary, gids, _name = identity(user, group)
     try:
-        if gids:
-            os.setgroups(gids)
-        elif name:
-            os.initgroups(name, primary)
-        elif user:
-            os.setgroups([primary] if primary >= 0 else [])
+        os.setgroups(gids)
         if primary >= 0:
             os.setgid(primary)
         if uid >= 0:

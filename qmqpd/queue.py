@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from qmqpd.message import Message
@@ -81,27 +81,30 @@ class QueueSetupError(Exception):
     """A queue directory that cannot be created or fixed."""
 
 
-def envelope_bytes(sender: bytes, recipients: list[bytes], uid: int, pid: int) -> bytes:
-    """The intd/todo file: u, p, F and one T record per recipient, each NUL-terminated.
+def envelope_records(sender: bytes, recipients: list[bytes]) -> bytes:
+    """`F<sender>\\0` and `T<rcpt>\\0` per recipient: the envelope as qmail-queue reads it
+    on fd 1 (then one more NUL) and as its todo file holds it (after u and p).
 
     Built with joins over batches of recipients (no objects per recipient; bytes.join
     holds a buffer descriptor per item, so batches bound that too): linear in the
     envelope's size with a small constant.
     """
+    parts = [b"F%s\0" % sender]
+    for start in range(0, len(recipients), JOIN_BATCH):
+        parts.append(b"T" + b"\0T".join(recipients[start : start + JOIN_BATCH]) + b"\0")
+    return b"".join(parts)
+
+
+def envelope_bytes(sender: bytes, recipients: list[bytes], uid: int, pid: int) -> bytes:
+    """The intd/todo file: u, p, F and one T record per recipient, each NUL-terminated."""
     longest = max(len(sender), max(map(len, recipients), default=0))
     if longest >= ADDRESS_LIMIT:
         raise QueueError(EXIT_TOO_LONG, "envelope address too long")
-    if b"\0" in sender:
+    records = envelope_records(sender, recipients)
+    # One NUL ends each record; any other came from an address.
+    if records.count(b"\0") != len(recipients) + 1:
         raise QueueError(EXIT_ENVELOPE, "envelope address contains NUL")
-    parts = [b"u%d\0p%d\0F%s\0" % (uid, pid, sender)]
-    for start in range(0, len(recipients), JOIN_BATCH):
-        batch = recipients[start : start + JOIN_BATCH]
-        records = b"T" + b"\0T".join(batch) + b"\0"
-        # One NUL ends each record; any other came from an address.
-        if records.count(b"\0") != len(batch):
-            raise QueueError(EXIT_ENVELOPE, "envelope address contains NUL")
-        parts.append(records)
-    return b"".join(parts)
+    return b"u%d\0p%d\0" % (uid, pid) + records
 
 
 def _check_layout(todo_layout: str, split: int) -> None:
@@ -635,3 +638,86 @@ def free_bytes(path: str) -> int:
     info = os.statvfs(path)
     return info.f_bavail * info.f_frsize
 
+
+
+# -- checking a queue before serving (start, HUP, `qmqpd check`) ---------------------------
+
+class Layout(NamedTuple):
+    """What a queue directory on disk is laid out with: conf-split and the todo layout."""
+
+    split: int
+    todo_layout: str
+
+
+def _numbered_dirs(directory: str) -> set[int]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return set()
+    return {int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))}
+
+
+def detect_layout(path: str) -> Layout:
+    """SPLIT from mess/0..mess/N-1, and whether todo/ is split too (IndiMail bigtodo).
+
+    Raises QueueSetupError when path is not a qmail queue (no mess/ of numbered dirs)."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise QueueSetupError(f"{path}: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise QueueSetupError(f"{path}: not a directory")
+    buckets = _numbered_dirs(os.path.join(path, "mess"))
+    if not buckets:
+        missing = [name for name in ("mess", "todo", "intd", "pid")
+                   if not os.path.isdir(os.path.join(path, name))]
+        absent = ", ".join(missing) or "mess/0"
+        raise QueueSetupError(f"{path}: not a qmail queue (missing {absent})")
+    split = max(buckets) + 1
+    # A flat todo/ holds message files (never one named 0): no need to look at them all.
+    todo_layout = "split" if os.path.isdir(os.path.join(path, "todo", "0")) else "flat"
+    return Layout(split, todo_layout)
+
+
+def _permits(info: os.stat_result, uid: int, gids: tuple[int, ...], mask: int) -> bool:
+    """Whether uid (with groups gids) has the mask bits (2 write, 1 search) on a file with
+    this stat, by its mode bits as the kernel judges them (root always has them)."""
+    if uid == 0:
+        return True
+    if info.st_uid == uid:
+        bits = info.st_mode >> 6
+    elif info.st_gid in gids:
+        bits = info.st_mode >> 3
+    else:
+        bits = info.st_mode
+    return bits & mask == mask
+
+
+def unwritable(path: str, uid: int, gids: tuple[int, ...], todo_layout: str = "flat") -> str | None:
+    """The first directory on the writer's way that uid cannot pass or write, described;
+    None when it can write every one (or one is missing: the layout check says so).
+    Judged by mode bits, so the answer is the same whoever asks (root or the user)."""
+    absolute = os.path.abspath(path)
+    above, current = [], absolute
+    while (parent := os.path.dirname(current)) != current:
+        above.append(parent)
+        current = parent
+    steps = [(directory, 1) for directory in reversed(above)]  # / first: each must be passable
+    steps += [(absolute, 1), ("pid", 3), ("mess", 1), (os.path.join("mess", "0"), 3)]
+    for top in ("intd", "todo"):
+        if todo_layout == "split":
+            steps += [(top, 1), (os.path.join(top, "0"), 3)]
+        else:
+            steps.append((top, 3))
+    for name, mask in steps:
+        target = os.path.join(absolute, name)
+        try:
+            info = os.stat(target)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            return f"{target}: {error.strerror}"
+        if not _permits(info, uid, gids, mask):
+            return (f"{target} is owned by uid {info.st_uid} gid {info.st_gid} "
+                    f"mode {info.st_mode & 0o7777:o}")
+    return None

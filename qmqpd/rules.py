@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 
 import cdbx
 
+from qmqpd.message import decode_env_item
+
 _IPV4_BIT_LETTERS = b"abcdefghijklmnopqrstuvwxyz123456"
 _TRAILING_BLANKS = " \t\n"
 _ULONG = 2**64
@@ -459,11 +461,9 @@ def rule_from_data(key: str, data: bytes) -> Rule:
     for item in _items(data):
         if item.startswith(b"D"):
             return Rule(False, env, key)
-        if item.startswith(b"+") and b"=" in item:
-            name, _, value = _decode(item[1:]).partition("=")
-            env[name] = value
-        elif item.startswith(b"-"):
-            env[_decode(item[1:])] = None
+        decoded = decode_env_item(_decode(item))
+        if decoded is not None:
+            env[decoded[0]] = decoded[1]
     return Rule(True, env, key)
 
 
@@ -582,3 +582,21 @@ class RuleTable:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def rule_envs(path: str) -> list[tuple[str, dict[str, str | None]]]:
+    """(key, env) of every allowing rule in the cdb, in file order, for checking each
+    rule's settings before any client meets it. Raises RulesError when it is unreadable."""
+    try:
+        db, _, _ = _open_cdb(path)
+    except OSError as error:
+        raise RulesError(f"unable to read {path}: {error.strerror or error}") from None
+    try:
+        found = []
+        for key, data in db.items():
+            rule = rule_from_data(_decode(key), data)
+            if rule.allow:
+                found.append((rule.key or "", dict(rule.env)))
+        return found
+    finally:
+        db.close()

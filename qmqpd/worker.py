@@ -16,10 +16,13 @@ import os
 import signal
 import socket
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from qmqpd import ipc, log, procctl
-from qmqpd.config import Config
 from qmqpd.handler import SessionResult, serve_connection
+
+if TYPE_CHECKING:
+    from qmqpd.plan import PlanBook
 
 IDLE_TITLE = "qmqpd: worker idle"
 
@@ -42,19 +45,10 @@ def _close(fd: int) -> None:
         os.close(fd)
 
 
-def stage_verdicts(facts: dict[str, object]) -> list[tuple[str, str]]:
-    """The stages' verdicts among the session facts: the pipeline records each stage that
-    ran as `name: action` beside its `name_ms` timing."""
-    found = []
-    for name, value in facts.items():
-        if isinstance(value, str) and f"{name}_ms" in facts and ipc.valid_stage(name, value):
-            found.append((name, value))
-    return found[: ipc.MAX_STAGES]
-
-
 def outcome_of(result: SessionResult) -> ipc.Outcome:
     answer = result.reply.status if result.reply is not None else ""
-    return ipc.Outcome(answer, tuple(stage_verdicts(result.facts)),
+    stages = [(v.stage, v.action) for v in result.verdicts if ipc.valid_stage(*v)]
+    return ipc.Outcome(answer, tuple(stages[: ipc.MAX_STAGES]),
                        result.session_seconds, result.commit_seconds)
 
 
@@ -86,7 +80,9 @@ def _master_gone() -> None:
     log.warning("master gone; worker exits", master=os.getppid())
 
 
-def worker_main(channel: socket.socket, config: Config) -> None:
+def worker_main(channel: socket.socket, plans: PlanBook) -> None:
+    """Serve with the plans the master made before forking this worker."""
+    config = plans.config
     master_pid = os.getppid()
     procctl.die_with_parent(signal.SIGTERM)
     if not procctl.parent_alive(master_pid):
@@ -97,12 +93,13 @@ def worker_main(channel: socket.socket, config: Config) -> None:
     procctl.set_title(IDLE_TITLE)
     try:
         ipc.send_ready(channel)
-        _serve(channel, config, life, master_pid)
+        _serve(channel, plans, life, master_pid)
     except (BrokenPipeError, ConnectionResetError):
         _master_gone()
 
 
-def _serve(channel: socket.socket, config: Config, life: _Lifecycle, master_pid: int) -> None:
+def _serve(channel: socket.socket, plans: PlanBook, life: _Lifecycle,
+           master_pid: int) -> None:
     while True:
         record = ipc.receive(channel)
         if record is None or record.kind is ipc.Kind.RETIRE:
@@ -114,7 +111,7 @@ def _serve(channel: socket.socket, config: Config, life: _Lifecycle, master_pid:
         procctl.set_title(f"qmqpd: worker {record.client.remote_ip} receiving")
         report = _Reporter(channel, life, master_pid)
         try:
-            result = serve_connection(record.fd, record.fd, record.client, config,
+            result = serve_connection(record.fd, record.fd, record.client, plans,
                                       before_answer=report.done)
         finally:
             _close(record.fd)

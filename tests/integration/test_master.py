@@ -481,12 +481,13 @@ def _title(pid: int) -> str:
 BROKEN_LAUNCHER = textwrap.dedent("""
     import sys
     from qmqpd import config, master
+    from qmqpd.cli import planner
 
-    def broken_worker(channel, cfg):
+    def broken_worker(channel, plans):
         raise RuntimeError("worker cannot boot")
 
     cfg = config.load(sys.argv[1])
-    sys.exit(master.run(cfg, broken_worker, lambda: cfg))
+    sys.exit(master.run(cfg, broken_worker, lambda: cfg, planner))
 """)
 
 
@@ -549,7 +550,8 @@ def test_drops_to_user_before_forking(server_factory: Callable[..., Server]) -> 
     import pwd
 
     nobody = pwd.getpwnam("nobody")
-    server = server_factory(user="nobody", prefork=1)
+    # nobody cannot reach a queue under the test's private tmp: a program stands in
+    server = server_factory(user="nobody", prefork=1, qmailqueue="/bin/true")
     server.start()
     (worker,) = server.wait_idle(1)
     for pid in (server.pid, worker):

@@ -186,11 +186,18 @@ def test_ed25519_signature_passes_opendkim(server, queue: Path, control: Path) -
 
 # --- keys that are missing, unsafe, or out of reach ----------------------------------------
 
+# A key named without `%` is checked when the session's plan is made, before the message
+# is read: the client gets Z (nothing is lost) and the log names the setting and the file.
+CONFIG_Z = b"Zqq unable to read configuration (#4.3.0)"
+
+
 def test_missing_key_without_percent_is_a_temporary_failure(server, queue: Path,
                                                             tmp_path: Path) -> None:
     session = server(DKIMSIGN=str(tmp_path / "no-such-key"))
-    assert send(session.port) == b"Zdkim: unable to read private key (#4.3.0)"
+    assert send(session.port) == CONFIG_Z
     assert queued(queue) == []
+    assert (f"DKIMSIGN (dkimsign) from environment: key file {tmp_path / 'no-such-key'} "
+            "does not exist") in session.log.read_text()
 
 
 def test_missing_key_with_percent_queues_unsigned(server, queue: Path) -> None:
@@ -202,11 +209,12 @@ def test_missing_key_with_percent_queues_unsigned(server, queue: Path) -> None:
     assert "no key for domain" in session.log.read_text()
 
 
-def test_missing_domainkeys_key_without_percent_is_a_temporary_failure(
-        server, queue: Path, tmp_path: Path) -> None:
+def test_missing_domainkeys_key_without_percent_is_a_config_error(server, queue: Path,
+                                                                   tmp_path: Path) -> None:
     session = server(DKSIGN=str(tmp_path / "no-such-key"))
-    assert send(session.port) == b"Zdk: unable to read private key (#4.3.0)"
+    assert send(session.port) == CONFIG_Z
     assert queued(queue) == []
+    assert "DKSIGN (dksign) from environment: key file" in session.log.read_text()
 
 
 def test_world_readable_key_is_refused_with_a_log_line(server, queue: Path, control: Path,
@@ -215,10 +223,10 @@ def test_world_readable_key_is_refused_with_a_log_line(server, queue: Path, cont
     shutil.copy(control / "domainkeys" / "example.org" / "default", loose)
     loose.chmod(0o644)
     session = server(DKIMSIGN=str(loose))
-    assert send(session.port) == b"Zdkim: unable to read private key (#4.3.0)"
+    assert send(session.port) == CONFIG_Z
     assert queued(queue) == []
     log = session.log.read_text()
-    assert "event=dkim_key_refused" in log and "readable by everyone" in log
+    assert "DKIMSIGN (dkimsign) from environment" in log and "readable by everyone" in log
 
 
 def test_crafted_from_domain_never_reaches_the_filesystem(server, queue: Path,

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from filters.pipeline import StageVerdict
 from qmqpd import config, ipc, log, status
 from qmqpd.handler import SessionResult
 from qmqpd.message import Reply
-from qmqpd.worker import outcome_of, stage_verdicts
+from qmqpd.worker import outcome_of
 
 
 @pytest.fixture
@@ -128,12 +129,12 @@ def test_a_bad_outcome_is_not_sent(pair: tuple[socket.socket, socket.socket]) ->
         ipc.send_done(pair[1], outcome=ipc.Outcome("K", (("a b", "accept"),)))
 
 
-def test_worker_reads_stage_verdicts_from_the_session_facts() -> None:
-    facts: dict[str, object] = {"dk": "accept", "dk_ms": 0.4, "dk_result": "pass",
-                                "dkim": "tempfail", "dkim_ms": 2.0, "dkim_error": "x",
-                                "note": "no timing, not a stage"}
-    assert stage_verdicts(facts) == [("dk", "accept"), ("dkim", "tempfail")]
-    result = SessionResult(reply=Reply("Z", "try later"), facts=facts)
+def test_worker_sends_the_typed_stage_verdicts() -> None:
+    # Log facts that look like stage names are not verdicts: only the typed list counts.
+    facts: dict[str, object] = {"virus": "accept", "virus_ms": 0.4}
+    verdicts = [StageVerdict("dk", "accept"), StageVerdict("dkim", "tempfail"),
+                StageVerdict("bad name", "accept")]
+    result = SessionResult(reply=Reply("Z", "try later"), facts=facts, verdicts=verdicts)
     assert outcome_of(result) == ipc.Outcome("Z", (("dk", "accept"), ("dkim", "tempfail")))
     assert outcome_of(SessionResult()) == ipc.Outcome("", ())
     timed = SessionResult(reply=Reply("K", "ok"), session_seconds=0.5, commit_seconds=0.01)

@@ -1,0 +1,235 @@
+"""Cost of one `qmqpd session` (one interpreter per connection, as under tcpserver).
+
+Runs the `qmqpd session` console script N times, each with one QMQP request on a
+socketpair as fd 0/1 (what tcpserver hands it) and a native queue in a temp dir, and
+prints the median wall time from spawn to exit (interpreter start, imports, settings and
+plan, reading the request, queueing, the answer) with its quartiles, and the median CPU
+time of the process. Cases: no filters and DKIM signing (RSA-2048), each with the queue's
+fsyncs on (what a client waits for) and off (start-up and Python work only), and a bare
+`python -c pass` for the interpreter's own share.
+
+Also prints the CPU one message costs inside a long-lived process (a prefork worker's
+case): serve_connection over a socketpair, N messages, user and system CPU per message,
+and how many times per message settings, stages and queue writers are built (cProfile).
+
+    .venv/bin/python bench/session_startup.py [--runs 50] [--messages 500] [--tree DIR]
+
+--tree runs the command against another checkout (its qmqpd/ and filters/ come first on
+PYTHONPATH), so the same script measures before and after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/dkim.py would shadow dkimpy: keep this directory off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
+MESSAGE = (b"From: a@example.com\nTo: b@example.org\nSubject: startup\n"
+           b"Message-ID: <bench@example.com>\n\nhello\n")
+
+
+def request() -> bytes:
+    from qmqpd.netstring import encode
+
+    return encode(encode(MESSAGE) + encode(b"a@example.com") + encode(b"b@example.org"))
+
+
+def qmqpd(python: str) -> list[str]:
+    """The console script tcpserver would run (beside the interpreter), else the module."""
+    script = Path(python).parent / "qmqpd"
+    return [str(script)] if script.exists() else [python, "-m", "qmqpd"]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_session(python: str, env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one whole `qmqpd session` process."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(request())
+        cpu = _children_cpu()
+        started = time.perf_counter()
+        proc = subprocess.Popen([*qmqpd(python), "session"], stdin=theirs,
+                                stdout=theirs, stderr=subprocess.DEVNULL, env=env)
+        theirs.close()
+        answer = ours.recv(4096)
+        proc.wait()
+        elapsed = time.perf_counter() - started
+    if b":K" not in answer:
+        raise RuntimeError(f"session did not answer K: {answer!r}")
+    return elapsed, _children_cpu() - cpu
+
+
+def bare_python(python: str) -> tuple[float, float]:
+    cpu = _children_cpu()
+    started = time.perf_counter()
+    subprocess.run([python, "-c", "pass"], check=True)
+    return time.perf_counter() - started, _children_cpu() - cpu
+
+
+def summary(name: str, runs: list[tuple[float, float]]) -> str:
+    """Wall time (what a client waits) and CPU time (what the process costs; steadier on a
+    machine shared with other work): medians, and the wall quartiles."""
+    walls = [wall * 1000 for wall, _cpu in runs]
+    q1, median, q3 = statistics.quantiles(walls, n=4)
+    cpu = statistics.median(cpu * 1000 for _wall, cpu in runs)
+    return (f"{name:<26} wall median {median:6.1f} ms (quartiles {q1:6.1f} - {q3:6.1f})"
+            f"   CPU median {cpu:6.1f} ms")
+
+
+def make_key(control: Path, python: str, env: dict[str, str]) -> None:
+    subprocess.run([python, "-m", "qmqpd", "dkim", "keygen", "--domain", "example.com",
+                    "--selector", "bench", "--keydir", str(control / "domainkeys")],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def tree_env(tree: Path, work: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DKIM", "DK", "QHPSI"))}
+    env["PYTHONPATH"] = str(tree)
+    env["QUEUEDIR"] = str(work / "queue")
+    env["CONTROLDIR"] = str(work / "control")
+    env["TCPREMOTEIP"] = "127.0.0.1"
+    return env
+
+
+def session_figures(python: str, tree: Path, runs: int) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        env = tree_env(tree, work)
+        subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        make_key(work / "control", python, env)
+        no_sync = {"USE_FSYNC": "0", "USE_SYNCDIR": "0"}
+        dkim = {"DKIMSIGN": "domainkeys/example.com/bench"}
+        cases = {
+            "python -c pass": None,
+            "no filters": env,
+            "no filters, no fsync": {**env, **no_sync},
+            "DKIM signing": {**env, **dkim},
+            "DKIM signing, no fsync": {**env, **dkim, **no_sync},
+        }
+        for name, case_env in cases.items():
+            one = (lambda: bare_python(python)) if case_env is None else (
+                lambda e=case_env: one_session(python, e))
+            one()  # warm the page cache
+            print(summary(name, [one() for _ in range(runs)]), flush=True)
+
+
+def worker_cpu(python: str, tree: Path, messages: int) -> None:
+    """Per-message CPU inside one process, run in a child so --tree applies. Without
+    fsync, and user time apart from system time: the kernel's share (file creation,
+    links, syncs) varies with the disk and the machine's load; the user time is the
+    Python work per message, which the plan changes."""
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        env = {**tree_env(tree, work), "USE_FSYNC": "0", "USE_SYNCDIR": "0"}
+        subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        make_key(work / "control", python, env)
+        dkim = {"DKIMSIGN": "domainkeys/example.com/bench"}
+        for name, extra in (("no filters", {}), ("DKIM signing", dkim),
+                            ("DKIM + rule env", {**dkim, "BENCH_RULE_ENV": "DATABYTES=1000000"})):
+            out = subprocess.run(
+                [python, str(Path(__file__).resolve()), "--in-process", str(messages)],
+                check=True, env={**env, **extra}, capture_output=True, text=True)
+            print(f"worker CPU per message, {name:<15} {out.stdout.strip()}", flush=True)
+
+
+# Functions that build settings, stages or queue writers: a profile counts their calls.
+CONSTRUCTION = ("overlay", "build_stages", "from_config", "__init__ (qmqpd/queue.py)",
+                "parse_sign_options", "check_config")
+
+
+def _serve(count: int, data: bytes, target: object, client: object) -> None:
+    from qmqpd import handler
+
+    for _ in range(count):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.sendall(data)
+            handler.serve_connection(theirs.fileno(), theirs.fileno(), client,  # type: ignore[arg-type]
+                                     target)  # type: ignore[arg-type]
+
+
+def _construction_calls(data: bytes, target: object, client: object, count: int) -> str:
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.runcall(_serve, count, data, target, client)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    calls: dict[str, int] = {}
+    for (path, _line, name), (_prim, total, *_rest) in stats.items():
+        where = f"{name} ({'/'.join(Path(path).parts[-2:])})"
+        for wanted in CONSTRUCTION:
+            if wanted in (name, where):
+                calls[wanted] = calls.get(wanted, 0) + total
+    return ", ".join(f"{name} {calls.get(name, 0) / count:g}" for name in CONSTRUCTION)
+
+
+def in_process(messages: int) -> None:
+    """Serve `messages` requests in this process as a worker does; print CPU per message
+    and how often per message settings, stages and queue writers are built."""
+    from qmqpd import config as config_mod
+    from qmqpd.message import Client
+
+    cfg = config_mod.load(None, os.environ)
+    # BENCH_RULE_ENV="NAME=value ...": the client's rule env, as the master hands it over.
+    rule_env: dict[str, str | None] = dict(
+        item.split("=", 1) for item in os.environ.get("BENCH_RULE_ENV", "").split())
+    client = Client(remote_ip="127.0.0.1", rule_env=rule_env)
+    try:
+        from qmqpd import plan
+    except ImportError:  # a tree from before the session plan: settings per message
+        target: object = cfg
+    else:
+        target = plan.build_book(cfg, [("bench", rule_env)] if rule_env else [])
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(devnull, 2)  # the session log lines
+    try:
+        data = request()
+        _serve(20, data, target, client)  # warm-up: imports, key cache, first queue entries
+        start = os.times()
+        _serve(messages, data, target, client)
+        end = os.times()
+        built = _construction_calls(data, target, client, 50)
+    finally:
+        os.dup2(saved, 2)
+    user = (end.user - start.user) / messages * 1000
+    system = (end.system - start.system) / messages * 1000
+    print(f"user {user:.3f} ms + system {system:.3f} ms CPU ({messages} messages); "
+          f"built per message: {built}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=500)
+    parser.add_argument("--tree", type=Path, default=ROOT)
+    parser.add_argument("--in-process", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.in_process:
+        in_process(args.in_process)
+        return
+    print(f"tree {args.tree.resolve()}; python {sys.version.split()[0]}; "
+          f"{os.cpu_count()} CPUs")
+    session_figures(sys.executable, args.tree.resolve(), args.runs)
+    worker_cpu(sys.executable, args.tree.resolve(), args.messages)
+
+
+if __name__ == "__main__":
+    main()
