@@ -24,7 +24,6 @@ import pytest
 
 from qmqpd.status import read_status
 from tests.integration.test_master import (
-    PAYLOAD,
     TOO_MANY,
     Server,
     answer_within,
@@ -36,7 +35,6 @@ from tests.integration.test_master import (
     tcprules,
     wait_until,
 )
-from tests.support import read_reply
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # A fresh client is served within this (the figure the design promises; on loopback it
@@ -179,10 +177,7 @@ def test_workers_out_of_descriptors_shed_and_recover(
         busy = len(server.titled("receiving"))
         assert 0 < busy < 40
         assert server.proc is not None and server.proc.poll() is None
-        for sock in sessions:  # the rest of every request, then every answer
-            sock.sendall(PAYLOAD[1:])
-            sock.shutdown(socket.SHUT_WR)
-        replies = [read_reply(sock) for sock in sessions]
+        replies = [finish(sock) for sock in sessions]
         assert all(is_ok(r) for r in replies), replies
     finally:
         for sock in sessions:

@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str] | str] = {
     "qmqpd.ipc": {"qmqpd.message"},
     "qmqpd.pool": {"qmqpd.ipc", "qmqpd.procctl"},
     "qmqpd.master": {"qmqpd.rules", "qmqpd.limits", "qmqpd.pool", "qmqpd.ipc",
-                     "qmqpd.procctl"},
+                     "qmqpd.procctl", "qmqpd.proxy"},
     "qmqpd.worker": {"qmqpd.protocol", "qmqpd.ipc", "qmqpd.injector", "filters.pipeline",
                      "qmqpd.procctl", "qmqpd.handler"},
     "qmqpd.handler": {"qmqpd.protocol", "qmqpd.injector", "filters.pipeline"},
