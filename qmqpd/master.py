@@ -667,12 +667,12 @@ class Master:
         """Close a connection that has no worker; rejected = its PROXY header failed."""
         if not self._forget(conn):
             return
-        conn.sock.close()
         if rejected:
             self._proxy_rejected(conn.peer[0], reason)
-            return
-        self.counters.connection("dropped")
-        log.event("drop", ip=conn.ip or conn.peer[0], reason=reason)
+        else:
+            self.counters.connection("dropped")
+            log.event("drop", ip=conn.ip or conn.peer[0], reason=reason)
+        conn.sock.close()  # after the log line: a client that sees the close finds it
 
     def _forget(self, conn: _Waiting) -> bool:
         """Take a waiting connection out of the master's books (the socket stays open);
