@@ -79,7 +79,8 @@ SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # socket: a worker then reads at memory speed instead of waiting on the client. Far below
 # the kernel's receive buffer (128 KiB by default), so the window never closes first.
 HANDOFF_BYTES = 64 * 1024
-# The QMQP length prefix: up to this many digits then ':' (DATABYTES tops at 10 digits).
+# The QMQP length prefix: up to this many digits then ':' (10 GB); a longer one goes to a
+# worker at once, which answers it as it would any other.
 LENGTH_DIGITS = 10
 # Bytes peeked to read the prefix: the digits, the colon and a little of what follows.
 PREFIX_PEEK = 16
@@ -112,7 +113,7 @@ class _Waiting:
 
     sock: socket.socket
     peer: tuple[str, int]
-    started: float  # accept time: the MIN_RATE clock starts here
+    started: float  # accepted (or its PROXY header read): the MIN_RATE clock starts here
     phase: str = _FIRST
     deadline: float = 0.0  # of the current phase (the one armed in Master.timers)
     ip: str = ""  # the client's IP once it holds a per-IP slot
@@ -120,7 +121,6 @@ class _Waiting:
     header: proxy.HeaderReader | None = None
     min_rate: int = 0
     grace: float = 0.0
-    target: int = 0  # bytes wanted in the socket before the handoff; 0 = not known yet
     lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
 
     @property
@@ -719,6 +719,8 @@ class Master:
             self._arm(conn, deadline)
             return
         self._forget(conn)
+        with contextlib.suppress(OSError):  # the linger reads whatever comes
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         elapsed = now - conn.started
         error = (f"too slow: {available} bytes in {elapsed:.0f}s, below {conn.min_rate} "
                  f"bytes/s after {conn.grace:g}s")
