@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,7 @@ from qmqpd.rules import compile_rules
 from qmqpd.status import read_status
 from tests.integration.test_master import (
     MESSAGE,
+    ROOT,
     TOO_MANY,
     Server,
     answer_within,
@@ -158,3 +162,12 @@ def test_per_ip_limits_count_the_named_client(server_factory: Callable[..., Serv
 def _title(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
         return cmdline.read().decode(errors="replace")
+
+
+def test_proxy_protocol_without_trusted_balancers_refuses_to_start(tmp_path: Path) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+           "PROXY_PROTOCOL": "v2", "PORT": "0", "STATUS_FILE": ""}
+    run = subprocess.run([sys.executable, "-m", "qmqpd", "serve"], capture_output=True,
+                         text=True, timeout=30, env=env, cwd=tmp_path, check=False)
+    assert run.returncode == 111
+    assert "PROXY_PROTOCOL is v2 but PROXY_TRUSTED is empty" in run.stdout + run.stderr
