@@ -243,8 +243,10 @@ SETTINGS: dict[str, Setting] = {
            "was given, nothing is lost); a second TERM ends the drain at once", "master"),
         _s("FIRST_BYTE_TIMEOUT", _int_parser(1, 3600), 10, "seconds 1-3600",
            "how long `qmqpd serve` waits for a new connection's first bytes before it "
-           "closes it; until they arrive the connection holds a descriptor and a MAXPERIP "
-           "slot but no worker (QMQP clients send at once; idle sockets cost no worker)",
+           "closes it; then it waits for the whole request, or its first 64 KiB, to be in "
+           "the socket under the MIN_RATE rule (a slower sender gets that rule's Z); "
+           "until then the connection holds a descriptor and a MAXPERIP slot but no "
+           "worker (QMQP clients send at once; idle and slow sockets cost no worker)",
            "master"),
         _s("STATUS_FILE", _str, "/run/qmqpd/status.json", "a path; empty = none",
            "where the master keeps its status for `qmqpd status` (one per server)", "master"),
@@ -266,8 +268,11 @@ SETTINGS: dict[str, Setting] = {
            "hard limit on one whole session; MIN_RATE ends slow transfers long before it"),
         _s("MIN_RATE", _int_parser(0, 1 << 30), 512, "bytes per second, 0 = no minimum",
            "slowest transfer accepted: after RATE_GRACE seconds the client must have sent "
-           "MIN_RATE bytes for every further second, else it gets Z and is cut, so a request "
-           "of L bytes may take RATE_GRACE + L/MIN_RATE seconds (at most SESSION_TIMEOUT); "
+           "MIN_RATE bytes for every further second, else it gets Z and is cut (by the "
+           "master while it waits for the request's first 64 KiB, then by the worker, "
+           "whose clock starts when it takes the connection), so a request "
+           "of L bytes may take RATE_GRACE + L/MIN_RATE seconds, plus one more RATE_GRACE "
+           "when it is over 64 KiB (at most SESSION_TIMEOUT); "
            "512 is below a 9600 bit/s GSM data call shared by two sessions, so a working "
            "relay link does not hit it, while a 1 byte/s sender loses its slot after "
            "RATE_GRACE"),

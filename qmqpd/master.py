@@ -1,11 +1,14 @@
 """The master: one selector loop that accepts, applies rules and limits, and hands off.
 
-accept -> rules (deny: close, nothing sent) -> MAXPERIP (over: Z and close) -> wait for the
-first bytes (FIRST_BYTE_TIMEOUT; an idle socket costs a descriptor, never a worker) ->
-MAXDAEMONS (all busy: the connection waits, oldest first) -> the fd and the client's facts
-go to an idle worker. The per-IP slot is taken at accept and released exactly once: when
-a waiting connection is closed, when the worker reports done, or when it is reaped
-holding the session.
+accept -> [PROXY_PROTOCOL: the PROXY header, read and consumed, from PROXY_TRUSTED only,
+within PROXY_TIMEOUT; it names the client] -> rules (deny: close, nothing sent) -> MAXPERIP
+(over: Z and close) -> wait for the request (FIRST_BYTE_TIMEOUT for its first bytes, then
+the MIN_RATE rule until the whole request or HANDOFF_BYTES of it are in the socket; an
+idle or slow socket costs a descriptor, never a worker) -> MAXDAEMONS (all busy: the
+connection waits, oldest first) -> the fd and the client's facts go to an idle worker.
+The per-IP slot is taken once the client is known (at accept, or after its PROXY header)
+and released exactly once: when a waiting connection is closed, when the worker reports
+done, or when it is reaped holding the session.
 
 Accounting is exact: a worker says done before it answers, and the master reads every
 record its workers have sent before it accepts, refuses, hands off or forks (the worker
@@ -28,11 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
+import heapq
+import itertools
 import os
 import selectors
 import signal
 import socket
+import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -40,7 +48,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Protocol
 
-from qmqpd import log, metrics, procctl, status
+from qmqpd import log, metrics, procctl, proxy, status
 from qmqpd.config import Config, ConfigError, problem
 from qmqpd.limits import Capacity, DescriptorBudget, PerIpCounter, fold_ip
 from qmqpd.message import Client, Reply
@@ -68,6 +76,15 @@ TICK = 1.0
 RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
 # The errors that mean "out of descriptors or memory": shed load, never exit.
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# A connection goes to a worker once its whole request, or this much of it, is in the
+# socket: a worker then reads at memory speed instead of waiting on the client. Far below
+# the kernel's receive buffer (128 KiB by default), so the window never closes first.
+HANDOFF_BYTES = 64 * 1024
+# The QMQP length prefix: up to this many digits then ':' (10 GB); a longer one goes to a
+# worker at once, which answers it as it would any other.
+LENGTH_DIGITS = 10
+# Bytes peeked to read the prefix: the digits, the colon and a little of what follows.
+PREFIX_PEEK = 16
 
 # How often the loop looks whether the rules cdb was replaced (one stat).
 RULES_CHECK_INTERVAL = 1.0
@@ -105,18 +122,35 @@ class ListenError(Exception):
             errno.EADDRINUSE, errno.EACCES)
 
 
+# What a waiting connection waits for.
+_HEADER = "header"  # its PROXY header: no rule and no per-IP slot yet
+_FIRST = "first"  # its first bytes (FIRST_BYTE_TIMEOUT)
+_REQUEST = "request"  # the rest of its request, or HANDOFF_BYTES of it (MIN_RATE)
+_WORKER = "worker"  # an idle worker: it has what it needs
+
+
 @dataclass(eq=False)
 class _Waiting:
-    """An accepted, allowed connection that holds a per-IP slot but no worker yet: first
-    it waits for its first bytes (peeked, never read, so the worker reads the whole
-    request from the socket), then, if every worker is busy, for a worker. A header the
-    master must consume before the worker (PROXY) is read at the same point."""
+    """An accepted connection without a worker. It may first wait for its PROXY header
+    (read and consumed here), then, once rules and MAXPERIP let it in (it then holds a
+    per-IP slot), for its request: its bytes are only peeked, so the worker reads the whole
+    request from the socket. Last, if every worker is busy, it waits for a worker."""
 
     sock: socket.socket
-    ip: str
-    client: Client
-    deadline: float  # for the first bytes
-    has_data: bool = False
+    peer: tuple[str, int]
+    started: float  # accepted (or its PROXY header read): the MIN_RATE clock starts here
+    phase: str = _FIRST
+    deadline: float = 0.0  # of the current phase (the one armed in Master.timers)
+    ip: str = ""  # the client's IP once it holds a per-IP slot
+    client: Client | None = None
+    header: proxy.HeaderReader | None = None
+    min_rate: int = 0
+    grace: float = 0.0
+    lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
+
+    @property
+    def has_data(self) -> bool:
+        return self.phase == _WORKER
 
 
 def netstring(text: str) -> bytes:
@@ -147,6 +181,25 @@ def open_listeners(addresses: tuple[str, ...], port: int, backlog: int) -> list[
     return listeners
 
 
+def _request_size(head: bytes) -> int | None:
+    """Bytes to wait for before the handoff, from the first bytes of a QMQP request: the
+    whole request (`length:...,`) up to HANDOFF_BYTES; None = the length prefix is not
+    complete yet; 0 = not a length prefix (the worker answers the protocol error now)."""
+    colon = head.find(b":")
+    digits = head if colon < 0 else head[:colon]
+    if not digits.isdigit() or len(digits) > LENGTH_DIGITS:
+        return 0
+    if colon < 0:
+        return None if len(digits) < LENGTH_DIGITS else 0
+    return min(colon + 1 + int(digits) + 1, HANDOFF_BYTES)
+
+
+def _available(sock: socket.socket) -> int:
+    """Bytes in the socket's receive queue (FIONREAD): counted, not copied."""
+    (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))
+    return int(count)
+
+
 class Master:
     def __init__(self, config: Config, worker_entry: PlannedEntry,
                  config_loader: Callable[[], Config], planner: Planner) -> None:
@@ -164,7 +217,11 @@ class Master:
         # both in arrival order: the oldest goes first when descriptors run short
         self.lingering: dict[_Linger, None] = {}
         self.waiting: dict[_Waiting, None] = {}
-        self.ready: deque[_Waiting] = deque()  # sent their first bytes, wait for a worker
+        self.ready: deque[_Waiting] = deque()  # have their request, wait for a worker
+        # deadlines of waiting connections; an entry whose connection moved on is stale
+        self.timers: list[tuple[float, int, _Waiting]] = []
+        self.timer_order = itertools.count()
+        self.proxy = proxy.Policy()
         self.per_ip = PerIpCounter()
         self.capacity = Capacity(config.maxdaemons)
         self.budget = DescriptorBudget(1024, config.maxdaemons + config.prefork)
@@ -192,6 +249,7 @@ class Master:
     # ---- start --------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
+        self.proxy = proxy.Policy.from_config(cfg)  # ValueError: refuse the start
         nofile = procctl.raise_fd_limit()
         self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
         try:
@@ -309,6 +367,8 @@ class Master:
             soonest.append(self.stop_deadline)
         if self.accept_paused_until > now:
             soonest.append(self.accept_paused_until)
+        if self.timers:
+            soonest.append(self.timers[0][0])
         return max(0.0, min(soonest) - now)
 
     def _dispatch(self, data: object, fileobj: object, now: float) -> None:
@@ -320,7 +380,7 @@ class Master:
             assert isinstance(fileobj, socket.socket)
             self._accept(fileobj, now)
         elif isinstance(data, _Waiting):
-            self._first_bytes(data, now)
+            self._readable(data, now)
         elif isinstance(data, _Linger):
             self._linger_read(data)
         elif self.metrics is not None and self.metrics.owns(data):
@@ -415,7 +475,13 @@ class Master:
                 self.counters.connection("dropped")
                 conn.close()
 
-    def _admit(self, conn: socket.socket, peer: tuple, now: float) -> None:
+    def _admit(self, conn: socket.socket, peer: tuple, now: float,
+               local: tuple | None = None) -> None:
+        """Rules, MAXPERIP, then the wait for the request. local is the address the client
+        connected to, when a PROXY header named it (peer is then the header's client)."""
+        if local is None and self.proxy.enabled:
+            self._await_proxy_header(conn, peer, now)
+            return
         ip = fold_ip(str(peer[0]))
         rule = self._lookup(ip)
         if not rule.allow:
@@ -425,7 +491,8 @@ class Master:
                 self.metrics.refused(ip, "denied")
             conn.close()
             return
-        limit = self._rule_limit(rule)
+        settings = self._rule_settings(rule)
+        limit = int(settings.maxperip)
         if not self.per_ip.acquire(ip, limit):
             log.event("perip_limit", ip=ip, count=self.per_ip.count(ip), maxperip=limit,
                       answer=Reply.named("too_many_per_ip").line)
@@ -435,32 +502,31 @@ class Master:
             self._refuse(conn, now)
             return
         try:  # the socket stays blocking: it goes to the worker as accepted
-            waiting = _Waiting(conn, ip, self._client(conn, ip, peer, rule),
-                               now + self.config.first_byte_timeout)
+            client = self._client(conn, ip, peer, rule, local)
         except OSError:
             self.per_ip.release(ip)
             raise
+        waiting = _Waiting(conn, (ip, int(peer[1])), now, ip=ip, client=client,
+                           min_rate=int(settings.min_rate), grace=float(settings.rate_grace))
         self.waiting[waiting] = None
-        if self._peek(waiting) is not None:  # often the request is there already
+        self._arm(waiting, now + self.config.first_byte_timeout)
+        self._look(waiting, now, woken=False)  # often the request is there already
+        if waiting.phase == _WORKER or waiting not in self.waiting:
             return
-        try:  # nothing yet: wait for it without a worker
-            self.selector.register(conn, selectors.EVENT_READ, waiting)
-        except OSError as error:
-            self._close_waiting(waiting, "cannot watch the connection")
-            if error.errno in SHORTAGE:
-                self._short_of(error, now)
+        self._watch(waiting, now)
 
-    def _rule_limit(self, rule: Rule) -> int:
-        """MAXPERIP from the rule's validated settings (rule env over the global)."""
+    def _rule_settings(self, rule: Rule) -> Config:
+        """The rule's validated settings (rule env over the global), as its worker applies
+        them: MAXPERIP here, MIN_RATE and RATE_GRACE in the wait for the request."""
         assert self.plans is not None
         try:
-            return int(self.plans.settings(rule.env).maxperip)
+            return self.plans.settings(rule.env)
         except ConfigError as error:  # only a rule added after the last planning
             if rule.key not in self.unusable_rules:  # once per rule, not per connection
                 self.unusable_rules.add(rule.key)
-                log.warning("rule settings unusable; using the global MAXPERIP",
+                log.warning("rule settings unusable; using the global ones",
                             rule=rule.key, error=str(error))
-            return int(self.config.maxperip)
+            return self.config
 
     def _lookup(self, ip: str) -> Rule:
         try:
@@ -468,8 +534,9 @@ class Master:
         except Exception as error:  # an unreadable cdb drops the client, as tcpserver does
             return Rule(False, {}, None, f"rules lookup failed: {error}")
 
-    def _client(self, conn: socket.socket, ip: str, peer: tuple, rule: Rule) -> Client:
-        local = conn.getsockname()
+    def _client(self, conn: socket.socket, ip: str, peer: tuple, rule: Rule,
+                local: tuple | None = None) -> Client:
+        local = local or conn.getsockname()
         return Client(
             remote_ip=ip,
             remote_port=str(peer[1]),
@@ -480,33 +547,133 @@ class Master:
             rule_env=dict(rule.env),
         )
 
-    # ---- connections waiting for their first bytes, then for a worker -------------------
-    def _peek(self, conn: _Waiting) -> bool | None:
-        """Settle a connection once its first bytes or its end arrive: True = it has data
-        (queued for a worker), False = it is gone (closed), None = nothing yet. Peeking
-        leaves every byte in the socket for the worker to read."""
+    # ---- the PROXY header ---------------------------------------------------------------
+    def _await_proxy_header(self, conn: socket.socket, peer: tuple, now: float) -> None:
+        """PROXY_PROTOCOL on: only a trusted balancer may connect, and its header is read
+        before anything else. Until then the connection counts against no client's
+        MAXPERIP (its client is not known), only against the descriptor budget."""
+        peer_ip = fold_ip(str(peer[0]))
         try:
-            data = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.proxy.check_source(peer_ip)
+        except proxy.ProxyError as error:
+            self._proxy_rejected(peer_ip, str(error))
+            conn.close()
+            return
+        waiting = _Waiting(conn, (peer_ip, int(peer[1])), now, phase=_HEADER,
+                           header=self.proxy.reader())
+        self.waiting[waiting] = None
+        self._arm(waiting, now + self.proxy.timeout)
+        self._watch(waiting, now)  # read when readable: the socket is blocking
+
+    def _read_proxy_header(self, conn: _Waiting, now: float) -> None:
+        assert conn.header is not None
+        try:
+            header = conn.header.read(conn.sock)
+        except proxy.ProxyError as error:
+            self._close_waiting(conn, str(error), rejected=True)
+            return
+        except OSError as error:
+            self._close_waiting(conn, error.strerror or str(error), rejected=True)
+            return
+        if header is None:
+            return  # a part of it: the rest within PROXY_TIMEOUT
+        client = self.proxy.client_of(header, conn.peer)
+        self._forget(conn)
+        try:
+            local = (header.destination if header.source is not None
+                     else conn.sock.getsockname())
+            self._admit(conn.sock, client, now, local=local)
+        except OSError as error:  # the client went away while we looked at it
+            log.event("drop", ip=fold_ip(str(client[0])), error=error.strerror)
+            self.counters.connection("dropped")
+            conn.sock.close()
+
+    def _proxy_rejected(self, ip: str, reason: str) -> None:
+        log.event("proxy_reject", ip=ip, reason=reason)
+        self.counters.connection("proxy_rejected")
+
+    # ---- connections waiting for their request, then for a worker -----------------------
+    def _arm(self, conn: _Waiting, deadline: float) -> None:
+        conn.deadline = deadline
+        heapq.heappush(self.timers, (deadline, next(self.timer_order), conn))
+
+    def _watch(self, conn: _Waiting, now: float) -> None:
+        try:
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+        except OSError as error:
+            self._close_waiting(conn, "cannot watch the connection")
+            if error.errno in SHORTAGE:
+                self._short_of(error, now)
+
+    def _readable(self, conn: _Waiting, now: float) -> None:
+        if conn not in self.waiting or conn.phase == _WORKER:
+            return
+        if conn.phase == _HEADER:
+            self._read_proxy_header(conn, now)
+        else:
+            self._look(conn, now, woken=True)
+
+    def _look(self, conn: _Waiting, now: float, woken: bool) -> None:
+        """Peek at the request's first bytes and count the rest: hand the connection over
+        once the whole request or HANDOFF_BYTES of it are in the socket, or its length
+        prefix is malformed; else let select() wake the master only when enough has come
+        (SO_RCVLOWAT), so a large request is not peeked again for every segment."""
+        try:
+            head = conn.sock.recv(PREFIX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            available = _available(conn.sock) if head else 0
         except (BlockingIOError, InterruptedError):
-            return None
+            return
         except OSError:  # reset, or anything else: the connection is of no further use
-            data = b""
-        if not data:
-            self._close_waiting(conn, "closed before sending")
+            head = b""
+        if not head:
+            self._close_waiting(conn, "closed before sending" if conn.phase == _FIRST
+                                else "closed before its request was complete")
+            return
+        size = _request_size(head)
+        if size == 0 or (size is not None and available >= size):
+            self._to_worker(conn, now, woken)
+            return
+        if woken and available < conn.lowat:
+            # Woken below the mark: the client closed its side, or the kernel's buffer is
+            # under pressure. Nothing more will come by waiting; the worker takes over.
+            self._to_worker(conn, now, woken)
+            return
+        wanted = size if size is not None else len(head) + 1
+        if wanted != conn.lowat and not self._set_lowat(conn, wanted):
+            return
+        if conn.phase == _FIRST:
+            conn.phase = _REQUEST
+            self._arm(conn, self._rate_deadline(conn, available))
+
+    def _set_lowat(self, conn: _Waiting, lowat: int) -> bool:
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+        except OSError as error:
+            self._close_waiting(conn, error.strerror or str(error))
             return False
-        conn.has_data = True
-        self.ready.append(conn)
+        conn.lowat = lowat
         return True
 
-    def _first_bytes(self, conn: _Waiting, now: float) -> None:
-        if conn.has_data or conn not in self.waiting:
+    def _rate_deadline(self, conn: _Waiting, available: int) -> float:
+        """The worker's MIN_RATE rule: RATE_GRACE from the connect, then 1/MIN_RATE seconds
+        for each byte sent; with MIN_RATE 0, the handoff after RATE_GRACE."""
+        if conn.min_rate <= 0:
+            return conn.started + conn.grace
+        return conn.started + conn.grace + available / conn.min_rate
+
+    def _to_worker(self, conn: _Waiting, now: float, woken: bool) -> None:
+        """The connection has what it needs: queue it for a worker (oldest first)."""
+        if conn.lowat != 1 and not self._set_lowat(conn, 1):  # the worker reads as usual
             return
-        if self._peek(conn):
+        with contextlib.suppress(KeyError, ValueError):  # watched unless just accepted
             self.selector.unregister(conn.sock)
+        conn.phase = _WORKER
+        self.ready.append(conn)
+        if woken:
             self._poll_workers(now)  # hands it at once if a worker is idle
 
     def _serve_ready(self, now: float) -> None:
-        """Hand connections that have sent data to idle workers, oldest first."""
+        """Hand connections that have their request to idle workers, oldest first."""
         assert self.pool is not None
         while self.ready and self.accepting and not self.capacity.full:
             worker = self.pool.take_idle()
@@ -524,35 +691,79 @@ class Master:
             conn.sock.close()
 
     def _hand(self, conn: _Waiting, now: float) -> bool:
-        assert self.pool is not None
+        assert self.pool is not None and conn.client is not None
         while (worker := self.pool.take_idle()) is not None:
             if self.pool.hand(worker, conn.sock.fileno(), conn.client, conn.ip, now):
                 return True
         return False
 
-    def _close_waiting(self, conn: _Waiting, reason: str) -> None:
-        if conn not in self.waiting:
+    def _close_waiting(self, conn: _Waiting, reason: str, rejected: bool = False) -> None:
+        """Close a connection that has no worker; rejected = its PROXY header failed."""
+        if not self._forget(conn):
             return
+        if rejected:
+            self._proxy_rejected(conn.peer[0], reason)
+        else:
+            self.counters.connection("dropped")
+            log.event("drop", ip=conn.ip or conn.peer[0], reason=reason)
+        conn.sock.close()  # after the log line: a client that sees the close finds it
+
+    def _forget(self, conn: _Waiting) -> bool:
+        """Take a waiting connection out of the master's books (the socket stays open);
+        False if it was not there."""
+        if conn not in self.waiting:
+            return False
         del self.waiting[conn]
-        if conn.has_data:
+        if conn.phase == _WORKER:
             self.ready.remove(conn)
         else:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(conn.sock)
-        conn.sock.close()
-        self.per_ip.release(conn.ip)
-        self.counters.connection("dropped")
-        log.event("drop", ip=conn.ip, reason=reason)
+        if conn.ip:
+            self.per_ip.release(conn.ip)
+        return True
 
     def _expire_waiting(self, now: float) -> None:
-        """Close connections that sent nothing within FIRST_BYTE_TIMEOUT (oldest first;
-        the scan stops at the first one still in time)."""
-        for conn in list(self.waiting):
-            if conn.has_data:
-                continue
-            if conn.deadline > now:
-                break
-            self._close_waiting(conn, "nothing sent within FIRST_BYTE_TIMEOUT")
+        """Connections past their phase's deadline: no PROXY header within PROXY_TIMEOUT
+        or nothing sent within FIRST_BYTE_TIMEOUT: closed; a request arriving slower than
+        MIN_RATE: answered Z, as its worker would (none was taken)."""
+        while self.timers and self.timers[0][0] <= now:
+            deadline, _order, conn = heapq.heappop(self.timers)
+            if conn not in self.waiting or conn.deadline != deadline:
+                continue  # stale: the connection moved on
+            if conn.phase == _HEADER:
+                self._close_waiting(conn, "no complete PROXY header within PROXY_TIMEOUT",
+                                    rejected=True)
+            elif conn.phase == _FIRST:
+                self._close_waiting(conn, "nothing sent within FIRST_BYTE_TIMEOUT")
+            elif conn.phase == _REQUEST:
+                self._check_rate(conn, now)
+
+    def _check_rate(self, conn: _Waiting, now: float) -> None:
+        try:
+            available = _available(conn.sock)
+        except OSError:
+            self._close_waiting(conn, "connection lost")
+            return
+        if conn.min_rate <= 0:  # no rate rule: the worker's TIMEOUT takes over
+            self._to_worker(conn, now, woken=True)
+            return
+        deadline = self._rate_deadline(conn, available)
+        if deadline > now:
+            self._arm(conn, deadline)
+            return
+        self._forget(conn)
+        with contextlib.suppress(OSError):  # the linger reads whatever comes
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        elapsed = now - conn.started
+        error = (f"too slow: {available} bytes in {elapsed:.0f}s, below {conn.min_rate} "
+                 f"bytes/s after {conn.grace:g}s")
+        reply = Reply.named("too_slow", rate=conn.min_rate).line
+        log.event("too_slow", ip=conn.ip, error=error, answer=reply)
+        self.counters.connection("too_slow")
+        with contextlib.suppress(OSError):  # its unread bytes would turn the close into a reset
+            conn.sock.recv(max(1, available), socket.MSG_DONTWAIT)
+        self._refuse(conn.sock, now, reply)
 
     def _close_clients(self) -> None:
         for conn in list(self.waiting):
@@ -561,11 +772,12 @@ class Master:
             self._end_linger(linger)
 
     # ---- refused clients ----------------------------------------------------------------
-    def _refuse(self, conn: socket.socket, now: float) -> None:
-        """Answer Z so a qmqpc-style client tries its next server, then linger briefly."""
+    def _refuse(self, conn: socket.socket, now: float, reply: str = "") -> None:
+        """Answer Z (MAXPERIP unless reply says otherwise) so a qmqpc-style client tries
+        its next server, then linger briefly."""
         try:
             conn.setblocking(False)
-            conn.send(netstring(Reply.named("too_many_per_ip").line))
+            conn.send(netstring(reply or Reply.named("too_many_per_ip").line))
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             conn.close()
@@ -608,10 +820,11 @@ class Master:
         if self.lingering:
             self._end_linger(next(iter(self.lingering)))
             return True
-        for conn in self.waiting:
-            if not conn.has_data:
-                self._close_waiting(conn, "descriptor budget full; oldest idle closed")
-                return True
+        for phases in ((_HEADER, _FIRST), (_REQUEST,)):
+            for conn in self.waiting:
+                if conn.phase in phases:
+                    self._close_waiting(conn, "descriptor budget full; oldest idle closed")
+                    return True
         return False
 
     def _shed(self, now: float, reason: str) -> None:
@@ -690,6 +903,7 @@ class Master:
         try:
             new = self.config_loader()
             plans = self.planner(new)
+            policy = proxy.Policy.from_config(new)
             rules = self._open_rules(new)
         except Exception as error:
             log.error("reload failed; keeping the running config", error=str(error))
@@ -703,6 +917,7 @@ class Master:
         self.config = new
         self.plans = plans
         self.unusable_rules.clear()
+        self.proxy = policy
         self.capacity.resize(new.maxdaemons)
         self.budget = DescriptorBudget(self.budget.nofile, new.maxdaemons + new.prefork)
         self.pool.reload(new)

@@ -39,7 +39,8 @@ MAX_STAGE_NAMES = 32
 ACTIONS = ("accept", "tempfail", "reject", "discard")
 ANSWER_NAMES = {"K": "accepted", "Z": "tempfailed", "D": "rejected", "": "no_answer"}
 ANSWERS = ("accepted", "tempfailed", "rejected", "no_answer", "worker_died", "unreported")
-CONNECTIONS = ("handed", "denied", "refused_perip", "dropped")
+CONNECTIONS = ("handed", "denied", "refused_perip", "dropped", "too_slow",
+               "proxy_rejected")
 # `qmqpd status` exit codes: running; not running (the last status is shown); no status.
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 1
@@ -276,7 +277,9 @@ def render_text(status: dict[str, Any]) -> str:
         f"connections since start: {connections.get('handed', 0)} handed to workers, "
         f"{connections.get('denied', 0)} denied by rules, "
         f"{connections.get('refused_perip', 0)} refused over MAXPERIP, "
-        f"{connections.get('dropped', 0)} dropped")
+        f"{connections.get('dropped', 0)} dropped, "
+        f"{connections.get('too_slow', 0)} cut too slow before a worker, "
+        f"{connections.get('proxy_rejected', 0)} PROXY header rejected")
     for name, counts in status.get("stages", {}).items():
         lines.append(f"stage {name}: " + _counts(counts, _ACTION_WORDS))
     if status["stale"]:

@@ -70,7 +70,9 @@ def test_small_run_measures_all_three_and_stops_them(tmp_path: Path) -> None:
         assert row["client_errors"] == []
         if name != "qmqp-sink":
             assert row["accepted"] == 30  # every message answered K by the server itself
-        assert row["machine_cpu"] > 0
+        # /proc/stat counts in ticks of 10 ms: one tiny run may round to none
+        assert row["machine_cpu"] >= 0
+    assert sum(row["machine_cpu"] for row in runs.values()) > 0
     assert data["memory_after"]["qmqpd_idle_workers"], "idle workers were measured"
     assert "| 3 | qmqpd |" in result.stdout
     assert "load average (1, 5, 15 min): before" in result.stdout

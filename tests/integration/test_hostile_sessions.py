@@ -178,14 +178,14 @@ GRACE = 4  # RATE_GRACE for this test: short so the test stays fast; the default
 
 
 def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) -> None:
-    """75 clients at 1 byte/s from 3 IPs hold every worker (MAXDAEMONS 75, MAXPERIP 25);
-    a client from a 4th IP is answered K once the rate rule cuts them, about RATE_GRACE
-    seconds after they started. Without the rule (MIN_RATE 0) they would hold the workers
-    for SESSION_TIMEOUT (3600 s)."""
-    # All 75 workers are forked before the attack, so handing the slow senders over is quick
-    # however loaded the machine is (forking them on demand can take seconds).
-    server = serve(maxdaemons=75, maxperip=25, prefork=75, rate_grace=GRACE, min_rate=512)
-    wait_until(lambda: server.titled("worker idle") == 75, seconds=120, what="75 idle workers")
+    """75 clients at 1 byte/s from 3 IPs (MAXDAEMONS 75, MAXPERIP 25) wait in the master
+    without a worker (it hands a connection over only once its request is in the socket),
+    so a client from a 4th IP is answered K at once; the master cuts them with the rate
+    rule's Z about RATE_GRACE seconds after they connected. Without the master's wait they
+    held every worker until the rate rule cut them; without the rule (MIN_RATE 0) for
+    SESSION_TIMEOUT (3600 s)."""
+    server = serve(maxdaemons=75, maxperip=25, prefork=4, rate_grace=GRACE, min_rate=512)
+    wait_until(lambda: server.titled("worker idle") == 4, seconds=60, what="4 idle workers")
     payload = request(b"x" * 5000, b"slow@example.org", [b"rcpt@example.org"])
     senders: list[SlowSender] = []
     stop = threading.Event()
@@ -201,8 +201,9 @@ def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) ->
                    threading.Thread(target=watch_answers, args=(senders, stop))]
         for thread in threads:
             thread.start()
-        wait_until(lambda: server.titled(" receiving") == 75, seconds=GRACE,
-                   what="75 busy workers")
+        wait_until(lambda: all(sender.sent >= 2 for sender in senders), seconds=GRACE,
+                   what="75 slow senders under way")
+        assert server.titled(" receiving") == 0
         first_slow = min(sender.started for sender in senders)
 
         asked = time.monotonic()
@@ -212,9 +213,8 @@ def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) ->
         print(f"\nfresh client: K after {waited:.1f} s; the slow senders had started "
               f"{asked - first_slow:.1f} s before it")
         assert b":Kok " in answer, answer
-        # Served once the slow ones are cut: RATE_GRACE after they started, plus slack for
-        # 75 process switches on a loaded 2-core machine (measured: about 2.5 s in all).
-        assert asked - first_slow + waited < GRACE + 20
+        # Served at once (milliseconds on loopback; 2 s leaves room for a loaded machine).
+        assert waited < 2.0, waited
 
         wait_until(lambda: all(s.answer for s in senders), seconds=20, what="all cut")
     finally:
@@ -228,7 +228,7 @@ def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) ->
     cut_after = sorted(s.cut_after for s in senders if s.cut_after is not None)
     print(f"slow senders cut after {cut_after[0]:.1f} .. {cut_after[-1]:.1f} s "
           f"(RATE_GRACE {GRACE}, 1 byte/s)")
-    assert cut_after[0] >= GRACE  # the worker's clock starts after the client's connect
+    assert cut_after[0] >= GRACE  # the master's clock starts at the client's connect
     assert server.log().count('error="too slow: ') == 75, server.log()[-2000:]
     assert server.queued() == 1
 

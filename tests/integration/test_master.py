@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from qmqpd.master import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
 from tests.support import free_port, read_reply, request
 
@@ -217,20 +218,24 @@ def is_ok(reply: bytes) -> bool:
 
 
 PAYLOAD = request(MESSAGE, b"sender@example.org", [b"rcpt@example.org"])
+# A request a little bigger than the master's handoff mark: a worker takes the connection
+# once HANDOFF_BYTES of it are in the socket (a smaller start waits in the master).
+LONG_PAYLOAD = request(b"Subject: long\n\n" + b"0123456789abcde\n" * 4400, b"sender@example.org",
+                       [b"rcpt@example.org"])
 
 
 def begin(port: int, source: str = "127.0.0.1") -> socket.socket:
-    """A session under way: connected and the first byte sent (only then does a worker
-    take the connection)."""
+    """A session under way: connected and HANDOFF_BYTES of a longer request sent, so a
+    worker has taken it and waits for the rest."""
     sock = connect(port, source)
-    sock.sendall(PAYLOAD[:1])
+    sock.sendall(LONG_PAYLOAD[:HANDOFF_BYTES])
     return sock
 
 
 def finish(sock: socket.socket) -> bytes:
     """The rest of a request `begin` started; the answer."""
     sock.settimeout(20)
-    sock.sendall(PAYLOAD[1:])
+    sock.sendall(LONG_PAYLOAD[HANDOFF_BYTES:])
     sock.shutdown(socket.SHUT_WR)
     return read_reply(sock)
 
@@ -356,8 +361,7 @@ def test_kill_busy_worker_frees_slot_and_ip(server_factory: Callable[..., Server
     server.wait_idle(1)
     victim_client = connect(server.port)
     try:
-        payload = request(MESSAGE * 100, b"a@example.org", [b"b@example.org"])
-        victim_client.sendall(payload[: len(payload) // 2])
+        victim_client.sendall(LONG_PAYLOAD[:HANDOFF_BYTES])  # a worker has it
         busy = wait_until(lambda: server.titled("receiving"), what="a busy worker")
         (victim,) = busy  # type: ignore[misc]
         os.kill(victim, signal.SIGKILL)

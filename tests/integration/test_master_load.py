@@ -16,15 +16,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from qmqpd.master import netstring
+from qmqpd.message import Reply
 from qmqpd.status import read_status
+from tests.integration.test_hostile_sessions import SlowSender, trickle, watch_answers
 from tests.integration.test_master import (
-    PAYLOAD,
     TOO_MANY,
     Server,
     answer_within,
@@ -36,7 +39,7 @@ from tests.integration.test_master import (
     tcprules,
     wait_until,
 )
-from tests.support import read_reply
+from tests.support import request
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # A fresh client is served within this (the figure the design promises; on loopback it
@@ -179,10 +182,7 @@ def test_workers_out_of_descriptors_shed_and_recover(
         busy = len(server.titled("receiving"))
         assert 0 < busy < 40
         assert server.proc is not None and server.proc.poll() is None
-        for sock in sessions:  # the rest of every request, then every answer
-            sock.sendall(PAYLOAD[1:])
-            sock.shutdown(socket.SHUT_WR)
-        replies = [read_reply(sock) for sock in sessions]
+        replies = [finish(sock) for sock in sessions]
         assert all(is_ok(r) for r in replies), replies
     finally:
         for sock in sessions:
@@ -242,6 +242,60 @@ def test_idle_connections_hold_no_worker(server_factory: Callable[..., Server]) 
         for sock in idle:
             sock.close()
     assert "nothing sent within FIRST_BYTE_TIMEOUT" in server.log()
+
+
+def test_idle_and_slow_connections_hold_no_worker(
+        server_factory: Callable[..., Server]) -> None:  # noqa: F811
+    """1,000 idle connections from 40 IPs and 75 senders at 1 byte/s from 3 more (MAXPERIP
+    25 each): none takes a worker, a fresh client gets K within 2 s, the slow senders get
+    the MIN_RATE rule's Z from the master after RATE_GRACE, the idle ones are closed after
+    FIRST_BYTE_TIMEOUT. Lowered to keep the test short (defaults 20 s and 10 s):
+    RATE_GRACE 4, FIRST_BYTE_TIMEOUT 6."""
+    grace, first_byte = 4, 6
+    server = serve(server_factory, prefork=4, rate_grace=grace, min_rate=512,
+                   first_byte_timeout=first_byte)
+    server.wait_idle(4)
+    idle = open_idle(server.port, [f"127.0.1.{n}" for n in range(1, 41) for _ in range(25)])
+    payload = request(b"x" * 5000, b"slow@example.org", [b"rcpt@example.org"])
+    senders = [SlowSender(sock, time.monotonic()) for sock in
+               open_idle(server.port, [f"127.0.4.{n}" for n in (1, 2, 3) for _ in range(25)])]
+    stop = threading.Event()
+    threads = [threading.Thread(target=trickle, args=(senders, payload, stop)),
+               threading.Thread(target=watch_answers, args=(senders, stop))]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: "waiting=1075" in _title(server.pid), seconds=10,
+                   what="1,075 connections waiting")
+        wait_until(lambda: all(s.sent >= 2 for s in senders), seconds=10,
+                   what="every slow sender under way")
+        took, reply = timed_delivery(server.port, "127.0.2.1")
+        print(f"\nfresh client: K in {took:.3f} s beside 1,000 idle and 75 slow connections")
+        assert is_ok(reply), reply
+        assert took < FRESH_CLIENT_BOUND, took
+        workers = server.workers()
+        assert len(workers) <= 75 and not server.titled("receiving"), workers
+        wait_until(lambda: all(s.answer for s in senders), seconds=grace + 20,
+                   what="every slow sender cut")
+        # after FIRST_BYTE_TIMEOUT the idle ones are closed without a word
+        assert answer_within(idle[0], first_byte + 10) == b""
+        wait_until(lambda: server.log().count("nothing sent within FIRST_BYTE_TIMEOUT")
+                   == 1000, seconds=10, what="every idle connection closed")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        for sock in idle + [s.sock for s in senders]:
+            sock.close()
+    too_slow = netstring(Reply.named("too_slow", rate=512).line)
+    assert [s.answer for s in senders] == [too_slow] * 75
+    cut = sorted(s.cut_after for s in senders if s.cut_after is not None)
+    print(f"slow senders cut after {cut[0]:.1f} .. {cut[-1]:.1f} s (RATE_GRACE {grace})")
+    assert cut[0] >= grace  # the rate rule's clock starts at the connect
+    log = server.log()
+    assert log.count("event=too_slow") == 75
+    wait_until(lambda: read_status(str(server.tmp / "status.json"))["connections"]
+               ["too_slow"] == 75, what="75 cut in the status counters")
 
 
 def _title(pid: int) -> str:

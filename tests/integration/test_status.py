@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from qmqpd.rules import compile_rules
-from tests.integration.test_master import ROOT, Server, connect, deliver, wait_until
+from tests.integration.test_master import ROOT, Server, begin, connect, deliver, wait_until
 from tests.support import read_reply, request
 
 RULES = """\
@@ -76,10 +76,8 @@ def send(port: int, source: str, recipient: bytes = b"rcpt@example.org") -> byte
 
 
 def hold_open(port: int, source: str) -> socket.socket:
-    """A session that has started its request and then goes quiet."""
-    sock = connect(port, source)
-    sock.sendall(b"1000:")
-    return sock
+    """A session that has started its request (a worker has it) and then goes quiet."""
+    return begin(port, source)
 
 
 def test_status_counts_answers_clients_and_stages(server: Server) -> None:

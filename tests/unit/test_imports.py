@@ -34,7 +34,8 @@ PENDING: dict[str, set[str]] = {
     "qmqpd.session": {"qmqpd.handler"},
     "filters.dkim": {"filters.keys", "filters.mailstream"},  # keys: paths, DNS, shared
     "filters.dk": {"filters.keys", "filters.mailstream"},  # one header parser for both
-    "qmqpd.master": {"qmqpd.status", "qmqpd.metrics"},  # the counters it exposes
+    "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
+                     "qmqpd.proxy"},  # the PROXY header, read before rules and limits
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "filters.dkim": {"cryptography", "nacl"},  # signing in OpenSSL/libsodium, not in Python
