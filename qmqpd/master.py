@@ -486,9 +486,7 @@ class Master:
         rule = self._lookup(ip)
         if not rule.allow:
             log.event("deny", ip=ip, rule=rule.key, reason=rule.reason or None)
-            self.counters.connection("denied")
-            if self.metrics:
-                self.metrics.refused(ip, "denied")
+            self._count_refusal(ip, "denied")
             conn.close()
             return
         settings = self._rule_settings(rule)
@@ -496,9 +494,7 @@ class Master:
         if not self.per_ip.acquire(ip, limit):
             log.event("perip_limit", ip=ip, count=self.per_ip.count(ip), maxperip=limit,
                       answer=Reply.named("too_many_per_ip").line)
-            self.counters.connection("refused_perip")
-            if self.metrics:
-                self.metrics.refused(ip, "refused_perip")
+            self._count_refusal(ip, "refused_perip")
             self._refuse(conn, now)
             return
         try:  # the socket stays blocking: it goes to the worker as accepted
@@ -590,7 +586,13 @@ class Master:
 
     def _proxy_rejected(self, ip: str, reason: str) -> None:
         log.event("proxy_reject", ip=ip, reason=reason)
-        self.counters.connection("proxy_rejected")
+        self._count_refusal(ip, "proxy_rejected")
+
+    def _count_refusal(self, ip: str, result: str) -> None:
+        """A connection turned away: counted in the status and, per IP, in the metrics."""
+        self.counters.connection(result)
+        if self.metrics:
+            self.metrics.refused(ip, result)
 
     # ---- connections waiting for their request, then for a worker -----------------------
     def _arm(self, conn: _Waiting, deadline: float) -> None:
@@ -760,7 +762,7 @@ class Master:
                  f"bytes/s after {conn.grace:g}s")
         reply = Reply.named("too_slow", rate=conn.min_rate).line
         log.event("too_slow", ip=conn.ip, error=error, answer=reply)
-        self.counters.connection("too_slow")
+        self._count_refusal(conn.ip, "too_slow")
         with contextlib.suppress(OSError):  # its unread bytes would turn the close into a reset
             conn.sock.recv(max(1, available), socket.MSG_DONTWAIT)
         self._refuse(conn.sock, now, reply)

@@ -119,7 +119,9 @@ class MasterCollector:
         yield stages
         connections = CounterMetricFamily(
             "qmqpd_connections", "Accepted connections by what the master did: handed to a "
-            "worker, denied (rules), refused_perip (MAXPERIP), dropped", labels=["result"])
+            "worker, denied (rules), refused_perip (MAXPERIP), dropped, too_slow (cut in the "
+            "wait for its request), proxy_rejected (bad or missing PROXY header)",
+            labels=["result"])
         for result, count in status.get("connections", {}).items():
             connections.add_metric([result], count)
         yield connections
