@@ -118,7 +118,9 @@ class Node(QmqpdTarget):
 
 
 class Direct(Target):
-    """node1 without the balancer: the baseline the hop is measured against."""
+    """A node without the balancer: the baseline the hop is measured against (node1, or
+    with --proxy on a node0 of its own without PROXY_PROTOCOL: a node that requires the
+    header closes a client that connects to it directly)."""
 
     name = "direct to 1 node"
 
@@ -283,15 +285,17 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
     nodes = [Node(root, n, command, args.maxdaemons, args.prefork, most,
                   [*node_settings(proxy), *args.qmqpd_setting])
              for n in range(1, NODE_COUNT + 1)]
+    direct = nodes[0] if not proxy else Node(root, 0, command, args.maxdaemons,
+                                             args.prefork, most, list(args.qmqpd_setting))
     one = Balancer(root, nodes[:1], proxy, most)
     three = Balancer(root, nodes, proxy, most)
-    started: list[Target] = [*nodes, one, three]
+    started: list[Target] = [*nodes, *([direct] if proxy else []), one, three]
     for target in started:
         stack.callback(target.stop)  # registered first, so a failed start is cleaned up too
         target.start()
         print(f"started {target.name} pid {target.main_pid()} port {target.port}",
               file=sys.stderr, flush=True)
-    paths = {"direct": Direct(nodes[0]), "one": one, "three": three}
+    paths = {"direct": Direct(direct), "one": one, "three": three}
     measured = [paths[name] for name in args.targets]
 
     facts = machine_facts(command, root)

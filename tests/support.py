@@ -27,6 +27,8 @@ def command(name: str) -> list[str]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        if host == "::":  # free for a dual-stack listener: on IPv4 addresses as well
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, 0))
         return sock.getsockname()[1]
 

@@ -63,7 +63,9 @@ class Server:
 
     def __init__(self, tmp: Path, **settings: object) -> None:
         self.tmp = tmp
-        self.port = free_port()
+        # a dual-stack listener needs a port free on every address, v4 and v6
+        self.probe_host = "::" if settings.get("localip") == "::" else "127.0.0.1"
+        self.port = free_port(self.probe_host)
         self.queue = tmp / "queue"
         if not self.queue.exists():
             create_queue(str(self.queue))
@@ -98,7 +100,7 @@ class Server:
             except AssertionError:
                 if "Address already in use" not in self.log()[mark:]:
                     raise
-                self.port = free_port()
+                self.port = free_port(self.probe_host)
                 self.settings["port"] = self.port
                 self.write_config(self.settings)
         raise AssertionError("no free port in three attempts")
