@@ -1,5 +1,5 @@
 """Measure the DKIM/DomainKeys stages under hostile input (figures for
-docs/reliability-filters.md): CPU to sign N headers, peak RSS of `qmqpd session` signing a
+docs/reliability.md): CPU to sign N headers, peak RSS of `qmqpd session` signing a
 large message, and the time DKIMVERIFY takes on N signatures with a silent DNS server.
 
     python -m bench.signing_hostile headers 2500 10000 20000
