@@ -20,6 +20,7 @@ sent only after that last fsync.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import grp
 import itertools
@@ -354,37 +355,56 @@ _SyncJob = tuple[int, str, Callable[[Any], None], Any]
 
 
 class _SyncThreads:
-    """Threads that run syncs beside the caller, each job answered on its own queue.
+    """Threads that run syncs beside the caller.
 
-    threading and a SimpleQueue, not concurrent.futures: that one imports logging, about
-    3 ms of every `qmqpd session` start-up.
+    Built on threading alone, not concurrent.futures (which imports logging: about 3 ms of
+    every `qmqpd session` start-up) nor the queue module: a prefork worker makes this after
+    the privilege drop, where it should import nothing its master has not (threading the
+    master has).
     """
 
     def __init__(self, count: int) -> None:
         import threading
-        from queue import SimpleQueue  # the standard library's, not this module
 
-        self._queue_type = SimpleQueue
-        self._jobs: Any = SimpleQueue()
+        self._event_type = threading.Event
+        self._ready = threading.Condition()
+        self._jobs: collections.deque[tuple[_SyncJob, _Pending]] = collections.deque()
         for number in range(count):
             threading.Thread(target=self._serve, name=f"qmqpd-sync-{number}",
                              daemon=True).start()
 
     def _serve(self) -> None:
         while True:
-            job, done = self._jobs.get()
+            with self._ready:
+                while not self._jobs:
+                    self._ready.wait()
+                job, pending = self._jobs.popleft()
             try:
                 _step(*job)
             except BaseException as error:  # handed to the caller, which raises it
-                done.put(error)
-            else:
-                done.put(None)
+                pending.error = error
+            pending.done.set()
 
-    def start(self, job: _SyncJob) -> Any:
-        """Queue one sync; ``get()`` on the returned queue waits for its outcome."""
-        done = self._queue_type()
-        self._jobs.put((job, done))
-        return done
+    def start(self, job: _SyncJob) -> _Pending:
+        pending = _Pending(self._event_type())
+        with self._ready:
+            self._jobs.append((job, pending))
+            self._ready.notify()
+        return pending
+
+
+class _Pending:
+    """One sync handed to a thread: ``wait()`` returns its error, or None."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self, done: Any) -> None:
+        self.done = done
+        self.error: BaseException | None = None
+
+    def wait(self) -> BaseException | None:
+        self.done.wait()
+        return self.error
 
 
 _pool: _SyncThreads | None = None
@@ -418,7 +438,7 @@ def _run_together(jobs: list[_SyncJob], started: Callable[[], None]) -> None:
     except QueueError as error:
         errors.append(error)
     finally:
-        outcomes = [done.get() for done in running]
+        outcomes = [pending.wait() for pending in running]
     errors += [error for error in outcomes if isinstance(error, QueueError)]
     for error in outcomes:
         if error is not None and not isinstance(error, QueueError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
+import pwd
 import shlex
 import shutil
 import sys
@@ -222,7 +223,18 @@ def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
     _write(service / "log" / "run", _render(f"{kind}/log-run", **common), 0o755)
     _write(service / "run", _render(f"{kind}/run", **common), 0o755)
     os.makedirs(logdir, exist_ok=True)
+    if opts.loguser and os.geteuid() == 0:
+        _give_to(logdir, opts.loguser)
     return service
+
+
+def _give_to(directory: str, user: str) -> None:
+    """multilog runs as the log user: it must own its directory to write and rotate there."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ServiceError(f"--loguser {user}: no such user") from None
+    os.chown(directory, entry.pw_uid, entry.pw_gid)
 
 
 def remove_service(opts: argparse.Namespace) -> Path:
