@@ -49,6 +49,10 @@ class FrozenRecord(Record):
     def __hash__(self) -> int:
         return hash(self._fields())
 
+    def __setstate__(self, state: tuple[None, dict[str, object]]) -> None:
+        """copy and pickle restore the fields past __setattr__, as for a frozen dataclass."""
+        self._set(**state[1])
+
 
 class Client(FrozenRecord):
     """UCSPI-style facts about the peer, kept apart from the message, plus its rule env."""
