@@ -12,10 +12,14 @@ Also prints the CPU one message costs inside a long-lived process (a prefork wor
 case): serve_connection over a socketpair, N messages, user and system CPU per message,
 and how many times per message settings, stages and queue writers are built (cProfile).
 
-    .venv/bin/python bench/session_startup.py [--runs 50] [--messages 500] [--tree DIR]
+    .venv/bin/python bench/session_startup.py [--runs 50] [--messages 500] [--tree DIR]...
 
 --tree runs the command against another checkout (its qmqpd/ and filters/ come first on
-PYTHONPATH), so the same script measures before and after a change.
+PYTHONPATH), so the same script measures before and after a change. Given more than once,
+the trees' runs alternate (one run of each tree in turn, case by case), so every tree sees
+the same moments of a shared machine's load. Compile each tree's bytecode first
+(`python -m compileall -q DIR/qmqpd DIR/filters`) where PYTHONDONTWRITEBYTECODE is set, or
+every run compiles the sources again.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def summary(name: str, runs: list[tuple[float, float]]) -> str:
     walls = [wall * 1000 for wall, _cpu in runs]
     q1, median, q3 = statistics.quantiles(walls, n=4)
     cpu = statistics.median(cpu * 1000 for _wall, cpu in runs)
-    return (f"{name:<26} wall median {median:6.1f} ms (quartiles {q1:6.1f} - {q3:6.1f})"
+    return (f"{name:<36} wall median {median:6.1f} ms (quartiles {q1:6.1f} - {q3:6.1f})"
             f"   CPU median {cpu:6.1f} ms")
 
 
@@ -105,10 +109,14 @@ def tree_env(tree: Path, work: Path) -> dict[str, str]:
     return env
 
 
-def session_figures(python: str, tree: Path, runs: int) -> None:
+def _load() -> str:
+    return "load average " + " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def session_figures(python: str, trees: list[Path], runs: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        env = tree_env(tree, work)
+        env = tree_env(trees[0], work)
         subprocess.run([python, "-m", "qmqpd", "queue", "create", str(work / "queue")],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         make_key(work / "control", python, env)
@@ -122,10 +130,21 @@ def session_figures(python: str, tree: Path, runs: int) -> None:
             "DKIM signing, no fsync": {**env, **dkim, **no_sync},
         }
         for name, case_env in cases.items():
-            one = (lambda: bare_python(python)) if case_env is None else (
-                lambda e=case_env: one_session(python, e))
-            one()  # warm the page cache
-            print(summary(name, [one() for _ in range(runs)]), flush=True)
+            print(f"{name}: {_load()}", flush=True)
+            ones = {}
+            for tree in trees:
+                tree_case = None if case_env is None else {**case_env,
+                                                           "PYTHONPATH": str(tree)}
+                ones[tree] = (lambda: bare_python(python)) if tree_case is None else (
+                    lambda e=tree_case: one_session(python, e))
+                ones[tree]()  # warm the page cache
+            results: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in trees}
+            for _ in range(runs):
+                for tree in trees:
+                    results[tree].append(ones[tree]())
+            for tree in trees:
+                label = f"{name} [{tree.name}]" if len(trees) > 1 else name
+                print(summary(label, results[tree]), flush=True)
 
 
 def worker_cpu(python: str, tree: Path, messages: int) -> None:
@@ -219,16 +238,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--messages", type=int, default=500)
-    parser.add_argument("--tree", type=Path, default=ROOT)
+    parser.add_argument("--tree", type=Path, action="append",
+                        help="a checkout to measure (default this one); repeat to alternate")
     parser.add_argument("--in-process", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
         in_process(args.in_process)
         return
-    print(f"tree {args.tree.resolve()}; python {sys.version.split()[0]}; "
-          f"{os.cpu_count()} CPUs")
-    session_figures(sys.executable, args.tree.resolve(), args.runs)
-    worker_cpu(sys.executable, args.tree.resolve(), args.messages)
+    trees = [tree.resolve() for tree in args.tree or [ROOT]]
+    print(f"trees {', '.join(map(str, trees))}; python {sys.version.split()[0]}; "
+          f"{os.cpu_count()} CPUs; {_load()}", flush=True)
+    session_figures(sys.executable, trees, args.runs)
+    print(f"end of sessions: {_load()}", flush=True)
+    if args.messages:
+        for tree in trees:
+            print(f"tree {tree}", flush=True)
+            worker_cpu(sys.executable, tree, args.messages)
 
 
 if __name__ == "__main__":

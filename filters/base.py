@@ -6,19 +6,23 @@ tempfail (the client gets Z) or reject (D). It knows nothing of sockets or queue
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from qmqpd.message import Message, Reply
+from qmqpd.message import FrozenRecord, Message, Reply
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(FrozenRecord):
+    __slots__ = ("action", "facts", "headers", "text")
     action: str  # "accept", "tempfail", "reject" or "discard"
-    text: str = ""
-    headers: tuple[bytes, ...] = ()
+    text: str
+    headers: tuple[bytes, ...]
     # Extra key=value facts for the session log line (virus name, scan ms, ...).
-    facts: dict[str, object] = field(default_factory=dict)
+    facts: dict[str, object]
+
+    def __init__(self, action: str, text: str = "", headers: tuple[bytes, ...] = (),
+                 facts: dict[str, object] | None = None) -> None:
+        self._set(action=action, text=text, headers=headers,
+                  facts={} if facts is None else facts)
 
     @classmethod
     def accept(cls, *headers: bytes, **facts: object) -> Verdict:

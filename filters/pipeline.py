@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from filters.base import Stage, Verdict
 from qmqpd.config import SETTINGS, Config, ConfigError, problem
-from qmqpd.message import Message, Reply
+from qmqpd.message import Message, Record, Reply
 
 # Each entry: a factory that returns the stage when the settings switch it on, else None.
 # Adding a stage is one module plus one line here.
@@ -59,12 +58,16 @@ class StageVerdict(NamedTuple):
     action: str  # accept, tempfail, reject or discard
 
 
-@dataclass
-class PipelineResult:
-    reply: Reply | None = None  # an answer forced by a stage (Z or D)
-    discard: bool = False  # accept towards the client but queue nothing
-    facts: dict[str, object] = field(default_factory=dict)
-    verdicts: list[StageVerdict] = field(default_factory=list)
+class PipelineResult(Record):
+    __slots__ = ("discard", "facts", "reply", "verdicts")
+
+    def __init__(self, reply: Reply | None = None, discard: bool = False,
+                 facts: dict[str, object] | None = None,
+                 verdicts: list[StageVerdict] | None = None) -> None:
+        self.reply = reply  # an answer forced by a stage (Z or D)
+        self.discard = discard  # accept towards the client but queue nothing
+        self.facts: dict[str, object] = {} if facts is None else facts
+        self.verdicts: list[StageVerdict] = [] if verdicts is None else verdicts
 
 
 def build_stages(config: Config) -> list[Stage]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from filters import pipeline
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
 from qmqpd.injector import Injector
-from qmqpd.message import Client, Message, Reply
+from qmqpd.message import Client, Message, Record, Reply
 from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError, TooSlow
 from qmqpd.protocol import (
     BadEnvelope,
@@ -36,22 +35,41 @@ DRAIN_BYTES = 256 << 20
 DRAIN_SECONDS = 30.0
 
 
-@dataclass
-class SessionResult:
-    reply: Reply | None = None
-    fatal: bool = False
-    queue: str = ""
-    qid: str = ""
-    size: int = 0
-    sender: bytes = b""
-    recipients: int = 0
-    error: str = ""
-    facts: dict[str, object] = field(default_factory=dict)
-    # seconds from the session's start to its answer (to its end when none was sent)
-    session_seconds: float | None = None
-    # seconds in the injector making the message durable (None: nothing was queued)
-    commit_seconds: float | None = None
-    verdicts: list[pipeline.StageVerdict] = field(default_factory=list)
+class SessionResult(Record):
+    __slots__ = (
+        "commit_seconds",
+        "error",
+        "facts",
+        "fatal",
+        "qid",
+        "queue",
+        "recipients",
+        "reply",
+        "sender",
+        "session_seconds",
+        "size",
+        "verdicts",
+    )
+
+    def __init__(self, reply: Reply | None = None, fatal: bool = False, queue: str = "",
+                 qid: str = "", size: int = 0, sender: bytes = b"", recipients: int = 0,
+                 error: str = "", facts: dict[str, object] | None = None,
+                 session_seconds: float | None = None, commit_seconds: float | None = None,
+                 verdicts: list[pipeline.StageVerdict] | None = None) -> None:
+        self.reply = reply
+        self.fatal = fatal
+        self.queue = queue
+        self.qid = qid
+        self.size = size
+        self.sender = sender
+        self.recipients = recipients
+        self.error = error
+        self.facts: dict[str, object] = {} if facts is None else facts
+        # seconds from the session's start to its answer (to its end when none was sent)
+        self.session_seconds = session_seconds
+        # seconds in the injector making the message durable (None: nothing was queued)
+        self.commit_seconds = commit_seconds
+        self.verdicts: list[pipeline.StageVerdict] = [] if verdicts is None else verdicts
 
 
 def _shutdown_write(fd: int) -> None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
@@ -33,8 +31,6 @@ if TYPE_CHECKING:
 # qmail reads at most this much custom error text from the queue program.
 ERROR_TEXT_LIMIT = 1023
 EXIT_EXEC_FAILED = 120
-
-_random = random.SystemRandom()
 
 
 class Outcome(NamedTuple):
@@ -103,6 +99,8 @@ def _queue_setting(config: Config) -> str:
 
 def _check_program(config: Config, name: str) -> list[ConfigError]:
     source = config.source("QMAILQUEUE")
+    import shutil  # a check of QMAILQUEUE only: not on a plain session's path
+
     path = name if os.sep in name else shutil.which(name)
     if path is None or not os.path.exists(path):
         return [problem("QMAILQUEUE", source, f"program {name} does not exist")]
@@ -155,6 +153,12 @@ class Route(NamedTuple):
         return cls((), queues)
 
 
+def _any_queue(queues: list[Queue]) -> Queue:
+    import random  # qmail-multi only: a session with one queue never loads it
+
+    return random.SystemRandom().choice(queues)
+
+
 class Injector:
     """One session's way into the queue; the queue is chosen once, at construction."""
 
@@ -170,7 +174,7 @@ class Injector:
         # An external program picks its own queue unless QUEUEDIR names one. Native:
         # QUEUEDIR, or one of QUEUE_BASE/queueN at random (qmail-multi).
         self._queue = (route.queues[0] if len(route.queues) == 1 else
-                       _random.choice(route.queues) if route.queues else None)
+                       _any_queue(route.queues) if route.queues else None)
         self.queue_path = self._queue.path if self._queue is not None else route.queuedir
 
     @property

@@ -4,25 +4,88 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
 CHUNK = 65536
 
 
-@dataclass(frozen=True)
-class Client:
+# Plain classes, not dataclasses: importing dataclasses (with inspect, ast, dis) and
+# defining a dataclass cost a `qmqpd session` start-up several milliseconds.
+class Record:
+    """A class whose fields are its ``__slots__``: equality and repr come from them."""
+
+    __slots__ = ()
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: unhashable, like a dataclass
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{self.__class__.__qualname__}({values})"
+
+
+class FrozenRecord(Record):
+    """A Record whose fields are set once, in ``__init__`` through ``_set``; hashable."""
+
+    __slots__ = ()
+
+    def _set(self, **values: object) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __setstate__(self, state: tuple[None, dict[str, object]]) -> None:
+        """copy and pickle restore the fields past __setattr__, as for a frozen dataclass."""
+        self._set(**state[1])
+
+
+class Client(FrozenRecord):
     """UCSPI-style facts about the peer, kept apart from the message, plus its rule env."""
 
-    remote_ip: str = "unknown"
-    remote_port: str = ""
-    local_ip: str = ""
-    local_port: str = ""
-    remote_host: str = ""
-    remote_info: str = ""
-    local_host: str = ""
-    proto: str = "TCP"
-    rule_env: Mapping[str, str | None] = field(default_factory=dict)
+    __slots__ = (
+        "local_host",
+        "local_ip",
+        "local_port",
+        "proto",
+        "remote_host",
+        "remote_info",
+        "remote_ip",
+        "remote_port",
+        "rule_env",
+    )
+    remote_ip: str
+    remote_port: str
+    local_ip: str
+    local_port: str
+    remote_host: str
+    remote_info: str
+    local_host: str
+    proto: str
+    rule_env: Mapping[str, str | None]
+
+    def __init__(self, remote_ip: str = "unknown", remote_port: str = "", local_ip: str = "",
+                 local_port: str = "", remote_host: str = "", remote_info: str = "",
+                 local_host: str = "", proto: str = "TCP",
+                 rule_env: Mapping[str, str | None] | None = None) -> None:
+        self._set(remote_ip=remote_ip, remote_port=remote_port, local_ip=local_ip,
+                  local_port=local_port, remote_host=remote_host, remote_info=remote_info,
+                  local_host=local_host, proto=proto,
+                  rule_env={} if rule_env is None else rule_env)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Client:
@@ -140,8 +203,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-@dataclass
-class Message:
+class Message(Record):
     """One QMQP request after parsing.
 
     The final message is ``headers`` (top first, added by filter stages) + ``received``
@@ -149,11 +211,15 @@ class Message:
     sent: qmail treats them as opaque octets.
     """
 
-    sender: bytes
-    recipients: list[bytes]
-    data: MessageData
-    received: bytes = b""
-    headers: list[bytes] = field(default_factory=list)
+    __slots__ = ("data", "headers", "received", "recipients", "sender")
+
+    def __init__(self, sender: bytes, recipients: list[bytes], data: MessageData,
+                 received: bytes = b"", headers: list[bytes] | None = None) -> None:
+        self.sender = sender
+        self.recipients = recipients
+        self.data = data
+        self.received = received
+        self.headers: list[bytes] = [] if headers is None else headers
 
     def prepend_header(self, header: bytes) -> None:
         """Put a header (one or more LF-terminated lines) above everything present."""
@@ -185,16 +251,17 @@ class Message:
         self.data.close()
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(FrozenRecord):
     """One QMQP answer: status K, Z or D and the human-readable text after it."""
 
+    __slots__ = ("status", "text")
     status: str
     text: str
 
-    def __post_init__(self) -> None:
-        if self.status not in ("K", "Z", "D"):
-            raise ValueError(f"reply status must be K, Z or D, not {self.status!r}")
+    def __init__(self, status: str, text: str) -> None:
+        if status not in ("K", "Z", "D"):
+            raise ValueError(f"reply status must be K, Z or D, not {status!r}")
+        self._set(status=status, text=text)
 
     @property
     def line(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import select
-import tempfile
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -171,6 +170,8 @@ def _read_recipients(budget: Budget, limit: int, envelope_start: int) -> tuple[l
 def _read_body(budget: Budget, length: int, spool_dir: str | None) -> MessageData:
     if length <= MEMORY_THRESHOLD:
         return MessageData(data=budget.read_exact(length))
+    import tempfile  # large messages only: about 3 ms of a session's start-up otherwise
+
     # Unlinked at once, so a crash leaves no debris; closed by MessageData.close().
     spool: BinaryIO = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115
     try:

@@ -20,9 +20,8 @@ sent only after that last fsync.
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import contextlib
-import ctypes
 import grp
 import itertools
 import os
@@ -30,9 +29,9 @@ import pwd
 import stat
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from qmqpd.message import FrozenRecord, Record
 
 if TYPE_CHECKING:
     from qmqpd.message import Message
@@ -325,6 +324,8 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    import ctypes  # on the first sync only: most of a millisecond of a session's start
+
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (AttributeError, OSError):
@@ -334,27 +335,87 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return function
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+_sync_file_range_loaded = False
 SYNC_FILE_RANGE_WRITE = 2
 
 
 def _start_writeback(fd: int) -> None:
     """Start writing the file's pages now (no wait); errors surface at its fdatasync."""
+    global _sync_file_range, _sync_file_range_loaded
+    if not _sync_file_range_loaded:
+        _sync_file_range = _load_sync_file_range()
+        _sync_file_range_loaded = True
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 # (exit code, what, function, argument) of one sync
 _SyncJob = tuple[int, str, Callable[[Any], None], Any]
-_pool: ThreadPoolExecutor | None = None
+
+
+class _SyncThreads:
+    """Threads that run syncs beside the caller.
+
+    Built on threading alone, not concurrent.futures (which imports logging: about 3 ms of
+    every `qmqpd session` start-up) nor the queue module: a prefork worker makes this after
+    the privilege drop, where it should import nothing its master has not (threading the
+    master has).
+    """
+
+    def __init__(self, count: int) -> None:
+        import threading
+
+        self._event_type = threading.Event
+        self._ready = threading.Condition()
+        self._jobs: collections.deque[tuple[_SyncJob, _Pending]] = collections.deque()
+        for number in range(count):
+            threading.Thread(target=self._serve, name=f"qmqpd-sync-{number}",
+                             daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs:
+                    self._ready.wait()
+                job, pending = self._jobs.popleft()
+            try:
+                _step(*job)
+            except BaseException as error:  # handed to the caller, which raises it
+                pending.error = error
+            pending.done.set()
+
+    def start(self, job: _SyncJob) -> _Pending:
+        pending = _Pending(self._event_type())
+        with self._ready:
+            self._jobs.append((job, pending))
+            self._ready.notify()
+        return pending
+
+
+class _Pending:
+    """One sync handed to a thread: ``wait()`` returns its error, or None."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self, done: Any) -> None:
+        self.done = done
+        self.error: BaseException | None = None
+
+    def wait(self) -> BaseException | None:
+        self.done.wait()
+        return self.error
+
+
+_pool: _SyncThreads | None = None
 _pool_pid = 0
 
 
-def _sync_pool() -> ThreadPoolExecutor:
+def _sync_pool() -> _SyncThreads:
     """Two threads per process, made on first use (a forked worker makes its own)."""
     global _pool, _pool_pid
     if _pool is None or _pool_pid != os.getpid():
-        _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qmqpd-sync")
+        _pool = _SyncThreads(2)
         _pool_pid = os.getpid()
     return _pool
 
@@ -369,7 +430,7 @@ def _run_together(jobs: list[_SyncJob], started: Callable[[], None]) -> None:
         started()
         return
     *others, last = jobs
-    futures = [_sync_pool().submit(_step, *job) for job in others]
+    running = [_sync_pool().start(job) for job in others]
     errors: list[QueueError] = []
     try:
         started()
@@ -377,11 +438,11 @@ def _run_together(jobs: list[_SyncJob], started: Callable[[], None]) -> None:
     except QueueError as error:
         errors.append(error)
     finally:
-        concurrent.futures.wait(futures)
-    errors += [error for future in futures
-               if isinstance(error := future.exception(), QueueError)]
-    for future in futures:
-        future.result()  # anything that is not a QueueError is a bug: let it out
+        outcomes = [pending.wait() for pending in running]
+    errors += [error for error in outcomes if isinstance(error, QueueError)]
+    for error in outcomes:
+        if error is not None and not isinstance(error, QueueError):
+            raise error  # anything that is not a QueueError is a bug: let it out
     if errors:
         raise errors[0]
 
@@ -395,15 +456,19 @@ def _remove_all(names: list[str]) -> None:
 
 # -- creating a queue (queue-fix) -------------------------------------------------------
 
-@dataclass(frozen=True)
-class QueueOwners:
+class QueueOwners(FrozenRecord):
     """The uids of qmailq, qmails, qmailr and the gid of group qmail."""
 
+    __slots__ = ("gid", "qmailq", "qmailr", "qmails", "source")
     qmailq: int
     qmails: int
     qmailr: int
     gid: int
-    source: str = "given"
+    source: str
+
+    def __init__(self, qmailq: int, qmails: int, qmailr: int, gid: int,
+                 source: str = "given") -> None:
+        self._set(qmailq=qmailq, qmails=qmails, qmailr=qmailr, gid=gid, source=source)
 
     @classmethod
     def current(cls, why: str) -> QueueOwners:
@@ -423,13 +488,17 @@ class QueueOwners:
             return cls.current("users qmailq/qmails/qmailr or group qmail not found")
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(FrozenRecord):
+    __slots__ = ("kind", "mode", "name", "owner", "size")
     name: str
     owner: str  # attribute of QueueOwners
     mode: int
-    kind: str = "dir"  # dir, split (dir with <n> subdirs), file, fifo
-    size: int = 0
+    kind: str  # dir, split (dir with <n> subdirs), file, fifo
+    size: int
+
+    def __init__(self, name: str, owner: str, mode: int, kind: str = "dir",
+                 size: int = 0) -> None:
+        self._set(name=name, owner=owner, mode=mode, kind=kind, size=size)
 
 
 def queue_table(todo_layout: str = "flat") -> list[_Entry]:
@@ -498,29 +567,46 @@ def _make_entry(target: str, entry: _Entry, uid: int, gid: int) -> None:
 
 # -- readers for operators ------------------------------------------------------------
 
-@dataclass
-class QueuedMessage:
+class QueuedMessage(Record):
     """One message as qmail-send would see it."""
 
-    id: int
-    state: str  # "todo" (not yet preprocessed) or "queued" (info/ present)
-    sender: bytes | None = None
-    recipients: list[bytes] = field(default_factory=list)  # still to be delivered
-    done: list[bytes] = field(default_factory=list)  # delivered (marked D)
-    size: int | None = None  # bytes of the mess file; None when it is missing
-    age: float = 0.0  # seconds since the message file was written
-    broken: str = ""  # why qmail-send cannot process it, if it cannot
+    __slots__ = ("age", "broken", "done", "id", "recipients", "sender", "size", "state")
+
+    def __init__(self, id: int, state: str, sender: bytes | None = None,
+                 recipients: list[bytes] | None = None, done: list[bytes] | None = None,
+                 size: int | None = None, age: float = 0.0, broken: str = "") -> None:
+        self.id = id
+        self.state = state  # "todo" (not yet preprocessed) or "queued" (info/ present)
+        self.sender = sender
+        # still to be delivered; delivered (marked D)
+        self.recipients: list[bytes] = [] if recipients is None else recipients
+        self.done: list[bytes] = [] if done is None else done
+        self.size = size  # bytes of the mess file; None when it is missing
+        self.age = age  # seconds since the message file was written
+        self.broken = broken  # why qmail-send cannot process it, if it cannot
 
 
-@dataclass
-class QueueStats:
-    todo: int = 0
-    queued: int = 0
-    broken: int = 0
-    oldest_age: float | None = None
-    total_bytes: int = 0
-    pid_leftovers: int = 0
-    intd_leftovers: int = 0
+class QueueStats(Record):
+    __slots__ = (
+        "broken",
+        "intd_leftovers",
+        "oldest_age",
+        "pid_leftovers",
+        "queued",
+        "todo",
+        "total_bytes",
+    )
+
+    def __init__(self, todo: int = 0, queued: int = 0, broken: int = 0,
+                 oldest_age: float | None = None, total_bytes: int = 0,
+                 pid_leftovers: int = 0, intd_leftovers: int = 0) -> None:
+        self.todo = todo
+        self.queued = queued
+        self.broken = broken
+        self.oldest_age = oldest_age
+        self.total_bytes = total_bytes
+        self.pid_leftovers = pid_leftovers
+        self.intd_leftovers = intd_leftovers
 
 
 def _numeric_entries(directory: str) -> Iterator[tuple[int, str]]:

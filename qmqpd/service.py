@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
+import pwd
 import shlex
 import shutil
 import sys
@@ -188,6 +189,8 @@ def _service_name(opts: argparse.Namespace) -> str:
 def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
     values = settings_from_options(opts)
     validate(values)
+    # multilog runs as the log user: it must own its directory to write and rotate there.
+    log_owner = _log_owner(opts.loguser) if opts.loguser and os.geteuid() == 0 else None
     name = _service_name(opts)
     service = Path(opts.servicedir) / name
     qmqpd = _qmqpd_program(opts.qmqpd)
@@ -222,7 +225,18 @@ def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
     _write(service / "log" / "run", _render(f"{kind}/log-run", **common), 0o755)
     _write(service / "run", _render(f"{kind}/run", **common), 0o755)
     os.makedirs(logdir, exist_ok=True)
+    if log_owner is not None:
+        os.chown(logdir, *log_owner)
     return service
+
+
+def _log_owner(user: str) -> tuple[int, int]:
+    """(uid, gid) of --loguser, checked before anything is written."""
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise ServiceError(f"--loguser {user}: no such user") from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def remove_service(opts: argparse.Namespace) -> Path:

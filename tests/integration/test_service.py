@@ -106,6 +106,18 @@ def test_bad_option_writes_nothing(tmp_path: Path, layout) -> None:
     assert not (services / "qmqpd.7628").exists()
 
 
+def test_unknown_log_user_writes_nothing(tmp_path: Path, layout) -> None:
+    base, _ = layout
+    services = tmp_path / "service"
+    result = qmqpd("service", "create", "--qmqp=7628", f"--servicedir={services}",
+                   f"--qbase={base}", "--loguser=no-such-log-user",
+                   f"--logdir={tmp_path / 'log'}", check=False)
+    if os.geteuid() != 0:
+        pytest.skip("the log directory is given to --loguser only when run as root")
+    assert result.returncode == 100 and "--loguser no-such-log-user" in result.stderr
+    assert not (services / "qmqpd.7628").exists() and not (tmp_path / "log").exists()
+
+
 def _log_text(logdir: Path) -> str:
     current = logdir / "current"
     return current.read_text(errors="replace") if current.exists() else ""

@@ -18,6 +18,7 @@ from qmqpd.config import ConfigError, load, problem
 from qmqpd.injector import Writer, check_config, queue_paths
 from qmqpd.message import decode_env_item, encode_env_item
 from qmqpd.queue import (
+    QueueOwners,
     QueueSetupError,
     create_queue,
     detect_layout,
@@ -62,11 +63,10 @@ def test_a_directory_that_is_no_queue_says_what_is_missing(tmp_path: Path) -> No
 
 def test_writability_follows_owner_group_and_other_bits(open_dir: Path) -> None:
     queue = open_dir / "q"
-    create_queue(str(queue))  # qmail's modes (pid/ 0700); owned by qmailq where it exists
-    owner = queue.stat()
-    assert unwritable(str(queue), owner.st_uid, (owner.st_gid,)) is None
-    assert f"is owned by uid {owner.st_uid} gid {owner.st_gid} mode 750" in str(
-        unwritable(str(queue), 65534, (65534,)))
+    # root-owned even where qmail's users exist, with qmail's modes (pid/ 0700)
+    create_queue(str(queue), owners=QueueOwners(0, 0, 0, 0))
+    assert unwritable(str(queue), 0, (0,)) is None
+    assert "is owned by uid 0 gid 0 mode 750" in str(unwritable(str(queue), 65534, (65534,)))
     for top, dirs, _files in os.walk(queue):
         for name in [top, *(os.path.join(top, d) for d in dirs)]:
             os.chown(name, 0, 4242)
