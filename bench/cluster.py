@@ -315,7 +315,8 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
                                        args.warmup, args.probe_pause))
     load_after = load_text()
     # node2 and node3 serve only the balancer to three: their share shows the spreading
-    per_node = {node.name: node.accepted() for node in nodes}
+    per_node = {node.name: node.accepted()
+                for node in [*nodes, *([direct] if proxy else [])]}
     print(f"\nload average (1, 5, 15 min): before {facts['load before']}, "
           f"after the timed runs {load_after}")
     print_table(results, args.sessions)
