@@ -1,7 +1,9 @@
 """Every import edge between project modules must be one the design's module table allows.
 
-The table is read from the design card itself (shared/DESIGN.md beside the checkout, or in
-a directory above it; QMQPD_DESIGN names another path), so there is one table, not a copy.
+The table is the design card's: tests/design_layout.md holds its Layout section exactly,
+and where the card itself is found (shared/DESIGN.md beside the checkout, or in a
+directory above it; QMQPD_DESIGN names another path) the copy must equal it, so the two
+cannot drift apart while a checkout without the card still tests its imports.
 Readings on top of the "may import" column:
 - `config`, `log` and `message` are shared leaves: any module but the leaves may import them.
 - `stdlib` and third-party names (cdbx, dnspython, ...) allow those packages only there;
@@ -47,15 +49,24 @@ PENDING_MODULES: dict[str, set[str]] = {
 }
 
 
-def design_path() -> Path:
+COPY = ROOT / "tests" / "design_layout.md"
+
+
+def design_path() -> Path | None:
     if os.environ.get("QMQPD_DESIGN"):
         return Path(os.environ["QMQPD_DESIGN"])
     for above in ROOT.parents:
         candidate = above / "shared" / "DESIGN.md"
         if candidate.is_file():
             return candidate
-    pytest.fail(f"the design card was not found: looked for shared/DESIGN.md in every "
-                f"directory above {ROOT}; set QMQPD_DESIGN to its path")
+    return None
+
+
+def layout_section(text: str) -> str:
+    """The card's '## Layout' section, up to the next '## ' heading."""
+    start = text.index("## Layout")
+    end = text.find("\n## ", start + 1)
+    return (text[start:] if end < 0 else text[start:end]).strip() + "\n"
 
 
 def design_rows(text: str) -> dict[str, str]:
@@ -112,7 +123,15 @@ def parse_table(text: str) -> tuple[dict[str, set[str] | str], dict[str, set[str
     return allowed, third, never
 
 
-ALLOWED, THIRD_PARTY, NEVER = parse_table(design_path().read_text())
+ALLOWED, THIRD_PARTY, NEVER = parse_table(COPY.read_text())
+
+
+def test_the_copy_is_the_design_cards_table() -> None:
+    card = design_path()
+    if card is None:
+        pytest.skip("the design card is not beside this checkout: the copy stands for it")
+    assert layout_section(card.read_text()) == COPY.read_text(), (
+        f"{COPY} differs from the Layout section of {card}: copy it again")
 
 
 def module_name(path: Path) -> str:
