@@ -299,9 +299,9 @@ class TcpserverSession:
     """Debian's ucspi-tcp tcpserver on 127.0.0.1 running `qmqpd session` per connection,
     with a tcprules cdb, as the README shows."""
 
-    def __init__(self, name: str, root: Path, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, name: str, home: Path, command: list[str], env: dict[str, str]) -> None:
         self.name = name
-        self.dir = root / name.replace(" ", "-").replace(",", "")
+        self.dir = home
         self.command = command
         self.env = env
         self.port = _svp().free_port()
@@ -383,11 +383,12 @@ def peer_targets(python: str, trees: list[Path], root: Path) -> list[PeerServer]
     for tree in trees:
         label = f" [{tree.name}]" if len(trees) > 1 else ""
         tree_case = {**env, "PYTHONPATH": str(tree)}
-        targets.append(TcpserverSession(f"tcpserver + qmqpd session{label}", root,
-                                        qmqpd(python), tree_case))
+        targets.append(TcpserverSession(f"tcpserver + qmqpd session{label}",
+                                        root / f"tcpserver-{len(targets)}", qmqpd(python),
+                                        tree_case))
         targets.append(TcpserverSession(
-            f"tcpserver + qmqpd session, DKIM{label}", root, qmqpd(python),
-            {**tree_case, "DKIMSIGN": "domainkeys/example.com/bench"}))
+            f"tcpserver + qmqpd session, DKIM{label}", root / f"tcpserver-{len(targets)}",
+            qmqpd(python), {**tree_case, "DKIMSIGN": "domainkeys/example.com/bench"}))
     for name, home, options in (
             ("Postfix qmqpd (master reuses it)", root / "postfix-reuse", ""),
             ("Postfix qmqpd, max_use=1", root / "postfix-max-use-1", "-o max_use=1")):
