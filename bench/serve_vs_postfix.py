@@ -90,7 +90,7 @@ maillog_file = {maillog}
 """
 
 POSTFIX_MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - qmqpd
+127.0.0.1:{port} inet n - n - - qmqpd{qmqpd_options}
 cleanup unix n - n - 0 cleanup
 qmgr unix n - n 300 1 qmgr
 rewrite unix - - n - - trivial-rewrite
@@ -445,8 +445,10 @@ class QmqpdTarget(Target):
 class PostfixTarget(Target):
     name = "postfix"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, qmqpd_options: str = "") -> None:
+        """qmqpd_options: master.cf arguments of the QMQP service, e.g. `-o max_use=1`."""
         super().__init__(root)
+        self.qmqpd_options = qmqpd_options
         self.dir = root / "postfix"
         self.conf = self.dir / "conf"
         self.queue = self.dir / "queue"
@@ -466,7 +468,9 @@ class PostfixTarget(Target):
         (self.conf / "main.cf").write_text(POSTFIX_MAIN_CF.format(
             queue=self.queue, data=self.data, daemons=POSTFIX_DAEMONS, root=self.root,
             maillog=self.maillog))
-        (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=self.port))
+        (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(
+            port=self.port, qmqpd_options=f" {self.qmqpd_options}" if self.qmqpd_options
+            else ""))
         self.started = True
         result = self._postfix("start")
         if result.returncode != 0:
