@@ -147,6 +147,7 @@ class _Waiting:
     min_rate: int = 0
     grace: float = 0.0
     lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
+    watched: bool = False  # registered in the master's selector
 
     @property
     def has_data(self) -> bool:
@@ -238,6 +239,7 @@ class Master:
         self.accept_paused_until = 0.0
         self.spawn_failures = 0
         self.title = ""
+        self.title_shows: tuple[object, ...] = ()
         self.counters = status.SessionCounters()
         self.status = status.StatusWriter(config.status_file)
         self.started_at = time.time()
@@ -606,6 +608,17 @@ class Master:
             self._close_waiting(conn, "cannot watch the connection")
             if error.errno in SHORTAGE:
                 self._short_of(error, now)
+            return
+        conn.watched = True
+
+    def _unwatch(self, conn: _Waiting) -> None:
+        """Out of the selector, if in it: a request already there when accepted was never
+        watched (asking the selector instead costs a formatted KeyError per connection)."""
+        if not conn.watched:
+            return
+        conn.watched = False
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
 
     def _readable(self, conn: _Waiting, now: float) -> None:
         if conn not in self.waiting or conn.phase == _WORKER:
@@ -667,8 +680,7 @@ class Master:
         """The connection has what it needs: queue it for a worker (oldest first)."""
         if conn.lowat != 1 and not self._set_lowat(conn, 1):  # the worker reads as usual
             return
-        with contextlib.suppress(KeyError, ValueError):  # watched unless just accepted
-            self.selector.unregister(conn.sock)
+        self._unwatch(conn)  # watched unless just accepted
         conn.phase = _WORKER
         self.ready.append(conn)
         if woken:
@@ -719,8 +731,7 @@ class Master:
         if conn.phase == _WORKER:
             self.ready.remove(conn)
         else:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(conn.sock)
+            self._unwatch(conn)
         if conn.ip:
             self.per_ip.release(conn.ip)
         return True
@@ -983,7 +994,13 @@ class Master:
         self.status.write(time.monotonic(), {**self._status("stopped"), "exit": code})
 
     def _set_title(self) -> None:
+        """Runs every loop turn: the title is built and set only when what it shows changed."""
         assert self.pool is not None
+        shown = (self.config.localip, self.config.port, self.capacity.busy, self.pool.idle,
+                 len(self.waiting), self.accepting)
+        if shown == self.title_shows:
+            return
+        self.title_shows = shown
         where = ",".join(f"{cfg_ip}:{self.config.port}" for cfg_ip in self.config.localip)
         title = (f"qmqpd: master {where} busy={self.capacity.busy} idle={self.pool.idle} "
                  f"waiting={len(self.waiting)}")
