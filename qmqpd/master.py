@@ -85,6 +85,8 @@ HANDOFF_BYTES = 64 * 1024
 LENGTH_DIGITS = 10
 # Bytes peeked to read the prefix: the digits, the colon and a little of what follows.
 PREFIX_PEEK = 16
+# As a plain int: OR-ing the IntFlag members costs an enum construction per peek.
+_PEEK_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 # How often the loop looks whether the rules cdb was replaced (one stat).
 RULES_CHECK_INTERVAL = 1.0
@@ -634,7 +636,7 @@ class Master:
         prefix is malformed; else let select() wake the master only when enough has come
         (SO_RCVLOWAT), so a large request is not peeked again for every segment."""
         try:
-            head = conn.sock.recv(PREFIX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            head = conn.sock.recv(PREFIX_PEEK, _PEEK_FLAGS)
             available = _available(conn.sock) if head else 0
         except (BlockingIOError, InterruptedError):
             return
@@ -696,7 +698,7 @@ class Master:
             conn = self.ready.popleft()
             del self.waiting[conn]
             self.capacity.acquire()
-            if self._hand(conn, now):
+            if self._hand(conn, worker, now):
                 self.counters.connection("handed")
             else:
                 self._release(conn.ip)
@@ -704,11 +706,13 @@ class Master:
                 log.event("drop", ip=conn.ip, error="no worker could take the connection")
             conn.sock.close()
 
-    def _hand(self, conn: _Waiting, now: float) -> bool:
+    def _hand(self, conn: _Waiting, worker: Worker | None, now: float) -> bool:
+        """To worker (idle, just taken), else to the next idle one that can take it."""
         assert self.pool is not None and conn.client is not None
-        while (worker := self.pool.take_idle()) is not None:
+        while worker is not None:
             if self.pool.hand(worker, conn.sock.fileno(), conn.client, conn.ip, now):
                 return True
+            worker = self.pool.take_idle()
         return False
 
     def _close_waiting(self, conn: _Waiting, reason: str, rejected: bool = False) -> None:
