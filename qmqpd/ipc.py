@@ -40,6 +40,8 @@ class Kind(enum.IntEnum):
 # Record kinds to and from their byte, looked up rather than built per record.
 _KIND_BYTE = {kind: bytes([kind]) for kind in Kind}
 _KIND_OF = {int(kind): kind for kind in Kind}
+# As a plain int: OR-ing the IntFlag members builds an enum member on every record.
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 # A done record's outcome is bounded: the master keeps counters keyed by these names.
 MAX_STAGES = 16
@@ -232,7 +234,7 @@ def _close_all(fds: list[int]) -> None:
 def receive(channel: socket.socket) -> Record | None:
     """The next record, or None when the peer has closed its end."""
     packet, fds, flags, _ = socket.recv_fds(channel, MAX_RECORD, 1)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & _TRUNCATED:
         _close_all(fds)
         raise ChannelError("record truncated")
     if not packet and not fds:
