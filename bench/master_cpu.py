@@ -59,12 +59,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def own_cpu_seconds(pid: int) -> float:
-    """user+system CPU of one process, children not included."""
+def own_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, children not included."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     # after the comm field: state is fields[0], utime and stime are fields[11] and [12]
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -93,8 +93,8 @@ def send(port: int, messages: int, sessions: int, length: int) -> None:
 
 
 def measure(command: list[str], root: Path, messages: int, sessions: int, length: int,
-            profile: str | None) -> float:
-    """Master CPU seconds per message for one run of `messages`."""
+            profile: str | None) -> tuple[float, float]:
+    """Master (user, system) CPU seconds per message for one run of `messages`."""
     if profile and command[1:3] != ["-m", "qmqpd"]:
         raise BenchError("--profile needs the qmqpd command to be PYTHON -m qmqpd")
     root.mkdir()
@@ -130,7 +130,7 @@ def measure(command: list[str], root: Path, messages: int, sessions: int, length
     if accepted < messages + 20:
         raise BenchError(f"only {accepted} of {messages + 20} messages accepted; "
                          f"see {root / 'qmqpd.log'}")
-    return (after - before) / messages
+    return (after[0] - before[0]) / messages, (after[1] - before[1]) / messages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,18 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"master_cpu: {QMQP_SOURCE} not found (Debian package postfix)")
     command = args.qmqpd.split() if args.qmqpd else [sys.executable, "-m", "qmqpd"]
     runs = 1 if args.profile else args.runs
-    per_message = []
+    per_message: list[float] = []
+    user: list[float] = []
     with tempfile.TemporaryDirectory(prefix="master-cpu-") as tmp:
         for run in range(runs):
             try:
-                per_message.append(measure(command, Path(tmp) / f"run{run}", args.messages,
-                                           args.sessions, args.length, args.profile))
+                run_user, run_system = measure(command, Path(tmp) / f"run{run}",
+                                               args.messages, args.sessions, args.length,
+                                               args.profile)
+                per_message.append(run_user + run_system)
+                user.append(run_user)
             except BenchError as error:
                 sys.exit(f"master_cpu: {error}")
     load = os.getloadavg()[0]
     runs_text = " ".join(f"{value * 1e6:.0f}" for value in per_message)
     print(f"master CPU per message: {statistics.median(per_message) * 1e6:.0f} us "
-          f"(median of {runs}: {runs_text} us; {args.messages} messages, "
+          f"(median of {runs}: {runs_text} us; user share "
+          f"{statistics.median(user) / statistics.median(per_message):.0%}; "
+          f"{args.messages} messages, "
           f"{args.sessions} sessions, {args.length} bytes; load average {load:.2f}; "
           f"CPU clock tick {1e3 / CLK_TCK:.0f} ms)")
     return 0

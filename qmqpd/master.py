@@ -1000,14 +1000,13 @@ class Master:
     def _set_title(self) -> None:
         """Runs every loop turn: the title is built and set only when what it shows changed."""
         assert self.pool is not None
-        shown = (self.config.localip, self.config.port, self.capacity.busy, self.pool.idle,
-                 len(self.waiting), self.accepting)
+        busy, idle, waiting = self.capacity.busy, self.pool.idle, len(self.waiting)
+        shown = (self.config, busy, idle, waiting, self.accepting)  # config: LOCALIP, PORT
         if shown == self.title_shows:
             return
         self.title_shows = shown
         where = ",".join(f"{cfg_ip}:{self.config.port}" for cfg_ip in self.config.localip)
-        title = (f"qmqpd: master {where} busy={self.capacity.busy} idle={self.pool.idle} "
-                 f"waiting={len(self.waiting)}")
+        title = f"qmqpd: master {where} busy={busy} idle={idle} waiting={waiting}"
         if not self.accepting:
             title += " stopping"
         if title != self.title:
