@@ -37,6 +37,12 @@ class Kind(enum.IntEnum):
     RETIRE = 4  # master -> worker: exit when idle
 
 
+# Record kinds to and from their byte, looked up rather than built per record.
+_KIND_BYTE = {kind: bytes([kind]) for kind in Kind}
+_KIND_OF = {int(kind): kind for kind in Kind}
+# As a plain int: OR-ing the IntFlag members builds an enum member on every record.
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
 # A done record's outcome is bounded: the master keeps counters keyed by these names.
 MAX_STAGES = 16
 ANSWERS = ("K", "Z", "D", "")  # "" = the session ended without an answer
@@ -84,12 +90,13 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 def _pack(kind: Kind, fields: list[bytes]) -> bytes:
-    parts = [bytes([kind])]
+    parts = [_KIND_BYTE[kind]]
+    pack = _FIELD.pack
     for value in fields:
-        if len(value) > 0xFFFF:
+        size = len(value)
+        if size > 0xFFFF:
             raise ChannelError("record field too long")
-        parts.append(_FIELD.pack(len(value)))
-        parts.append(value)
+        parts += (pack(size), value)
     packet = b"".join(parts)
     if len(packet) > MAX_RECORD:
         raise ChannelError("record too long")
@@ -99,10 +106,9 @@ def _pack(kind: Kind, fields: list[bytes]) -> bytes:
 def _unpack(packet: bytes) -> tuple[Kind, list[bytes]]:
     if not packet:
         raise ChannelError("empty record")
-    try:
-        kind = Kind(packet[0])
-    except ValueError:
-        raise ChannelError(f"unknown record kind {packet[0]}") from None
+    kind = _KIND_OF.get(packet[0])
+    if kind is None:
+        raise ChannelError(f"unknown record kind {packet[0]}")
     fields: list[bytes] = []
     pos = 1
     while pos < len(packet):
@@ -228,7 +234,7 @@ def _close_all(fds: list[int]) -> None:
 def receive(channel: socket.socket) -> Record | None:
     """The next record, or None when the peer has closed its end."""
     packet, fds, flags, _ = socket.recv_fds(channel, MAX_RECORD, 1)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & _TRUNCATED:
         _close_all(fds)
         raise ChannelError("record truncated")
     if not packet and not fds:

@@ -85,6 +85,8 @@ HANDOFF_BYTES = 64 * 1024
 LENGTH_DIGITS = 10
 # Bytes peeked to read the prefix: the digits, the colon and a little of what follows.
 PREFIX_PEEK = 16
+# As a plain int: OR-ing the IntFlag members costs an enum construction per peek.
+_PEEK_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 # How often the loop looks whether the rules cdb was replaced (one stat).
 RULES_CHECK_INTERVAL = 1.0
@@ -147,6 +149,7 @@ class _Waiting:
     min_rate: int = 0
     grace: float = 0.0
     lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
+    watched: bool = False  # registered in the master's selector
 
     @property
     def has_data(self) -> bool:
@@ -238,6 +241,7 @@ class Master:
         self.accept_paused_until = 0.0
         self.spawn_failures = 0
         self.title = ""
+        self.title_shows: tuple[object, ...] = ()
         self.counters = status.SessionCounters()
         self.status = status.StatusWriter(config.status_file)
         self.started_at = time.time()
@@ -606,6 +610,17 @@ class Master:
             self._close_waiting(conn, "cannot watch the connection")
             if error.errno in SHORTAGE:
                 self._short_of(error, now)
+            return
+        conn.watched = True
+
+    def _unwatch(self, conn: _Waiting) -> None:
+        """Out of the selector, if in it: a request already there when accepted was never
+        watched (asking the selector instead costs a formatted KeyError per connection)."""
+        if not conn.watched:
+            return
+        conn.watched = False
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn.sock)
 
     def _readable(self, conn: _Waiting, now: float) -> None:
         if conn not in self.waiting or conn.phase == _WORKER:
@@ -621,7 +636,7 @@ class Master:
         prefix is malformed; else let select() wake the master only when enough has come
         (SO_RCVLOWAT), so a large request is not peeked again for every segment."""
         try:
-            head = conn.sock.recv(PREFIX_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            head = conn.sock.recv(PREFIX_PEEK, _PEEK_FLAGS)
             available = _available(conn.sock) if head else 0
         except (BlockingIOError, InterruptedError):
             return
@@ -667,8 +682,7 @@ class Master:
         """The connection has what it needs: queue it for a worker (oldest first)."""
         if conn.lowat != 1 and not self._set_lowat(conn, 1):  # the worker reads as usual
             return
-        with contextlib.suppress(KeyError, ValueError):  # watched unless just accepted
-            self.selector.unregister(conn.sock)
+        self._unwatch(conn)  # watched unless just accepted
         conn.phase = _WORKER
         self.ready.append(conn)
         if woken:
@@ -684,7 +698,7 @@ class Master:
             conn = self.ready.popleft()
             del self.waiting[conn]
             self.capacity.acquire()
-            if self._hand(conn, now):
+            if self._hand(conn, worker, now):
                 self.counters.connection("handed")
             else:
                 self._release(conn.ip)
@@ -692,11 +706,13 @@ class Master:
                 log.event("drop", ip=conn.ip, error="no worker could take the connection")
             conn.sock.close()
 
-    def _hand(self, conn: _Waiting, now: float) -> bool:
+    def _hand(self, conn: _Waiting, worker: Worker | None, now: float) -> bool:
+        """To worker (idle, just taken), else to the next idle one that can take it."""
         assert self.pool is not None and conn.client is not None
-        while (worker := self.pool.take_idle()) is not None:
+        while worker is not None:
             if self.pool.hand(worker, conn.sock.fileno(), conn.client, conn.ip, now):
                 return True
+            worker = self.pool.take_idle()
         return False
 
     def _close_waiting(self, conn: _Waiting, reason: str, rejected: bool = False) -> None:
@@ -719,8 +735,7 @@ class Master:
         if conn.phase == _WORKER:
             self.ready.remove(conn)
         else:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(conn.sock)
+            self._unwatch(conn)
         if conn.ip:
             self.per_ip.release(conn.ip)
         return True
@@ -983,10 +998,15 @@ class Master:
         self.status.write(time.monotonic(), {**self._status("stopped"), "exit": code})
 
     def _set_title(self) -> None:
+        """Runs every loop turn: the title is built and set only when what it shows changed."""
         assert self.pool is not None
+        busy, idle, waiting = self.capacity.busy, self.pool.idle, len(self.waiting)
+        shown = (self.config, busy, idle, waiting, self.accepting)  # config: LOCALIP, PORT
+        if shown == self.title_shows:
+            return
+        self.title_shows = shown
         where = ",".join(f"{cfg_ip}:{self.config.port}" for cfg_ip in self.config.localip)
-        title = (f"qmqpd: master {where} busy={self.capacity.busy} idle={self.pool.idle} "
-                 f"waiting={len(self.waiting)}")
+        title = f"qmqpd: master {where} busy={busy} idle={idle} waiting={waiting}"
         if not self.accepting:
             title += " stopping"
         if title != self.title:

@@ -47,6 +47,7 @@ in its env like any other variable; the master reads it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 import stat
@@ -386,6 +387,12 @@ class _Client:
     bits: bytes | None  # "_"/"^" plus the full bit string, None if ip is not an address
 
 
+# The master looks up the same few client addresses over and over: their parsed forms
+# (immutable) are remembered, bounded, instead of parsed and bit-expanded every time.
+CLIENT_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=CLIENT_CACHE)
 def _client(ip: str) -> _Client:
     """The forms of the client address the lookup needs; v4-mapped becomes dotted IPv4."""
     ip = ip.strip()

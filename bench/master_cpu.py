@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""CPU the `qmqpd serve` master spends per message: accept, rules, per-IP, the wait for the
+request, the hand-off, the done record, counters, title, status file and log lines.
+
+It starts one `qmqpd serve` on 127.0.0.1 (USE_FSYNC and USE_SYNCDIR on, the default
+MAXPERIP with a tcprules rule giving 127.0.0.1 the sessions of the run), drives N messages
+into it with Postfix's qmqp-source, and reads the master's own user+system CPU from
+/proc/PID/stat before and after (its children are not counted). CPU time of one process
+depends little on what else runs on the machine, unlike wall-clock rates; the 1-minute
+load average is printed with the figures all the same.
+
+`--profile FILE` runs the master under cProfile (its workers exit without writing) and
+saves the profile at its exit, for `python -m pstats FILE`.
+
+Everything runs in a temporary directory and is stopped by PID, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QMQP_SOURCE = "/usr/sbin/qmqp-source"
+SENDER = "bench@example.com"
+RECIPIENT = "sink@example.net"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The master under cProfile counting its own CPU time (not wall time: on a busy machine a
+# call that wakes a worker would look slow while the master merely waited for the core).
+PROFILED = """
+import cProfile, runpy, sys, time
+out = sys.argv[1]
+sys.argv = ["qmqpd", *sys.argv[2:]]
+profiler = cProfile.Profile(time.process_time)
+try:
+    profiler.runcall(runpy.run_module, "qmqpd", run_name="__main__")
+finally:
+    profiler.dump_stats(out)
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def own_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, children not included."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    # after the comm field: state is fields[0], utime and stime are fields[11] and [12]
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError("qmqpd serve exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {START_TIMEOUT:.0f}s")
+
+
+def config_text(port: int, queue: Path, rules: Path, sessions: int) -> str:
+    return (f'localip = "127.0.0.1"\nport = {port}\nqueuedir = "{queue}"\n'
+            f"use_fsync = true\nuse_syncdir = true\nmaxdaemons = {max(8, sessions)}\n"
+            f'prefork = {max(2, sessions)}\nrules = "{rules}"\n')
+
+
+def send(port: int, messages: int, sessions: int, length: int) -> None:
+    command = [QMQP_SOURCE, "-m", str(messages), "-s", str(sessions), "-l", str(length),
+               "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}"]
+    result = subprocess.run(command, capture_output=True, timeout=600)
+    if result.returncode != 0:
+        raise BenchError(f"qmqp-source failed: {result.stderr.decode(errors='replace')}")
+
+
+def measure(command: list[str], root: Path, messages: int, sessions: int, length: int,
+            profile: str | None) -> tuple[float, float]:
+    """Master (user, system) CPU seconds per message for one run of `messages`."""
+    if profile and command[1:3] != ["-m", "qmqpd"]:
+        raise BenchError("--profile needs the qmqpd command to be PYTHON -m qmqpd")
+    root.mkdir()
+    queue, rules_text, rules = root / "queue", root / "tcp.qmqp", root / "tcp.qmqp.cdb"
+    subprocess.run([*command, "queue", "create", str(queue)], check=True,
+                   stdout=subprocess.DEVNULL, cwd=root)
+    rules_text.write_text(f'127.0.0.1:allow,MAXPERIP="{sessions + 4}"\n:deny\n')
+    subprocess.run([*command, "rules", "compile", str(rules_text), str(rules)], check=True,
+                   stdout=subprocess.DEVNULL, cwd=root)
+    port = free_port()
+    config = root / "qmqpd.toml"
+    config.write_text(config_text(port, queue, rules, sessions))
+    serve = [*command, "serve", "--config", str(config)]
+    if profile:  # python -m qmqpd ... -> python -c PROFILED FILE ...
+        serve = [serve[0], "-c", PROFILED, profile, *serve[3:]]
+    with open(root / "qmqpd.log", "wb") as log:
+        process = subprocess.Popen(serve, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True, cwd=root)
+    try:
+        wait_for_port(port, process)
+        send(port, 20, 1, length)  # warm up: workers started, code paths loaded
+        before = own_cpu_seconds(process.pid)
+        send(port, messages, sessions, length)
+        after = own_cpu_seconds(process.pid)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    accepted = (root / "qmqpd.log").read_bytes().count(b' answer="K')
+    if accepted < messages + 20:
+        raise BenchError(f"only {accepted} of {messages + 20} messages accepted; "
+                         f"see {root / 'qmqpd.log'}")
+    return (after[0] - before[0]) / messages, (after[1] - before[1]) / messages
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--messages", type=int, default=2000)
+    parser.add_argument("-s", "--sessions", type=int, default=8)
+    parser.add_argument("-l", "--length", type=int, default=2048)
+    parser.add_argument("-r", "--runs", type=int, default=3, help="runs; the median is shown")
+    parser.add_argument("--qmqpd", help="command that runs qmqpd (default: this python -m qmqpd)")
+    parser.add_argument("--profile", help="cProfile output file of the master (one run)")
+    args = parser.parse_args(argv)
+    if not os.access(QMQP_SOURCE, os.X_OK):
+        sys.exit(f"master_cpu: {QMQP_SOURCE} not found (Debian package postfix)")
+    command = args.qmqpd.split() if args.qmqpd else [sys.executable, "-m", "qmqpd"]
+    runs = 1 if args.profile else args.runs
+    per_message: list[float] = []
+    user: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="master-cpu-") as tmp:
+        for run in range(runs):
+            try:
+                run_user, run_system = measure(command, Path(tmp) / f"run{run}",
+                                               args.messages, args.sessions, args.length,
+                                               args.profile)
+                per_message.append(run_user + run_system)
+                user.append(run_user)
+            except BenchError as error:
+                sys.exit(f"master_cpu: {error}")
+    load = os.getloadavg()[0]
+    runs_text = " ".join(f"{value * 1e6:.0f}" for value in per_message)
+    print(f"master CPU per message: {statistics.median(per_message) * 1e6:.0f} us "
+          f"(median of {runs}: {runs_text} us; user share "
+          f"{statistics.median(user) / statistics.median(per_message):.0%}; "
+          f"{args.messages} messages, "
+          f"{args.sessions} sessions, {args.length} bytes; load average {load:.2f}; "
+          f"CPU clock tick {1e3 / CLK_TCK:.0f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
