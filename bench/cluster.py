@@ -32,12 +32,9 @@ import contextlib
 import csv
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -60,6 +57,7 @@ from serve_vs_postfix import (
     measure,
     parse_sessions,
     qmqpd_command,
+    run_servers,
     summarise_runs,
     tree_cpu_seconds,
     wait_for_port,
@@ -336,35 +334,15 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
     return 1 if problems else 0
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    refusal = load_refusal(os.getloadavg()[0], args.max_load, args.force)
-    if refusal:
-        print(f"cluster: {refusal}", file=sys.stderr)
-        return 75  # EX_TEMPFAIL: try again later
-    for tool, package in ((HAPROXY, "haproxy"), (QMQP_SOURCE, "postfix")):
-        if not os.access(tool, os.X_OK):
-            print(f"cluster: {tool} not found (Debian package {package})", file=sys.stderr)
-            return 111
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    root = Path(tempfile.mkdtemp(prefix="qmqpd-cluster-bench-"))
-    with contextlib.ExitStack() as stack:
-        if not args.keep:
-            stack.callback(shutil.rmtree, root, True)
-        else:
-            print(f"keeping {root}", file=sys.stderr)
-        try:
-            return run(args, root, stack)
-        except BenchError as error:
-            print(f"cluster: {error}", file=sys.stderr)
-            return 111
-        except KeyboardInterrupt:
-            print("\ncluster: interrupted; stopping servers", file=sys.stderr)
-            return 130
+    if load_refusal(os.getloadavg()[0], args.max_load, args.force) is None:
+        for tool, package in ((HAPROXY, "haproxy"), (QMQP_SOURCE, "postfix")):
+            if not os.access(tool, os.X_OK):
+                print(f"cluster: {tool} not found (Debian package {package})",
+                      file=sys.stderr)
+                return 111
+    return run_servers("cluster", args, run, "qmqpd-cluster-bench-")
 
 
 if __name__ == "__main__":

@@ -1131,29 +1131,46 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
     return 1 if problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+Runner = Callable[[argparse.Namespace, Path, contextlib.ExitStack], int]
+
+
+def run_servers(name: str, args: argparse.Namespace, run_with: Runner,
+                prefix: str, prepare: Callable[[Path], None] | None = None) -> int:
+    """A bench's frame: refuse above the load limit, then run in a temporary directory
+    that is removed afterwards (unless --keep); everything the run registered on the
+    stack is stopped on an error, Ctrl-C or TERM. The exit status."""
     refusal = load_refusal(os.getloadavg()[0], args.max_load, args.force)
     if refusal:
-        print(f"serve_vs_postfix: {refusal}", file=sys.stderr)
+        print(f"{name}: {refusal}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again later
-    require_root()
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    root = Path(tempfile.mkdtemp(prefix="qmqpd-bench-"))
-    root.chmod(0o755)  # Postfix daemons run as user postfix below this directory
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    if prepare is not None:
+        prepare(root)
     with contextlib.ExitStack() as stack:
         if not args.keep:
             stack.callback(shutil.rmtree, root, True)
         else:
             print(f"keeping {root}", file=sys.stderr)
         try:
-            return run(args, root, stack)
+            return run_with(args, root, stack)
         except BenchError as error:
-            print(f"serve_vs_postfix: {error}", file=sys.stderr)
+            print(f"{name}: {error}", file=sys.stderr)
             return 111
         except KeyboardInterrupt:
-            print("\nserve_vs_postfix: interrupted; stopping servers", file=sys.stderr)
+            print(f"\n{name}: interrupted; stopping servers", file=sys.stderr)
             return 130
+
+
+def _readable_by_postfix(root: Path) -> None:
+    root.chmod(0o755)  # Postfix daemons run as user postfix below this directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if load_refusal(os.getloadavg()[0], args.max_load, args.force) is None:
+        require_root()
+    return run_servers("serve_vs_postfix", args, run, "qmqpd-bench-", _readable_by_postfix)
 
 
 if __name__ == "__main__":
