@@ -112,3 +112,19 @@ class TcpServerSession:
     def stop(self) -> None:
         stop_process(self.proc)
         self._log_file.close()
+
+
+def process_gone(pid: int, timeout: float = 0.0) -> bool:
+    """True once pid has exited (gone, or a zombie nobody reaped yet), waiting up to
+    timeout seconds for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

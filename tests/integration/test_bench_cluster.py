@@ -10,13 +10,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from tests.integration.test_cluster import PROXY_IN_CLUSTER_TESTS
+from tests.support import process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "cluster.py"
@@ -34,19 +34,6 @@ def _bench() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_the_shipped_config_cut_to_the_node_count() -> None:
@@ -89,7 +76,7 @@ def test_small_run_through_one_and_three_nodes(tmp_path: Path) -> None:
     assert set(data["pids"]) == {"node1", "node2", "node3", "haproxy to 1 node",
                                  "haproxy to 3 nodes", *direct}
     for name, pid in data["pids"].items():
-        assert pid and _gone(pid), f"{name} (pid {pid}) still running"
+        assert pid and process_gone(pid, 10.0), f"{name} (pid {pid}) still running"
 
 
 def test_refuses_to_start_above_the_load_limit(tmp_path: Path) -> None:

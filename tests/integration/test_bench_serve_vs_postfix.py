@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import process_gone
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "serve_vs_postfix.py"
 
@@ -35,19 +37,6 @@ def _command(*args: str) -> list[str]:
     qmqpd = f"env PYTHONPATH={ROOT} {sys.executable} -m qmqpd"
     # --force: the test checks that the bench works, not its figures, so any load will do
     return [sys.executable, str(BENCH), "--qmqpd", qmqpd, "--force", *args]
-
-
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _started_pids(stderr: str) -> dict[str, int]:
@@ -84,7 +73,7 @@ def test_small_run_measures_all_three_and_stops_them(tmp_path: Path) -> None:
     assert syncs["postfix"]["fsync"] + syncs["postfix"]["fdatasync"] >= 1.0
     assert data["problems"] == []
     for name, pid in data["pids"].items():
-        assert pid and _gone(pid), f"{name} (pid {pid}) still running"
+        assert pid and process_gone(pid, 10.0), f"{name} (pid {pid}) still running"
 
 
 @pytest.fixture
@@ -121,7 +110,7 @@ def test_interrupt_stops_every_server(tmp_path: Path, bench_tmp: Path) -> None:
     pids = _started_pids(seen)
     assert set(pids) == {"qmqpd", "postfix"}
     for name, pid in pids.items():
-        assert _gone(pid), f"{name} (pid {pid}) still running after Ctrl-C"
+        assert process_gone(pid, 10.0), f"{name} (pid {pid}) still running after Ctrl-C"
     leftovers = [path for path in Path("/tmp").glob("qmqpd-bench-*")
                  if path.stat().st_mtime > time.time() - 120]
     assert not any(str(pid) in shutil.which("true") or "" for pid in pids.values())

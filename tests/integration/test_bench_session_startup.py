@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import process_gone
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "session_startup.py"
 PEERS = ("tcpserver + qmqpd session", "tcpserver + qmqpd session, DKIM",
@@ -41,14 +43,6 @@ def _peers_root(stderr: str) -> str:
     return match[1]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def _working_below(root: str) -> list[int]:
     """Processes whose working directory is under root: tcpserver and its sessions run
     there, Postfix's daemons in their queue directory below it."""
@@ -56,8 +50,9 @@ def _working_below(root: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.readlink(entry / "cwd").startswith(root) and not _gone(int(entry.name)):
-                    found.append(int(entry.name))
+                pid = int(entry.name)
+                if os.readlink(entry / "cwd").startswith(root) and not process_gone(pid):
+                    found.append(pid)
             except OSError:
                 continue
     return found
@@ -66,11 +61,11 @@ def _working_below(root: str) -> list[int]:
 def _all_stopped(pids: dict[str, int], root: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(_gone(pid) for pid in pids.values()) and not _working_below(root):
+        if all(process_gone(pid) for pid in pids.values()) and not _working_below(root):
             break
         time.sleep(0.1)
     for name, pid in pids.items():
-        assert _gone(pid), f"{name} (pid {pid}) still running"
+        assert process_gone(pid), f"{name} (pid {pid}) still running"
     assert _working_below(root) == [], "processes left below the peers' directory"
     assert not Path(root).exists()
 
