@@ -17,22 +17,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support import command, free_port, stop_process
+from tests.support import command, free_port, stop_process, wait_until
 
 # Settings a developer's environment might hold: the test's config file must decide.
 _SETTING_ENV = ("LOCALIP", "PORT", "MAXPERIP", "MAXDAEMONS", "PREFORK", "RULES", "SOFT_MEM",
                 "QUEUEDIR", "USE_FSYNC", "USE_SYNCDIR", "TIMEOUT", "SESSION_TIMEOUT",
                 "DATABYTES", "MAX_REQUESTS", "STATUS_FILE", "QMAILQUEUE")
-
-
-def wait_until(check: Callable[[], object], seconds: float, what: str) -> object:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")
 
 
 def children(pid: int) -> list[int]:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qmqpd.netstring import encode
@@ -128,3 +129,17 @@ def process_gone(pid: int, timeout: float = 0.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+def wait_until(check: Callable[[], object], seconds: float = 30, what: str = "",
+               explain: Callable[[], str] | None = None) -> object:
+    """Poll check until it returns something true, and return that; fail after seconds
+    (generous: the machine is shared and servers fork their workers at start)."""
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    detail = f"\n{explain()}" if explain is not None else ""
+    raise AssertionError(f"timed out after {seconds}s waiting for {what or check}{detail}")

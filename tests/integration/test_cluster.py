@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import pytest
 
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
-from tests.support import free_port, read_reply, request, stop_process
+from tests.support import free_port, read_reply, request, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CONFIG = ROOT / "packaging" / "haproxy" / "qmqpd.cfg"
@@ -54,16 +54,6 @@ RULES = """\
 127.:allow
 :deny
 """
-
-
-def wait_until(check: Callable[[], object], seconds: float = 20, what: str = "") -> object:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 @dataclass

@@ -27,21 +27,11 @@ import pytest
 from qmqpd.config import SETTINGS
 from qmqpd.netstring import encode
 from qmqpd.queue import create_queue, list_messages
-from tests.support import command, free_port, read_reply, request
+from tests.support import command, free_port, read_reply, request, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"Subject: test\n\nhello\n"
 MIB = 1 << 20
-
-
-def wait_until(check: Callable[[], object], seconds: float = 30, what: str = "") -> object:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 def child_titles(pid: int) -> list[str]:

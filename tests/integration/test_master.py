@@ -22,21 +22,11 @@ import pytest
 
 from qmqpd.master import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
-from tests.support import free_port, read_reply, request
+from tests.support import free_port, read_reply, request, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOO_MANY = b"43:Ztoo many connections from your IP (#4.3.2),"
 MESSAGE = b"Subject: test\n\nhello\n"
-
-
-def wait_until(check: Callable[[], object], seconds: float = 10, what: str = "") -> object:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what or check}")
 
 
 def children(pid: int) -> dict[int, str]:

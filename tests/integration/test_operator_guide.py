@@ -28,13 +28,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import BIN, free_port, need
+from tests.support import BIN, free_port, need, wait_until
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 GUIDE = ROOT_DIR / "docs" / "operator-guide.md"
@@ -132,7 +131,7 @@ def supervise(service: Path) -> list[subprocess.Popen[bytes]]:
         os.close(write_end)
     wait_until(lambda: (service / "supervise" / "control").exists()
                and (service / "log" / "supervise" / "control").exists(),
-               "supervise to take the service")
+               what="supervise to take the service")
     return [server, log]
 
 
@@ -145,16 +144,6 @@ def unsupervise(service: Path, processes: list[subprocess.Popen[bytes]]) -> None
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
-
-
-def wait_until(predicate, what: str, seconds: float = 30, explain=lambda: "") -> None:
-    # Generous: the machine is shared and the server forks its workers at start.
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}\n{explain()}")
 
 
 def listening(port: int) -> bool:
@@ -208,7 +197,7 @@ def test_deploy_section_as_written(accounts: None, root: Path) -> None:
             outputs.append(run_block(command, root, lambda: log_text(root, port)).stdout)
             if command.lstrip().startswith("svc -u"):
                 # An operator waits for `event=listen` in the log before the next step.
-                wait_until(lambda: listening(port), "the supervised server to listen",
+                wait_until(lambda: listening(port), what="the supervised server to listen",
                            explain=lambda: log_text(root, port))
         assert processes, "the guide never starts the service with svc"
         queued = todo_entries(root)
@@ -221,7 +210,7 @@ def test_deploy_section_as_written(accounts: None, root: Path) -> None:
         assert sum(int(re.search(r" todo=(\d+)", line)[1]) for line in stat_lines) == 1
         assert f"listening on 127.0.0.1:{port}" in outputs[-1], outputs[-1]
         wait_until(lambda: 'answer="Kok' in log_text(root, port),
-                   "the session's log line in multilog's current",
+                   what="the session's log line in multilog's current",
                    explain=lambda: log_text(root, port))
     finally:
         if processes:

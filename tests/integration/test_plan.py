@@ -17,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from filters import keys
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
-from tests.support import command, exchange, free_port, request, stop_process
+from tests.support import command, exchange, free_port, request, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@example.org\nTo: b@example.net\nSubject: plan\n\nhello\n"
@@ -54,16 +53,6 @@ def toml(settings: dict[str, object]) -> str:
 
 def send(port: int) -> bytes:
     return exchange(port, request(MESSAGE, b"a@example.org", [b"b@example.net"]))
-
-
-def wait_until(check: Callable[[], object], what: str, seconds: float = WAIT) -> object:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def todo_count(queue: Path) -> int:
@@ -317,7 +306,7 @@ class Running:
                 [*command("qmqpd"), "serve", "--config", str(self.config)], env=clean_env(),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp)
         wait_until(lambda: "event=listen" in self.log() or self.proc.poll() is not None,
-                   "the listen event")
+                   what="the listen event")
         assert self.proc.poll() is None, self.log()
 
     def log(self) -> str:
@@ -328,7 +317,7 @@ class Running:
         before = self.log().count("event=error")
         self.config.write_text(toml({**self.good, **settings}))
         self.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: self.log().count("event=error") > before, "the reload's error")
+        wait_until(lambda: self.log().count("event=error") > before, what="the reload's error")
         return [line for line in self.log().splitlines() if "event=error" in line][-1]
 
     def stop(self) -> None:
@@ -401,7 +390,7 @@ def test_replaced_cdb_with_a_bad_rule_keeps_the_running_plans(world: World,
         assert re.match(rb"\d+:K", send(server.port))
         text.write_text('127.0.0.9:allow,SPLIT="7"\n:allow\n')
         compile_rules(str(text), str(cdb))
-        wait_until(lambda: "rules changed but cannot be used" in server.log(), "the log line")
+        wait_until(lambda: "rules changed but cannot be used" in server.log(), what="the log line")
         line = next(x for x in server.log().splitlines() if "rules changed but" in x)
         assert f"SPLIT (split) from rule 127.0.0.9 in {cdb}: 7, but" in line
         assert re.match(rb"\d+:K", send(server.port))  # the other clients go on
@@ -411,7 +400,7 @@ def test_replaced_cdb_with_a_bad_rule_keeps_the_running_plans(world: World,
         assert answer == b"41:Zqq unable to read configuration (#4.3.0),"
         text.write_text('127.0.0.9:allow,DATABYTES="10"\n:allow\n')
         compile_rules(str(text), str(cdb))
-        wait_until(lambda: "event=replan" in server.log(), "the new plans")
+        wait_until(lambda: "event=replan" in server.log(), what="the new plans")
         answer = exchange(server.port, request(MESSAGE, b"a@example.org", [b"b@example.net"]),
                           source="127.0.0.9")
         assert b":Dmessage too big" in answer

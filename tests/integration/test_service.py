@@ -8,13 +8,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from qmqpd.queue import create_queue
-from tests.support import command, free_port, need, stop_process
+from tests.support import command, free_port, need, stop_process, wait_until
 
 SEED_OPTIONS = [
     "--qcount=2", "--qstart=1", "--cntrldir=control", "--localip=127.0.0.1",
@@ -26,15 +25,6 @@ SEED_OPTIONS = [
 def qmqpd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*command("qmqpd"), *args], capture_output=True, text=True,
                           timeout=60, check=check)
-
-
-def wait_until(predicate, seconds: float = 20, what: str = "condition") -> None:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def send(port: int, tmp: Path, to: str) -> subprocess.CompletedProcess[bytes]:
