@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support import command, free_port, stop_process, wait_until
+from tests.support import command, free_port, stop_process, toml_text, wait_until
 
 # Settings a developer's environment might hold: the test's config file must decide.
 _SETTING_ENV = ("LOCALIP", "PORT", "MAXPERIP", "MAXDAEMONS", "PREFORK", "RULES", "SOFT_MEM",
@@ -91,8 +91,7 @@ class ServeProcess:
         values: dict[str, object] = {"port": self.port, "queuedir": str(queue),
                                      "status_file": str(self.status_path)}
         values.update(settings)
-        self.config_path.write_text("".join(f"{key} = {_toml(value)}\n"
-                                            for key, value in values.items()))
+        self.config_path.write_text(toml_text(values))
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.orphans: list[int] = []  # pidfds of workers a killed master left behind
@@ -176,11 +175,3 @@ class ServeProcess:
 
     def status(self) -> dict[str, object]:
         return json.loads(self.status_path.read_text())
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    return json.dumps(str(value))

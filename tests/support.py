@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -143,3 +144,18 @@ def wait_until(check: Callable[[], object], seconds: float = 30, what: str = "",
         time.sleep(0.05)
     detail = f"\n{explain()}" if explain is not None else ""
     raise AssertionError(f"timed out after {seconds}s waiting for {what or check}{detail}")
+
+
+def toml_text(settings: dict[str, object]) -> str:
+    """A qmqpd config file: one `key = value` line per setting (booleans, integers,
+    everything else as a quoted string)."""
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = json.dumps(str(value))
+        lines.append(f"{key} = {text}\n")
+    return "".join(lines)

@@ -27,7 +27,7 @@ import pytest
 from qmqpd.config import SETTINGS
 from qmqpd.netstring import encode
 from qmqpd.queue import create_queue, list_messages
-from tests.support import command, free_port, read_reply, request, wait_until
+from tests.support import command, free_port, read_reply, request, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"Subject: test\n\nhello\n"
@@ -50,12 +50,6 @@ def child_titles(pid: int) -> list[str]:
     return titles
 
 
-def toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value) if isinstance(value, int) else f'"{value}"'
-
-
 class Serve:
     """`qmqpd serve --config FILE` with its own queue, log and port; stopped by PID."""
 
@@ -68,7 +62,7 @@ class Serve:
         values: dict[str, object] = {
             "port": self.port, "queuedir": str(self.queue), "use_fsync": False,
             "use_syncdir": False, "status_file": str(tmp / "status.json"), **settings}
-        config.write_text("".join(f"{key} = {toml(value)}\n" for key, value in values.items()))
+        config.write_text(toml_text(values))
         env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
         env["PYTHONPATH"] = str(ROOT)
         with open(self.log_path, "ab") as log:

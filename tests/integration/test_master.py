@@ -22,7 +22,7 @@ import pytest
 
 from qmqpd.master import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
-from tests.support import free_port, read_reply, request, wait_until
+from tests.support import free_port, read_reply, request, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOO_MANY = b"43:Ztoo many connections from your IP (#4.3.2),"
@@ -70,15 +70,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self, settings: dict[str, object]) -> None:
-        lines = []
-        for key, value in settings.items():
-            if isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            elif isinstance(value, int):
-                lines.append(f"{key} = {value}")
-            else:
-                lines.append(f'{key} = "{value}"')
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.config_path.write_text(toml_text(settings))
 
     def start(self, argv: list[str] | None = None) -> Server:
         """Start and wait for the listen event. A port taken by another process since

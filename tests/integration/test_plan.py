@@ -26,7 +26,7 @@ import pytest
 from filters import keys
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
-from tests.support import command, exchange, free_port, request, stop_process, wait_until
+from tests.support import command, exchange, free_port, request, stop_process, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@example.org\nTo: b@example.net\nSubject: plan\n\nhello\n"
@@ -37,18 +37,6 @@ WAIT = 30.0
 def clean_env(**extra: str) -> dict[str, str]:
     """No setting inherited from the caller's environment: only the config file counts."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), **extra}
-
-
-def toml(settings: dict[str, object]) -> str:
-    lines = []
-    for key, value in settings.items():
-        if isinstance(value, bool):
-            lines.append(f"{key} = {'true' if value else 'false'}")
-        elif isinstance(value, int):
-            lines.append(f"{key} = {value}")
-        else:
-            lines.append(f'{key} = "{value}"')
-    return "\n".join(lines) + "\n"
 
 
 def send(port: int) -> bytes:
@@ -234,7 +222,7 @@ def test_bad_config_refuses_start_and_check_says_the_same(world: World, case: Ca
                                                           tmp_path: Path) -> None:
     settings, expected = case(world)
     config = tmp_path / "qmqpd.toml"
-    config.write_text(toml({**world.base(), **settings}))
+    config.write_text(toml_text({**world.base(), **settings}))
     expected = expected.format(config=config)
     (line,) = serve_refuses(config)
     assert expected in line, line
@@ -250,7 +238,7 @@ def test_port_in_use_names_port_and_address(world: World, tmp_path: Path) -> Non
         taken.listen(1)
         port = taken.getsockname()[1]
         config = tmp_path / "qmqpd.toml"
-        config.write_text(toml({**world.base(), "port": port}))
+        config.write_text(toml_text({**world.base(), "port": port}))
         (line,) = serve_refuses(config)
     assert (f"PORT (port) from config file {config}: cannot listen on 127.0.0.1 port {port}: "
             "Address already in use") in line
@@ -259,7 +247,7 @@ def test_port_in_use_names_port_and_address(world: World, tmp_path: Path) -> Non
 def test_address_not_on_this_host_names_localip(world: World, tmp_path: Path) -> None:
     config = tmp_path / "qmqpd.toml"
     base = world.base()
-    config.write_text(toml({**base, "localip": "192.0.2.1"}))  # TEST-NET: never local
+    config.write_text(toml_text({**base, "localip": "192.0.2.1"}))  # TEST-NET: never local
     (line,) = serve_refuses(config)
     assert (f"LOCALIP (localip) from config file {config}: cannot listen on 192.0.2.1 port "
             f"{base['port']}: Cannot assign requested address") in line
@@ -282,7 +270,7 @@ def test_shipped_sample_config_passes_check(world: World) -> None:
 def test_config_command_warns_with_the_same_problems(world: World, tmp_path: Path) -> None:
     settings, expected = split_disagrees(world)
     config = tmp_path / "qmqpd.toml"
-    config.write_text(toml({**world.base(), **settings}))
+    config.write_text(toml_text({**world.base(), **settings}))
     shown = subprocess.run([*command("qmqpd"), "config", "--config", str(config)],
                            env=clean_env(), capture_output=True, text=True, timeout=WAIT)
     assert shown.returncode == 0
@@ -299,7 +287,7 @@ class Running:
         self.config = tmp / "running.toml"
         self.good = {**world.base(), **settings}
         self.port = int(self.good["port"])  # type: ignore[call-overload]
-        self.config.write_text(toml(self.good))
+        self.config.write_text(toml_text(self.good))
         self.log_path = tmp / "running.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -315,7 +303,7 @@ class Running:
     def hup_with(self, settings: dict[str, object]) -> str:
         """Write settings over the good ones, HUP, return the reload's log line."""
         before = self.log().count("event=error")
-        self.config.write_text(toml({**self.good, **settings}))
+        self.config.write_text(toml_text({**self.good, **settings}))
         self.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: self.log().count("event=error") > before, what="the reload's error")
         return [line for line in self.log().splitlines() if "event=error" in line][-1]
