@@ -49,13 +49,13 @@ from serve_vs_postfix import (
     RunResult,
     Target,
     _stop_process,
+    add_load_options,
     check,
     fmt,
     load_refusal,
     load_text,
     machine_facts,
     measure,
-    parse_sessions,
     qmqpd_command,
     run_servers,
     summarise_runs,
@@ -248,31 +248,13 @@ def parse_targets(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--messages", type=int, default=5_000)
-    parser.add_argument("-s", "--sessions", type=parse_sessions, default=[1, 8, 32],
-                        help="session counts, comma separated (default 1,8,32)")
-    parser.add_argument("-l", "--length", type=int, default=2048, help="message bytes")
+    add_load_options(parser, 5_000, "path")
     parser.add_argument("--targets", type=parse_targets, default=list(TARGETS),
                         help="which of direct,one,three to measure (default all)")
     parser.add_argument("--proxy", choices=("on", "off"), default="on",
                         help="HAProxy sends PROXY v2 and the nodes read it (default on)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="timed runs per path and session count; the median is shown")
-    parser.add_argument("--warmup", type=int, default=200,
-                        help="untimed messages before each timed run (default 200)")
-    parser.add_argument("--probe-pause", type=float, default=0.005,
-                        help="seconds between latency probes (default 0.005)")
-    parser.add_argument("--qmqpd", help="command that runs qmqpd (default: this python -m qmqpd)")
-    parser.add_argument("--maxdaemons", type=int, default=75)
-    parser.add_argument("--prefork", type=int, default=4)
     parser.add_argument("--qmqpd-setting", action="append", default=[], metavar="LINE",
                         help='a setting for every node as TOML, e.g. "use_syncdir = false"')
-    parser.add_argument("--max-load", type=float, default=1.0,
-                        help="refuse to start above this 1-minute load average (default 1.0)")
-    parser.add_argument("--force", action="store_true",
-                        help="run even above --max-load (the figures then say little)")
-    parser.add_argument("--json", type=Path, help="also write all figures here")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
 
 

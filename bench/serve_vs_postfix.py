@@ -1011,16 +1011,14 @@ def check(result: RunResult) -> list[str]:
     return problems
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--messages", type=int, default=10_000)
+def add_load_options(parser: argparse.ArgumentParser, messages: int, unit: str) -> None:
+    """The options every serve bench shares: the load, the qmqpd build, the load gate."""
+    parser.add_argument("-m", "--messages", type=int, default=messages)
     parser.add_argument("-s", "--sessions", type=parse_sessions, default=[1, 8, 32],
                         help="session counts, comma separated (default 1,8,32)")
     parser.add_argument("-l", "--length", type=int, default=2048, help="message bytes")
-    parser.add_argument("--targets", default="sink,qmqpd,postfix",
-                        help="which of sink,qmqpd,postfix to run (default all)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="timed runs per server and session count; the median is shown")
+                        help=f"timed runs per {unit} and session count; the median is shown")
     parser.add_argument("--warmup", type=int, default=200,
                         help="untimed messages before each timed run (default 200)")
     parser.add_argument("--probe-pause", type=float, default=0.005,
@@ -1028,6 +1026,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qmqpd", help="command that runs qmqpd (default: this python -m qmqpd)")
     parser.add_argument("--maxdaemons", type=int, default=75)
     parser.add_argument("--prefork", type=int, default=4)
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="refuse to start above this 1-minute load average (default 1.0)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even above --max-load (the figures then say little)")
+    parser.add_argument("--json", type=Path, help="also write all figures here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_load_options(parser, 10_000, "server")
+    parser.add_argument("--targets", default="sink,qmqpd,postfix",
+                        help="which of sink,qmqpd,postfix to run (default all)")
     parser.add_argument("--qmqpd-setting", action="append", default=[], metavar="LINE",
                         help='a qmqpd setting as TOML, e.g. "use_syncdir = false" '
                              "(repeatable; replaces the bench's value)")
@@ -1038,12 +1049,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sync-messages", type=int, default=200,
                         help="messages of the extra run under strace -f -c that counts each "
                              "server's sync calls (0: skip)")
-    parser.add_argument("--max-load", type=float, default=1.0,
-                        help="refuse to start above this 1-minute load average (default 1.0)")
-    parser.add_argument("--force", action="store_true",
-                        help="run even above --max-load (the figures then say little)")
-    parser.add_argument("--json", type=Path, help="also write all figures here")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
 
 
