@@ -228,10 +228,16 @@ class Cluster:
 
 
 def start_cluster(tmp: Path, proxy: bool) -> Cluster:
+    """Three nodes and the balancer; if any fails to start, what did start is stopped."""
     nodes = [Node(address, tmp, proxy) for address in NODES]
-    for node in nodes:
-        node.start()
-    return Cluster(nodes, Balancer(BALANCER, nodes, tmp, proxy).start(), tmp)
+    balancer = Balancer(BALANCER, nodes, tmp, proxy)
+    try:
+        for node in nodes:
+            node.start()
+        return Cluster(nodes, balancer.start(), tmp)
+    except BaseException:
+        stop_cluster(Cluster(nodes, balancer, tmp))
+        raise
 
 
 def stop_cluster(cluster: Cluster) -> None:
