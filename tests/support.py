@@ -159,3 +159,12 @@ def toml_text(settings: dict[str, object]) -> str:
             text = json.dumps(str(value))
         lines.append(f"{key} = {text}\n")
     return "".join(lines)
+
+
+def process_title(pid: int) -> str:
+    """What a process shows as its command line (a qmqpd process's title); "" once gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -22,7 +22,7 @@ import pytest
 
 from qmqpd.master import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
-from tests.support import free_port, read_reply, request, toml_text, wait_until
+from tests.support import free_port, process_title, read_reply, request, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOO_MANY = b"43:Ztoo many connections from your IP (#4.3.2),"
@@ -454,16 +454,10 @@ def test_workers_exit_when_master_dies(server_factory: Callable[..., Server]) ->
     server.signal(signal.SIGKILL)
     server.wait()
     wait_until(lambda: not any(os.path.exists(f"/proc/{pid}/cmdline") and
-                               _title(pid).startswith("qmqpd: worker") for pid in workers),
+                               process_title(pid).startswith("qmqpd: worker") for pid in workers),
                what="the workers to exit")
 
 
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return cmdline.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 BROKEN_LAUNCHER = textwrap.dedent("""

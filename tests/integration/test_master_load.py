@@ -39,7 +39,7 @@ from tests.integration.test_master import (
     tcprules,
     wait_until,
 )
-from tests.support import request
+from tests.support import process_title, request
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # A fresh client is served within this (the figure the design promises; on loopback it
@@ -225,7 +225,7 @@ def test_idle_connections_hold_no_worker(server_factory: Callable[..., Server]) 
     sources = [f"127.0.1.{n}" for n in range(1, 41) for _ in range(25)]  # MAXPERIP 25 each
     idle = open_idle(server.port, sources)
     try:
-        wait_until(lambda: "waiting=1000" in _title(server.pid), seconds=10,
+        wait_until(lambda: "waiting=1000" in process_title(server.pid), seconds=10,
                    what="1,000 connections waiting")
         took, reply = timed_delivery(server.port, "127.0.2.1")
         assert is_ok(reply), reply
@@ -265,7 +265,7 @@ def test_idle_and_slow_connections_hold_no_worker(
     try:
         for thread in threads:
             thread.start()
-        wait_until(lambda: "waiting=1075" in _title(server.pid), seconds=10,
+        wait_until(lambda: "waiting=1075" in process_title(server.pid), seconds=10,
                    what="1,075 connections waiting")
         wait_until(lambda: all(s.sent >= 2 for s in senders), seconds=10,
                    what="every slow sender under way")
@@ -298,12 +298,6 @@ def test_idle_and_slow_connections_hold_no_worker(
                ["too_slow"] == 75, what="75 cut in the status counters")
 
 
-def _title(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            return cmdline.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 # ---- shutdown, deaths -----------------------------------------------------------------
@@ -363,6 +357,6 @@ def test_orphaned_worker_answers_and_logs_one_line(
     finally:
         client.close()
     wait_until(lambda: "master gone" in server.log(), what="the worker's line")
-    wait_until(lambda: not _title(worker).startswith("qmqpd: worker"), what="worker exit")
+    wait_until(lambda: not process_title(worker).startswith("qmqpd: worker"), what="worker exit")
     assert server.log().count("master gone") == 1
     assert "Traceback" not in server.log()

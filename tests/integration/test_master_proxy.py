@@ -31,7 +31,7 @@ from tests.integration.test_master import (
     server_factory,  # noqa: F401 - the fixture
     wait_until,
 )
-from tests.support import read_reply, request
+from tests.support import process_title, read_reply, request
 
 BALANCER = "127.0.0.10"
 RULES = """\
@@ -145,7 +145,7 @@ def test_per_ip_limits_count_the_named_client(server_factory: Callable[..., Serv
     silent = [through(server.port, b"") for _ in range(3)]  # no header yet
     held = through(server.port, v2("192.0.2.7") + b"1000:")  # a request under way
     try:
-        wait_until(lambda: "waiting=4" in _title(server.pid), what="four waiting")
+        wait_until(lambda: "waiting=4" in process_title(server.pid), what="four waiting")
         assert send(server.port, v2("192.0.2.7") + PAYLOAD) == TOO_MANY
         assert is_ok(send(server.port, v2("192.0.2.9") + PAYLOAD))
         # the header, then the start of a request and no more: the MIN_RATE rule cuts it
@@ -157,11 +157,6 @@ def test_per_ip_limits_count_the_named_client(server_factory: Callable[..., Serv
             sock.close()
     assert is_ok(send(server.port, v2("192.0.2.7") + PAYLOAD))
     assert "event=too_slow" in server.log()
-
-
-def _title(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-        return cmdline.read().decode(errors="replace")
 
 
 def test_proxy_protocol_without_trusted_balancers_refuses_to_start(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from filters import keys
 from qmqpd.queue import list_messages
 from tests.dnsstub import DnsStub, opendkim_in_namespace
+from tests.integration import test_signing_served as served
 from tests.integration.test_signing_served import (
     VERIFIER,
     mail_dkim,
@@ -33,19 +33,9 @@ from tests.support import command, need
 MANY_HEADERS = 20_000
 
 
-@pytest.fixture(scope="module")
-def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("control")
-    keys.keygen("example.org", "default", "rsa", 2048, str(path / "domainkeys"))
-    keys.keygen("example.org", "ed", "ed25519", 0, str(path / "domainkeys"))
-    return path
-
-
-@pytest.fixture
-def server(queue: Path, control: Path, tcpserver_sessions):
-    return lambda **env: tcpserver_sessions(
-        {"QUEUEDIR": str(queue), "CONTROLDIR": str(control), "USE_FSYNC": "0",
-         "USE_SYNCDIR": "0", **env})
+# The signing tests' own fixtures: keys made once per module, tcpserver-run sessions.
+control = served.control
+server = served.server
 
 
 def many_headers(count: int) -> bytes:
