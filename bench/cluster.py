@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,13 +48,13 @@ from serve_vs_postfix import (
     Target,
     _stop_process,
     add_load_options,
-    check,
     fmt,
     load_refusal,
     load_text,
     machine_facts,
     measure,
     qmqpd_command,
+    report,
     run_servers,
     summarise_runs,
     tree_cpu_seconds,
@@ -302,18 +300,8 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
     print_table(results, args.sessions)
     print("\nanswered K, warm-ups and probes included: "
           + ", ".join(f"{name} {count}" for name, count in per_node.items()))
-    problems = [problem for result in results for problem in check(result)]
-    for problem in problems:
-        print(f"PROBLEM: {problem}", file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "machine": facts, "load_after": load_after, "accepted_per_node": per_node,
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "pids": {target.name: target.main_pid() for target in started},
-            "results": [{**asdict(result), "samples": len(result.samples)}
-                        for result in results],
-            "problems": problems}, indent=2))
-    return 1 if problems else 0
+    return report(args, results, started, {
+        "machine": facts, "load_after": load_after, "accepted_per_node": per_node})
 
 
 def main(argv: list[str] | None = None) -> int:

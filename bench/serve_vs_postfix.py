@@ -1121,18 +1121,27 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
     print_memory("idle, 1 s after the runs", memory_after)
     if profile_summary:
         print_profile(profile_summary)
+    return report(args, results, targets, {
+        "machine": facts, "load_after": load_after, "syncs_per_message": syncs,
+        "memory_before": memory_before, "memory_after": memory_after,
+        "profile": profile_summary})
+
+
+def report(args: argparse.Namespace, results: list[RunResult], targets: list[Target],
+           figures: dict[str, object]) -> int:
+    """Say every problem the runs had; with --json, write the figures, the runs and the
+    servers' PIDs. The exit status: 1 if anything went wrong."""
     problems = [problem for result in results for problem in check(result)]
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({
-            "machine": facts, "load_after": load_after, "syncs_per_message": syncs,
+            **figures,
             "args": {k: str(v) for k, v in vars(args).items()},
             "pids": {target.name: target.main_pid() for target in targets},
             "results": [{**asdict(result), "samples": len(result.samples)}
                         for result in results],
-            "memory_before": memory_before, "memory_after": memory_after,
-            "profile": profile_summary, "problems": problems}, indent=2))
+            "problems": problems}, indent=2))
     return 1 if problems else 0
 
 
