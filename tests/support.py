@@ -168,3 +168,23 @@ def process_title(pid: int) -> str:
             return cmdline.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def interrupt_when(process: subprocess.Popen[str], ready: Callable[[str], bool], sig: int,
+                   timeout: float = 90) -> tuple[str, str]:
+    """Read a running program's stderr until ready(what it said so far), then send it sig
+    and let it finish (killed if it does not); (stderr before the signal, the rest)."""
+    assert process.stderr is not None
+    seen = ""
+    try:
+        while not ready(seen):
+            line = process.stderr.readline()
+            assert line, f"ended early: {seen[-2000:]}"
+            seen += line
+        process.send_signal(sig)
+        _, rest = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return seen, rest

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import process_gone
+from tests.support import interrupt_when, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "serve_vs_postfix.py"
@@ -92,20 +92,10 @@ def test_interrupt_stops_every_server(tmp_path: Path, bench_tmp: Path) -> None:
                  "--sync-messages", "0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "TMPDIR": str(bench_tmp)})
-    assert process.stderr is not None
-    seen = ""
-    try:
-        # wait until both servers are up and the first timed run is under way
-        while "postfix" not in _started_pids(seen) or "msg/s" not in seen:
-            line = process.stderr.readline()
-            assert line, f"bench ended early: {seen[-2000:]}"
-            seen += line
-        process.send_signal(signal.SIGINT)
-        _, rest = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    # wait until both servers are up and the first timed run is under way
+    seen, rest = interrupt_when(
+        process, lambda seen: "postfix" in _started_pids(seen) and "msg/s" in seen,
+        signal.SIGINT)
     assert process.returncode == 130, rest[-2000:]
     pids = _started_pids(seen)
     assert set(pids) == {"qmqpd", "postfix"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import process_gone
+from tests.support import interrupt_when, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "session_startup.py"
@@ -94,19 +94,9 @@ def test_sigterm_stops_every_peer(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, str(BENCH), "--runs", "2", "--messages", "0", "--peers"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    assert process.stderr is not None
-    seen = ""
-    try:
-        while len(_started(seen)) < len(PEERS):  # every server is up: stop it now
-            line = process.stderr.readline()
-            assert line, f"bench ended early: {seen[-2000:]}"
-            seen += line
-        process.send_signal(signal.SIGTERM)
-        _, rest = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    # every server is up: stop it now
+    seen, rest = interrupt_when(process, lambda seen: len(_started(seen)) >= len(PEERS),
+                                signal.SIGTERM)
     assert process.returncode == 130, rest[-2000:]
     assert "interrupted" in rest
     _all_stopped(_started(seen), _peers_root(seen))
