@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
 
-from filters import keys  # noqa: E402
+from qmqpd.filters import keys  # noqa: E402
 from qmqpd.queue import create_queue  # noqa: E402
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # `qmqpd serve` with the stage modules loaded in the master before it forks (what the
 # serve command does once it calls filters.pipeline.preload itself).
-SERVE = ("import sys; from filters import pipeline; pipeline.preload(); "
+SERVE = ("import sys; from qmqpd.filters import pipeline; pipeline.preload(); "
          "from qmqpd.cli import main; sys.exit(main(['serve', '--config', sys.argv[1]]))")
 
 
@@ -107,7 +107,7 @@ def per_signature_ms(control: Path, size: int) -> tuple[float, float]:
     """Median ms per rsa-sha256 relaxed/relaxed signature: dkimpy alone vs ours."""
     import dkim as dkimpy
 
-    from filters import dkim as fdkim
+    from qmqpd.filters import dkim as fdkim
 
     message = (b"From: a@example.org\nTo: b@example.net\nSubject: bench\n\n"
                + (b"x" * 70 + b"\n") * (size // 71))

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import dkim as dkimpy
 
-from filters import dkim as fdkim
-from filters import keys
 from qmqpd.config import load
+from qmqpd.filters import dkim as fdkim
+from qmqpd.filters import keys
 from qmqpd.message import Message, MessageData
 from qmqpd.queue import create_queue
 from tests.dnsstub import DnsStub

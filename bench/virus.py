@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filters import virus  # noqa: E402
 from qmqpd.client import Server, send  # noqa: E402
+from qmqpd.filters import virus  # noqa: E402
 from qmqpd.message import Message, MessageData  # noqa: E402
 from qmqpd.queue import create_queue  # noqa: E402
 from tests.clamd import Clamd  # noqa: E402

@@ -25,10 +25,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from filters import keys, mailstream
-from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
+from qmqpd.filters import keys, mailstream
+from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
 HEADER_NAME = b"DomainKey-Signature"

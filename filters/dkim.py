@@ -15,6 +15,7 @@ a temporary result (P), never a silent pass.
 from __future__ import annotations
 
 import base64
+import binascii
 import getopt
 import hashlib
 import re
@@ -25,17 +26,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import dkim
-import nacl.exceptions
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, utils
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.crypto import DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from filters import keys, mailstream
-from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
+from qmqpd.filters import keys, mailstream
+from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
 HEADER_NAME = b"DKIM-Signature"
@@ -352,10 +352,10 @@ def _check(prepared: _Prepared, headers: Sequence[Sequence[bytes]],
     if not tags.get(b"p"):
         return _with(found, "N")
     try:
-        public, keysize, ktag, tlsrpt = dkim.evaluate_pk(b"key", record)
-    except (dkim.KeyFormatError, ValueError) as error:
+        public, ktag, service = public_key(tags)
+    except ValueError as error:
         return _with(found, "R", str(error)[:200])
-    if tlsrpt:
+    if service == b"tlsrpt":
         return _with(found, "H", "key is for TLS reports only")
     if (ktag == b"ed25519") != sig[b"a"].startswith(b"ed25519"):
         return _with(found, "V")
@@ -364,23 +364,54 @@ def _check(prepared: _Prepared, headers: Sequence[Sequence[bytes]],
         return _with(found, "U")
     include = list(prepared.include)
     if b"from" in include:
-        include.append(b"from")  # dkimpy's check that no extra From was added (bug #644046)
+        include.append(b"from")  # a From added above the signed one must break it (as dkimpy)
     hashed = DIGESTS[sig[b"a"]][0]()
     header_hash(hashed, prepared.policy, headers, include, prepared.field[1])
     signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
-    if ktag == b"ed25519":
-        try:
-            public.verify(hashed.digest(), signature)
-        except nacl.exceptions.BadSignatureError:
-            return _with(found, "I")
-        return found
     try:
-        good = RSASSA_PKCS1_v1_5_verify(hashed, signature, public)
-    except (TypeError, ValueError, DigestTooLargeError) as error:
-        return _with(found, "R", f"signature does not fit the key: {error}"[:200])
-    if good and keysize < MIN_KEY_BITS:
-        return _with(found, "R", f"public key too small: {keysize}")
-    return found if good else _with(found, "I")
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, hashed.digest())
+        else:
+            if public.key_size < MIN_KEY_BITS:
+                return _with(found, "R", f"public key too small: {public.key_size}")
+            public.verify(signature, hashed.digest(), padding.PKCS1v15(),
+                          utils.Prehashed(DIGESTS[sig[b"a"]][1]))
+    except InvalidSignature:
+        return _with(found, "I")
+    return found
+
+
+def public_key(tags: dict[bytes, bytes]) -> tuple[rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
+                                                  bytes, bytes]:
+    """(key, k= tag, s= service) of a DKIM key record (RFC 6376 3.6.1, RFC 8463).
+
+    Read with `cryptography` (the same library that signs), so Ed25519 needs no libsodium.
+    Raises ValueError with the reason for a record that holds no usable key.
+    """
+    if tags.get(b"v", b"DKIM1") != b"DKIM1":
+        raise ValueError("bad version in v= tag")
+    kind = tags.get(b"k", b"rsa")
+    service = tags.get(b"s", b"*")
+    if not {b"*", b"email", b"tlsrpt"} & set(service.split(b":")):
+        raise ValueError(f"unknown service type in s= tag: {service.decode(errors='replace')}")
+    try:
+        data = base64.b64decode(tags[b"p"], validate=True)
+    except (KeyError, binascii.Error) as error:
+        raise ValueError(f"public key is not base64: {error}") from None
+    if kind == b"ed25519":
+        try:
+            return ed25519.Ed25519PublicKey.from_public_bytes(data), kind, service
+        except ValueError as error:
+            raise ValueError(f"could not parse ed25519 public key: {error}") from None
+    if kind != b"rsa":
+        raise ValueError(f"unknown algorithm in k= tag: {kind.decode(errors='replace')}")
+    try:
+        key = serialization.load_der_public_key(data)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"could not parse RSA public key: {error}") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("k=rsa but the key is not an RSA key")
+    return key, kind, service
 
 
 def _with(found: SignatureResult, letter: str, detail: str = "") -> SignatureResult:

@@ -28,8 +28,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from filters.base import Verdict
 from qmqpd import log
+from qmqpd.filters.base import Verdict
 from qmqpd.message import Reply
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from filters.base import Stage, Verdict
 from qmqpd.config import SETTINGS, Config, ConfigError, problem
+from qmqpd.filters.base import Stage, Verdict
 from qmqpd.message import Message, Record, Reply
 
 # Each entry: a factory that returns the stage when the settings switch it on, else None.
@@ -40,14 +40,14 @@ def preload() -> None:
         importlib.import_module(module)
 
 
-_STAGE_MODULES = ("filters.virus", "filters.dk", "filters.dkim")
+_STAGE_MODULES = ("qmqpd.filters.virus", "qmqpd.filters.dk", "qmqpd.filters.dkim")
 
 
 def _factories() -> list[StageFactory]:
     factories: list[StageFactory] = []
-    factories.append(_when_set("filters.virus", "QHPSI"))
-    factories.append(_when_set("filters.dk", "DKSIGN", "DKVERIFY"))
-    factories.append(_when_set("filters.dkim", "DKIMSIGN", "DKIMSIGNEXTRA", "DKIMVERIFY"))
+    factories.append(_when_set("qmqpd.filters.virus", "QHPSI"))
+    factories.append(_when_set("qmqpd.filters.dk", "DKSIGN", "DKVERIFY"))
+    factories.append(_when_set("qmqpd.filters.dkim", "DKIMSIGN", "DKIMSIGNEXTRA", "DKIMVERIFY"))
     return factories
 
 
@@ -125,7 +125,7 @@ def _key_problem(pattern: str, controldir: str, rsa_only: bool) -> str | None:
     domain (and a missing file then means "do not sign"), so it is checked per message."""
     if "%" in pattern:
         return None
-    from filters import keys  # loaded only when a stage signs
+    from qmqpd.filters import keys  # loaded only when a stage signs
 
     try:
         found = keys.resolve_key(pattern, "", controldir)

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
-from filters.base import Verdict
 from qmqpd import log
 from qmqpd.config import Config
+from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
 

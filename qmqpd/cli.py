@@ -114,8 +114,8 @@ def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from filters import pipeline
     from qmqpd import master, queue, worker
+    from qmqpd.filters import pipeline
 
     cfg = _load(args, embedded=True)
     if _creates_embedded_queue(cfg):
@@ -236,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dkim(args: argparse.Namespace) -> int:
-    from filters import keys
+    from qmqpd.filters import keys
 
     return keys.main(args.options)
 

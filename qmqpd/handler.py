@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from filters import pipeline
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
+from qmqpd.filters import pipeline
 from qmqpd.injector import Injector
 from qmqpd.message import Client, Message, Record, Reply
 from qmqpd.netstring import EarlyEOF, FdSource, IdleTimeout, NetstringError, TooSlow

@@ -15,12 +15,12 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
-from filters import pipeline
 from qmqpd.config import SETTINGS, Config, ConfigError
+from qmqpd.filters import pipeline
 from qmqpd.injector import Route, Writer, check_config
 
 if TYPE_CHECKING:
-    from filters.base import Stage
+    from qmqpd.filters.base import Stage
 
 RuleEnv = Mapping[str, "str | None"]
 EnvKey = tuple[tuple[str, "str | None"], ...]

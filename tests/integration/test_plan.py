@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from filters import keys
+from qmqpd.filters import keys
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
 from tests.support import command, exchange, free_port, request, stop_process, toml_text, wait_until

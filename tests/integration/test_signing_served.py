@@ -21,8 +21,8 @@ from pathlib import Path
 import dkim as dkimpy
 import pytest
 
-from filters import dk, keys
-from filters import dkim as fdkim
+from qmqpd.filters import dk, keys
+from qmqpd.filters import dkim as fdkim
 from qmqpd.queue import list_messages
 from tests.dnsstub import DnsStub, opendkim_in_namespace
 from tests.support import (

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from filters import virus
+from qmqpd.filters import virus
 from qmqpd.message import Message, MessageData
 from qmqpd.queue import list_messages
 from tests.clamd import SIGNATURE, Clamd, eicar

@@ -40,7 +40,6 @@ PENDING: dict[str, set[str]] = {
                      "qmqpd.proxy"},  # the PROXY header, read before rules and limits
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
-    "filters.dkim": {"cryptography", "nacl"},  # signing in OpenSSL/libsodium, not in Python
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
 }
 # Modules the card does not list yet, with what they may import.
@@ -165,11 +164,18 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module in ("qmqpd", "filters"):
+            if node.module in ("qmqpd", "qmqpd.filters"):
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
             elif node.module != "__future__":
                 names.add(node.module)
-    return names
+    return {design_name(name) for name in names}
+
+
+def design_name(name: str) -> str:
+    """The installed package qmqpd.filters is the repository's filters/ (the card's name)."""
+    if name == "qmqpd.filters" or name.startswith("qmqpd.filters."):
+        return name.removeprefix("qmqpd.")
+    return name
 
 
 def is_project(name: str) -> bool:
@@ -241,6 +247,6 @@ def test_the_table_is_read_from_the_design_card() -> None:
 def test_the_checker_sees_a_forbidden_edge(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("from __future__ import annotations\nfrom typing import TYPE_CHECKING\n"
-                      "from qmqpd import protocol\nimport cdbx\n"
+                      "from qmqpd import protocol\nimport cdbx\nfrom qmqpd.filters import keys\n"
                       "if TYPE_CHECKING:\n    from qmqpd.queue import Queue\n")
-    assert imports_of(sample) == {"qmqpd.protocol", "cdbx", "typing"}
+    assert imports_of(sample) == {"qmqpd.protocol", "cdbx", "typing", "filters.keys"}

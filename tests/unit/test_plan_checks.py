@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filters import pipeline
 from qmqpd import plan
 from qmqpd.config import ConfigError, load, problem
+from qmqpd.filters import pipeline
 from qmqpd.injector import Writer, check_config, queue_paths
 from qmqpd.message import decode_env_item, encode_env_item
 from qmqpd.queue import (

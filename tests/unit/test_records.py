@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from filters.base import Verdict
+from qmqpd.filters.base import Verdict
 from qmqpd.message import Client, Message, MessageData, Reply
 from qmqpd.queue import QueueOwners, QueueStats
 

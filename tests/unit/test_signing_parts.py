@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from filters import dk, keys
-from filters import dkim as fdkim
 from qmqpd.config import ConfigError
+from qmqpd.filters import dk, keys
+from qmqpd.filters import dkim as fdkim
 from tests.dnsstub import DnsStub
 
 MESSAGE = (b"From: Joe <joe@Example.org>\nTo: a@b.example\nSubject:  hello\n   folded  \n"

@@ -17,9 +17,9 @@ from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from filters import dk, keys, mailstream
-from filters import dkim as fdkim
-from filters.base import Verdict
+from qmqpd.filters import dk, keys, mailstream
+from qmqpd.filters import dkim as fdkim
+from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, MessageData
 from tests.dnsstub import DnsStub
 

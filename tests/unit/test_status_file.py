@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from filters.pipeline import StageVerdict
 from qmqpd import config, ipc, log, status
+from qmqpd.filters.pipeline import StageVerdict
 from qmqpd.handler import SessionResult
 from qmqpd.message import Reply
 from qmqpd.worker import outcome_of

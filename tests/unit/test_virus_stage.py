@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from filters import pipeline, virus
 from qmqpd import config
+from qmqpd.filters import pipeline, virus
 from qmqpd.message import Message, MessageData
 
 
