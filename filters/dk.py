@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
-from qmqpd.filters import keys, mailstream
+from qmqpd.filters import keys, mailstream, signing
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
@@ -232,12 +232,10 @@ def _identity_matches(fields: Sequence[Sequence[bytes]], domain: bytes) -> bool:
 
 
 def authentication_results(authserv_id: str, result: DkResult) -> bytes:
-    text = f"domainkeys={RESULTS[result.letter][1]}"
-    if result.letter != "A":
-        text += f' reason="{result.text[:120]}"'.replace("\n", " ")
-    if result.domain:
-        text += f" header.d={result.domain}"
-    return f"Authentication-Results: {authserv_id};\n\t{text}\n".encode()
+    reason = None if result.letter == "A" else result.text
+    properties = [("header.d", result.domain)] if result.domain else []
+    return signing.results_header(authserv_id, [
+        signing.resinfo("domainkeys", RESULTS[result.letter][1], reason, properties)])
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -273,16 +271,18 @@ class DkStage:
         facts: dict[str, object] = {}
         if self.verify_letters is not None:
             assert self.lookup is not None
+            removed = signing.drop_claimed_results(message, self.authserv_id)
+            if removed:
+                facts["results_removed"] = removed
             result = self._verify(message)
             facts["verify"] = result.letter
             if result.letter in self.verify_letters:
                 return Verdict.from_reply(
-                    Reply.named("verify_rejected", stage=self.name, text=result.text),
-                    verify=result.letter)
+                    Reply.named("verify_rejected", stage=self.name, text=result.text), **facts)
             if result.letter.lower() in self.verify_letters:
                 return Verdict.from_reply(
                     Reply.named("verify_tempfailed", stage=self.name, text=result.text),
-                    verify=result.letter)
+                    **facts)
             added.append(authentication_results(self.authserv_id, result))
         if self.pattern is not None:
             verdict = self._sign(message, added, facts)

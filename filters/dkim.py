@@ -34,7 +34,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from qmqpd import log
 from qmqpd.config import Config, ConfigError
-from qmqpd.filters import keys, mailstream
+from qmqpd.filters import keys, mailstream, signing
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
@@ -462,24 +462,17 @@ def overall_letter(results: Sequence[SignatureResult]) -> str:
 def authentication_results(authserv_id: str, results: Sequence[SignatureResult]) -> bytes:
     """RFC 8601 header naming each signature's result (dkim=none when there is none)."""
     if not results:
-        return f"Authentication-Results: {authserv_id};\n\tdkim=none\n".encode()
+        return signing.results_header(authserv_id, ["dkim=none"])
     parts = []
     for result in results:
-        part = f"dkim={result.result}"
-        if result.letter != "A":
-            part += f' reason="{_quoted(result.text)}"'
+        properties = []
         if result.domain:
-            part += f" header.d={result.domain} header.s={result.selector}"
+            properties += [("header.d", result.domain), ("header.s", result.selector)]
         if result.b_prefix:
-            part += f" header.b={result.b_prefix}"
-        parts.append(part)
-    return ("Authentication-Results: " + authserv_id + ";\n\t"
-            + ";\n\t".join(parts) + "\n").encode()
-
-
-def _quoted(text: str) -> str:
-    clean = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
-    return clean.replace("\\", "\\\\").replace('"', "'")[:120]
+            properties.append(("header.b", result.b_prefix))
+        reason = None if result.letter == "A" else result.text
+        parts.append(signing.resinfo("dkim", result.result, reason, properties))
+    return signing.results_header(authserv_id, parts)
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -548,6 +541,9 @@ class DkimStage:
     def _verify(self, message: Message, added: list[bytes],
                 facts: dict[str, object]) -> Verdict | None:
         assert self.lookup is not None and self.verify_letters is not None
+        removed = signing.drop_claimed_results(message, self.authserv_id)
+        if removed:
+            facts["results_removed"] = removed
         deadline = None
         if self.verify_timeout is not None:
             deadline = time.monotonic() + self.verify_timeout

@@ -40,11 +40,17 @@ class Split:
 
     fields: list[list[bytes]]
     body: Iterator[bytes]
+    head_end: int = 0  # where the header block ends in the stream (the separator's start)
+    body_start: int = 0  # where the body starts (after the separator)
+    lead: bytes = b""  # with orphan_lines: continuation lines at the top, as a value
 
 
-def split(chunks: Iterable[bytes], limit: int = HEADER_LIMIT) -> Split:
+def split(chunks: Iterable[bytes], limit: int = HEADER_LIMIT,
+          orphan_lines: bool = False) -> Split:
     """Read the header block (at most `limit` bytes) and return it parsed with the rest of
-    the stream as body chunks. Raises MalformedHeader."""
+    the stream as body chunks. Raises MalformedHeader. With orphan_lines, continuation
+    lines at the very top are returned as `lead` (they continue a field above the stream)
+    instead of being malformed."""
     stream = iter(chunks)
     buffer = b""
     searched = 0
@@ -56,13 +62,23 @@ def split(chunks: Iterable[bytes], limit: int = HEADER_LIMIT) -> Split:
                 raise HeaderTooLarge(f"header block larger than {limit} bytes")
             head = buffer[: found.start(1)]
             rest = buffer[found.end(1):]
-            return Split(parse_fields(head), _prepend(rest, stream))
+            fields, lead = _parse(head, orphan_lines)
+            return Split(fields, _prepend(rest, stream), found.start(1), found.end(1), lead)
         if len(buffer) > limit:
             raise HeaderTooLarge(f"header block larger than {limit} bytes")
         searched = len(buffer)
     if len(buffer) > limit:
         raise HeaderTooLarge(f"header block larger than {limit} bytes")
-    return Split(parse_fields(buffer), iter(()))
+    fields, lead = _parse(buffer, orphan_lines)
+    return Split(fields, iter(()), len(buffer), len(buffer), lead)
+
+
+def _parse(head: bytes, orphan_lines: bool) -> tuple[list[list[bytes]], bytes]:
+    """(fields, continuation lines before the first field, as a value) of a header block."""
+    if not orphan_lines:
+        return parse_fields(head), b""
+    lead: list[bytes] = []
+    return parse_fields(head, lead), b"".join(lead)
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -71,17 +87,22 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def parse_fields(head: bytes) -> list[list[bytes]]:
-    """Header lines into [name, value] pairs, exactly as dkimpy's rfc822_parse."""
+def parse_fields(head: bytes, lead: list[bytes] | None = None) -> list[list[bytes]]:
+    """Header lines into [name, value] pairs, exactly as dkimpy's rfc822_parse. With a
+    `lead` list, continuation lines before the first field go there (they continue a field
+    above this block) instead of being malformed."""
     fields: list[list[bytes]] = []
     # One object per distinct name and short value: a 1 MiB block of tiny fields is
     # ~350,000 of them.
     shared: dict[bytes, bytes] = {}
     for line in _lines(head):
         if line[:1] in (b"\t", b" "):
-            if not fields:
+            if fields:
+                fields[-1][1] += line + b"\r\n"
+            elif lead is not None:
+                lead.append(line + b"\r\n")
+            else:
                 raise MalformedHeader("the header block starts with a continuation line")
-            fields[-1][1] += line + b"\r\n"
             continue
         match = _NAME.match(line)
         if match is not None:

@@ -191,6 +191,33 @@ class MessageData:
                 raise OSError("spool file shorter than expected")
             offset += sent
 
+    def replace_prefix(self, length: int, new: bytes) -> None:
+        """Put `new` (at most `length` bytes) in place of the first `length` bytes: a filter
+        that drops header fields. A spool file is shifted in place, chunk by chunk."""
+        if len(new) > length:
+            raise ValueError("replace_prefix only shortens the data")
+        if self._data is not None:
+            self._data = new + self._data[length:]
+            self.size = len(self._data)
+            return
+        spool = self._spool
+        assert spool is not None
+        spool.seek(0)
+        spool.write(new)
+        read_at, write_at = length, len(new)
+        while True:
+            spool.seek(read_at)
+            block = spool.read(CHUNK)
+            if not block:
+                break
+            spool.seek(write_at)
+            spool.write(block)
+            read_at += len(block)
+            write_at += len(block)
+        spool.truncate(write_at)
+        spool.flush()
+        self.size = write_at
+
     def close(self) -> None:
         if self._spool is not None:
             self._spool.close()

@@ -296,7 +296,8 @@ def test_dkim_verification_results_and_letters(server, queue: Path, control: Pat
         assert send(lenient.port, message).startswith(b"K")
     results = by_kind(queued(queue), b"DKIM-Signature:")
     assert re.match(r"Authentication-Results: \S+; dkim=pass header.d=example.org "
-                    r"header.s=default header.b=\S{8}$", results[0]), results[0]
+                    r'header.s=default header.b=(?:[\w+]{8}|"[\w+/]{8}")$', results[0]), \
+        results[0]
     assert re.match(r'Authentication-Results: \S+; dkim=fail reason="body hash mismatch" '
                     r"header.d=example.org", results[1]), results[1]
     assert re.match(r"Authentication-Results: \S+; dkim=none$", results[2]), results[2]
@@ -332,6 +333,37 @@ def test_dk_verification_results_and_letters(server, queue: Path, control: Path,
     strict = server(DKVERIFY="BDEGIJKfhc", DNS_SERVERS=dns.address)
     assert send(strict.port, tamper(signed)) == b"Ddk: bad signature (#5.7.1)"
     assert send(strict.port, MESSAGE) == b"Zdk: no signature (#4.7.1)"
+
+
+def test_results_claiming_our_id_are_replaced_by_ours(server, queue: Path, control: Path,
+                                                      dns: DnsStub) -> None:
+    """A client's Authentication-Results under our authserv-id (the host name) is removed;
+    one under another id stays; ours reads back as one result per signature."""
+    ours = keys.authserv_id()
+    forged = (f"Authentication-Results: {ours};\n\tdkim=pass header.d=paypal.com\n"
+              f'Authentication-Results: "{ours.upper()}"; dkim=pass\n'
+              f"Authentication-Results: {ours}.example; dkim=pass\n").encode()
+    session = server(DKIMVERIFY="", DKVERIFY="", DNS_SERVERS=dns.address)
+    assert send(session.port, sign_offline(control, forged + MESSAGE)).startswith(b"K")
+    message = only_message(queue)
+    head = message.split(b"\nReceived: ")[0] + b"\n"
+    fields = re.findall(rb"Authentication-Results:[^\n]*\n(?:\t[^\n]*\n)*", head)
+    assert len(fields) == 2, head  # ours: domainkeys, then dkim
+    assert b"paypal" not in message and f'"{ours.upper()}"'.encode() not in message
+    assert f"Authentication-Results: {ours}.example; dkim=pass\n".encode() in message
+    for field, method in zip(fields, ("dkim", "domainkeys"), strict=True):
+        read = parse_results(field)
+        assert read["id"] == ours
+        [(found, result, _properties)] = read["results"]
+        assert (found, result) == (method, "pass" if method == "dkim" else "none")
+    assert "dk_results_removed=2" in session.log.read_text()  # DK runs first
+
+
+def parse_results(header: bytes) -> dict:
+    run = subprocess.run(["perl", str(ROOT / "tests" / "peers" / "authres-parse.pl")],
+                         input=header, capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr.decode()
+    return json.loads(run.stdout)
 
 
 # --- per client rule, through `qmqpd serve` ------------------------------------------------

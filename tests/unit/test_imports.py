@@ -34,8 +34,10 @@ IMPORT_NAMES = {"dnspython": "dns", "dkimpy": "dkim", "prometheus-client": "prom
 PENDING: dict[str, set[str]] = {
     "qmqpd.worker": {"qmqpd.handler"},  # the session code shared with `qmqpd session`
     "qmqpd.session": {"qmqpd.handler"},
-    "filters.dkim": {"filters.keys", "filters.mailstream"},  # keys: paths, DNS, shared
-    "filters.dk": {"filters.keys", "filters.mailstream"},  # one header parser for both
+    "filters.dkim": {"filters.keys", "filters.mailstream",  # keys: paths, DNS, shared
+                     "filters.signing"},  # the core DK and DKIM share
+    "filters.dk": {"filters.keys", "filters.mailstream",  # one header parser for both
+                   "filters.signing"},
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
                      "qmqpd.proxy"},  # the PROXY header, read before rules and limits
 }
@@ -45,6 +47,8 @@ PENDING_PACKAGES: dict[str, set[str]] = {
 # Modules the card does not list yet, with what they may import.
 PENDING_MODULES: dict[str, set[str]] = {
     "filters.mailstream": set(),  # streaming header parser shared by dk and dkim: stdlib
+    # the card's "Next step" row: what DK and DKIM share (header block, results, keys)
+    "filters.signing": {"filters.mailstream"},
 }
 
 
