@@ -380,7 +380,11 @@ def zone_line(domain: str, selector: str, record: str) -> str:
 def keygen(domain: str, selector: str, key_type: str = "rsa", bits: int = 2048,
            keydir: str = os.path.join(DEFAULT_CONTROLDIR, "domainkeys"),
            owner: tuple[int, int] | None = None, force: bool = False) -> tuple[str, str]:
-    """Write keydir/domain/selector (mode 0640, directory 0750); return (path, TXT value)."""
+    """Write keydir/domain/selector; return (path, TXT value).
+
+    The private key is mode 0600 and, with `owner` (uid, gid; -1 keeps one), owned by the
+    user that serves from the moment it has its name; the directories made for it are
+    0750 with the same owner, whatever the umask."""
     clean = valid_domain(domain)
     if clean is None:
         raise ValueError(f"not a valid domain: {domain!r}")
@@ -396,25 +400,42 @@ def keygen(domain: str, selector: str, key_type: str = "rsa", bits: int = 2048,
     else:
         raise ValueError(f"key type must be rsa or ed25519, not {key_type!r}")
     directory = os.path.join(keydir, clean)
-    os.makedirs(directory, mode=0o750, exist_ok=True)
+    _make_key_dirs(directory, owner)
     path = os.path.join(directory, selector)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_new(path, pem, 0o640, force)
+    _write_new(path, pem, 0o600, force, owner)
     record = dns_record(key)
-    _write_new(path + ".pub", (zone_line(clean, selector, record) + "\n").encode(), 0o644, True)
-    if owner is not None:
-        for item in (directory, path, path + ".pub"):
-            os.chown(item, owner[0], owner[1])
+    _write_new(path + ".pub", (zone_line(clean, selector, record) + "\n").encode(), 0o644, True,
+               owner)
     return path, record
 
 
-def _write_new(path: str, data: bytes, mode: int, replace: bool) -> None:
-    """Create the file with its final mode from the start (no window where it is readable)."""
+def _make_key_dirs(directory: str, owner: tuple[int, int] | None) -> None:
+    """Make the missing levels of directory, each 0750 (chmod: mkdir's mode goes through
+    the umask) and owned by owner; the key's own directory is made 0750 if it existed."""
+    missing = []
+    level = os.path.abspath(directory)
+    while not os.path.isdir(level):
+        missing.append(level)
+        level = os.path.dirname(level)
+    for made in reversed(missing):
+        os.mkdir(made, 0o750)
+        if owner is not None:
+            os.chown(made, owner[0], owner[1])
+    os.chmod(directory, 0o750)
+
+
+def _write_new(path: str, data: bytes, mode: int, replace: bool,
+               owner: tuple[int, int] | None = None) -> None:
+    """Create the file with its final mode and owner from the start (no window where it is
+    readable by others, or named while root owns it)."""
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         os.fchmod(fd, mode)  # the umask may have removed bits
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
         os.write(fd, data)
         os.fsync(fd)
     finally:

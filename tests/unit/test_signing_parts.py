@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import os
+import pwd
 import re
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -203,8 +206,8 @@ def test_dkimkeys_table(tmp_path: Path) -> None:
 def test_keygen_writes_safe_files_and_records(tmp_path: Path) -> None:
     path, record = keys.keygen("Example.ORG", "s2024", "rsa", 1024, str(tmp_path))
     assert path == str(tmp_path / "example.org" / "s2024")
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
-    assert stat.S_IMODE(os.stat(tmp_path / "example.org").st_mode) & 0o007 == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "example.org").st_mode) == 0o750
     assert record.startswith("v=DKIM1; k=rsa; p=") and "h=" not in record
     public = serialization.load_der_public_key(base64.b64decode(record.split("p=")[1]))
     assert public.key_size == 1024
@@ -214,6 +217,38 @@ def test_keygen_writes_safe_files_and_records(tmp_path: Path) -> None:
     assert re.fullmatch(r"v=DKIM1; k=ed25519; p=[A-Za-z0-9+/]{43}=", ed_record)
     with pytest.raises(ValueError):
         keys.keygen("../etc", "s", "rsa", 2048, str(tmp_path))
+
+
+def test_keygen_modes_hold_under_umask_000(tmp_path: Path) -> None:
+    """`qmqpd dkim keygen` run with umask 000 (and the key directory not there yet): the
+    key is 0600, every directory it made 0750, nothing writable or readable by others."""
+    keydir = tmp_path / "control" / "domainkeys"
+    code = ("import os, sys; os.umask(0); from qmqpd.filters import keys; "
+            "sys.exit(keys.main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", code, "keygen", "--domain", "example.org",
+                          "--selector", "s1", "--type", "ed25519", "--keydir", str(keydir)],
+                         capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    mode = lambda path: stat.S_IMODE(os.stat(path).st_mode)  # noqa: E731
+    assert mode(keydir / "example.org" / "s1") == 0o600
+    assert [mode(d) for d in (tmp_path / "control", keydir, keydir / "example.org")] == \
+        [0o750] * 3
+    assert mode(keydir / "example.org" / "s1.pub") == 0o644
+    # an existing, too open key directory is closed as well
+    (keydir / "example.org").chmod(0o777)
+    keys.keygen("example.org", "s2", "ed25519", 0, str(keydir))
+    assert mode(keydir / "example.org") == 0o750
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files away needs root")
+def test_keygen_user_owns_the_key_and_its_directories(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    keydir = tmp_path / "domainkeys"
+    assert keys.main(["keygen", "--domain", "example.org", "--selector", "s1", "--type",
+                      "ed25519", "--keydir", str(keydir), "--user", "nobody"]) == 0
+    for item in (keydir, keydir / "example.org", keydir / "example.org" / "s1"):
+        assert os.stat(item).st_uid == nobody.pw_uid, item
+    assert stat.S_IMODE(os.stat(keydir / "example.org" / "s1").st_mode) == 0o600
 
 
 def test_keygen_main_prints_the_zone_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
