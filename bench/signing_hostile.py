@@ -24,7 +24,7 @@ import dkim as dkimpy
 
 from qmqpd.config import load
 from qmqpd.filters import dkim as fdkim
-from qmqpd.filters import keys
+from qmqpd.filters import keys, signing
 from qmqpd.message import Message, MessageData
 from qmqpd.queue import create_queue
 from tests.dnsstub import DnsStub
@@ -44,8 +44,8 @@ def headers_cpu(count: int, control: str, same: bool = False) -> tuple[float, in
     head += b"".join((b"Comments: value %d\n" % i) if same else
                      (b"Comment-%d: value %d\n" % (i, i)) for i in range(count))
     data = head + b"\nbody\n"
-    stage = fdkim.DkimStage(signs=[fdkim.SignSpec(os.path.join(control, "domainkeys/%/default"),
-                                                  fdkim.SignOptions(), False)],
+    stage = fdkim.DkimStage(signs=[signing.KeySpec(os.path.join(control, "domainkeys/%/default"),
+                                                   "DKIMSIGN", fdkim.SignOptions())],
                             controldir=control)
     message = Message(b"joe@example.org", [b"a@example.net"], MessageData(data=data))
     started = time.process_time()

@@ -59,3 +59,8 @@ class Stage(Protocol):
     name: str
 
     def process(self, message: Message) -> Verdict: ...
+
+    def check(self) -> list[tuple[str, str]]:
+        """(setting, reason) for each thing the stage cannot work with (a key file it
+        cannot read, ...): found when the session plan is made, before any message."""
+        ...

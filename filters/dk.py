@@ -14,22 +14,19 @@ held in memory (at most mailstream.HEADER_LIMIT bytes), the body never is.
 from __future__ import annotations
 
 import base64
-import getopt
 import hashlib
 import re
-import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from qmqpd import log
-from qmqpd.config import Config, ConfigError
+from qmqpd.config import Config
 from qmqpd.filters import keys, mailstream, signing
-from qmqpd.filters.base import Verdict
-from qmqpd.message import Message, Reply
+from qmqpd.message import Message
 
 HEADER_NAME = b"DomainKey-Signature"
 _WSP = re.compile(rb"[ \t\r\n]")
@@ -94,24 +91,20 @@ class DkOptions:
 
 def parse_options(text: str) -> DkOptions:
     """qmail-dk's DKSIGNOPTIONS: -c nofws|simple, -h (add h=), -b N (ignored), -s keyfile."""
-    try:
-        pairs, rest = getopt.getopt(shlex.split(text), "b:c:hs:r")
-    except (getopt.GetoptError, ValueError) as error:
-        raise ConfigError(f"DKSIGNOPTIONS: {error}") from None
-    if rest:
-        raise ConfigError(f"DKSIGNOPTIONS: unexpected {' '.join(rest)!r}")
     values: dict[str, object] = {}
-    for flag, value in pairs:
+    for flag, value in signing.options(text, "b:c:hs:r", "DKSIGNOPTIONS"):
         if flag == "-c":
             if value not in ("nofws", "simple"):
-                raise ConfigError(f"DKSIGNOPTIONS: -c takes nofws or simple, not {value!r}")
+                raise signing.OptionError("DKSIGNOPTIONS",
+                                          f"-c takes nofws or simple, not {value!r}")
             values["method"] = value
         elif flag == "-h":
             values["with_h"] = True
         elif flag == "-s":
             values["keyfile"] = value
         elif flag == "-r":
-            raise ConfigError("DKSIGNOPTIONS: -r (skip duplicate headers) is not supported")
+            raise signing.OptionError("DKSIGNOPTIONS",
+                                      "-r (skip duplicate headers) is not supported")
     return DkOptions(**values)  # type: ignore[arg-type]
 
 
@@ -135,7 +128,7 @@ def sign_message(message: bytes | mailstream.Split, domain: str, selector: str,
     parsed = message if isinstance(message, mailstream.Split) else mailstream.split([message])
     names = h_names(parsed.fields) if options.with_h else None
     digest = hash_data(parsed.fields, parsed.body, options.method, names)
-    signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
+    signature = signing.sign_digest(key, digest, hashes.SHA1())
     tags = [f"a=rsa-sha1; q=dns; c={options.method};", f"s={selector}; d={domain};"]
     if names is not None:
         tags.append("h=" + ":".join(n.decode("ascii", "replace") for n in names) + ";")
@@ -242,108 +235,46 @@ def authentication_results(authserv_id: str, result: DkResult) -> bytes:
 
 
 @dataclass
-class DkStage:
+class DkStage(signing.SigningStage):
     """DomainKeys verification (DKVERIFY) and signing (DKSIGN) of one message, read as a
-    stream (see the module docstring).
-
-    Policy, the same as the DKIM stage's:
-    - a key that is missing (path without `%`), unreadable or unusable (not RSA, not a key)
-      is the operator's to fix: Z (`unable to read private key` / `unable to use private
-      key`, #4.3.0), and the client retries once it is fixed;
-    - a header block that cannot be parsed (or is over mailstream.HEADER_LIMIT) cannot be
-      signed as it is, now or later: D (`message header is malformed, cannot sign`,
-      #5.6.0); when only verifying it is the result letter G and the DKVERIFY letters decide;
-    - no key for the domain under a `%` pattern, or a From/Sender domain that is not a
-      hostname: queued unsigned, with a log line (IndiMail's rule);
-    - no From: or Sender: header: Z (#4.1.7), as the DKIM stage answers.
-    """
+    stream (see the module docstring), with the policy of signing.SigningStage."""
 
     name: str = "dk"
-    pattern: str | None = None
-    options: DkOptions = DkOptions()
-    verify_letters: str | None = None
-    controldir: str = keys.DEFAULT_CONTROLDIR
-    lookup: keys.TxtLookup | None = None
-    authserv_id: str = ""
+    rsa_only: ClassVar[bool] = True
 
-    def process(self, message: Message) -> Verdict:
-        added: list[bytes] = []
-        facts: dict[str, object] = {}
-        if self.verify_letters is not None:
-            assert self.lookup is not None
-            removed = signing.drop_claimed_results(message, self.authserv_id)
-            if removed:
-                facts["results_removed"] = removed
-            result = self._verify(message)
-            facts["verify"] = result.letter
-            if result.letter in self.verify_letters:
-                return Verdict.from_reply(
-                    Reply.named("verify_rejected", stage=self.name, text=result.text), **facts)
-            if result.letter.lower() in self.verify_letters:
-                return Verdict.from_reply(
-                    Reply.named("verify_tempfailed", stage=self.name, text=result.text),
-                    **facts)
-            added.append(authentication_results(self.authserv_id, result))
-        if self.pattern is not None:
-            verdict = self._sign(message, added, facts)
-            if verdict is not None:
-                return verdict
-        return Verdict.accept(*added, **facts)
-
-    def _verify(self, message: Message) -> DkResult:
+    def verify(self, message: Message, facts: dict[str, object]) -> signing.Checked:
         assert self.lookup is not None
         try:
-            parsed = mailstream.split(message.final_chunks())
+            result = verify_message(signing.header_view(message), self.lookup)
         except mailstream.MalformedHeader as error:
-            return DkResult("G", "", str(error)[:200])
-        return verify_message(parsed, self.lookup)
+            result = DkResult("G", "", str(error)[:200])
+        return signing.Checked(result.letter, result.text,
+                               authentication_results(self.authserv_id, result))
 
-    def _sign(self, message: Message, added: list[bytes],
-              facts: dict[str, object]) -> Verdict | None:
-        assert self.pattern is not None
-        try:
-            parsed = mailstream.split(message.final_chunks())
-        except mailstream.MalformedHeader as error:
-            log.event("dk_malformed", problem=str(error)[:200])
-            return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
-                                      error=str(error)[:200])
-        identity = keys.identity_header(parsed.fields)
-        if identity is None:
-            return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
-        raw_domain = keys.address_domain(identity[1])
-        domain = keys.valid_domain(raw_domain)
-        if domain is None:
-            log.event("dk_unsigned", reason="signing domain is not a hostname",
-                      domain=(raw_domain or "")[:100])
-            facts["unsigned"] = "bad domain"
-            return None
-        try:
-            found = keys.resolve_key(self.pattern, domain, self.controldir)
-            if found is None:
-                log.event("dk_unsigned", reason="no key for domain", domain=domain,
-                          pattern=self.pattern)
-                facts["unsigned"] = "no key"
-                return None
-            key = keys.load_private_key(found.path)
-            if not isinstance(key, rsa.RSAPrivateKey):
-                raise keys.KeyUnparsable(f"{found.path}: DomainKeys needs an RSA key")
-        except keys.KeyProblem as error:
-            return keys.problem_verdict(self.name, error)
+    def sign(self, view: mailstream.Split, domain: str, found: list[signing.SigningKey],
+             facts: dict[str, object]) -> list[bytes]:
+        (chosen,) = found
+        if not isinstance(chosen.key, rsa.RSAPrivateKey):
+            raise keys.KeyUnparsable(f"{chosen.path}: DomainKeys needs an RSA key")
+        options = chosen.spec.options
+        assert isinstance(options, DkOptions)
         # Below any Authentication-Results of ours: the signature covers what is under it.
-        added.append(sign_message(parsed, domain, found.selector, key, self.options))
-        facts["d"] = domain
-        return None
+        return [sign_message(view, domain, chosen.selector, chosen.key, options)]
 
 
 def from_config(config: Config) -> DkStage | None:
     """The stage when DKSIGN or DKVERIFY is set, else None."""
     if config.dksign is None and config.dkverify is None:
         return None
-    options = parse_options(config.dksignoptions)
-    pattern = None
+    try:
+        options = parse_options(config.dksignoptions)
+    except signing.OptionError as error:
+        raise signing.named(config, error) from None
+    signs = []
     if config.dksign is not None:
-        pattern = options.keyfile or config.dksign or config.dkkey
-    return DkStage(pattern=pattern, options=options, verify_letters=config.dkverify,
-                   controldir=config.controldir,
+        setting = "DKSIGNOPTIONS" if options.keyfile else "DKSIGN" if config.dksign else "DKKEY"
+        signs.append(signing.KeySpec(options.keyfile or config.dksign or config.dkkey, setting,
+                                     options))
+    return DkStage(signs=signs, verify_letters=config.dkverify, controldir=config.controldir,
                    lookup=keys.dns_lookup(config.dns_servers, config.dns_timeout),
                    authserv_id=keys.authserv_id())

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import getopt
 import hashlib
 import re
-import shlex
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import dkim
 from cryptography.exceptions import InvalidSignature
@@ -32,11 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from qmqpd import log
-from qmqpd.config import Config, ConfigError
+from qmqpd.config import Config
 from qmqpd.filters import keys, mailstream, signing
-from qmqpd.filters.base import Verdict
-from qmqpd.message import Message, Reply
+from qmqpd.message import Message
 
 HEADER_NAME = b"DKIM-Signature"
 DEFAULT_EXPIRE = 604800  # qmail-dkim: x= one week after signing
@@ -66,21 +63,15 @@ class SignOptions:
 def parse_sign_options(text: str, expire_setting: int | str | None = None,
                        setting: str = "DKIMSIGNOPTIONS") -> SignOptions:
     """qmail-dkim's getopt-style DKIMSIGNOPTIONS; DKIMEXPIRE (if set) wins over -x."""
-    try:
-        pairs, rest = getopt.getopt(shlex.split(text), "c:lqthi:x:z:")
-    except (getopt.GetoptError, ValueError) as error:
-        raise ConfigError(f"{setting}: {error}") from None
-    if rest:
-        raise ConfigError(f"{setting}: unexpected {' '.join(rest)!r}")
     values: dict[str, object] = {}
-    for flag, value in pairs:
+    for flag, value in signing.options(text, "c:lqthi:x:z:", setting):
         if flag == "-c":
             if value not in CANONICALISATIONS:
-                raise ConfigError(f"{setting}: -c takes r, s, t or u, not {value!r}")
+                raise signing.OptionError(setting, f"-c takes r, s, t or u, not {value!r}")
             values["canonicalize"] = CANONICALISATIONS[value]
         elif flag == "-z":
             if value not in ALGORITHMS:
-                raise ConfigError(f"{setting}: -z takes 1, 2, 3 or 4, not {value!r}")
+                raise signing.OptionError(setting, f"-z takes 1, 2, 3 or 4, not {value!r}")
             values["algorithms"] = ALGORITHMS[value]
         elif flag == "-l":
             values["length"] = True
@@ -89,7 +80,7 @@ def parse_sign_options(text: str, expire_setting: int | str | None = None,
         elif flag == "-x":
             values["expire"] = None if value == "-" else _seconds(value, setting)
         elif flag == "-h":
-            raise ConfigError(f"{setting}: -h (z= copied headers) is not supported")
+            raise signing.OptionError(setting, "-h (z= copied headers) is not supported")
         # -q and -t: the q= and t= tags are always written (as dkimpy does).
     if expire_setting is not None:
         values["expire"] = None if expire_setting == "" else int(expire_setting)
@@ -98,7 +89,7 @@ def parse_sign_options(text: str, expire_setting: int | str | None = None,
 
 def _seconds(value: str, setting: str) -> int:
     if not value.isdigit():
-        raise ConfigError(f"{setting}: -x takes seconds or -, not {value!r}")
+        raise signing.OptionError(setting, f"-x takes seconds or -, not {value!r}")
     return int(value)
 
 
@@ -238,11 +229,7 @@ def make_signature(headers: Sequence[Sequence[bytes]], bodyhash: BodyHash, domai
     unsigned = dkim.RE_BTAG.sub(b"\\1", unsigned)
     hashed = hasher()
     header_hash(hashed, policy, headers, include, b" " + unsigned)
-    digest = hashed.digest()
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        signature = key.sign(digest)
-    else:
-        signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(digest_algorithm))
+    signature = signing.sign_digest(key, hashed.digest(), digest_algorithm)
     fields[-1] = (b"b", base64.b64encode(signature))
     value = b"; ".join(b"=".join(x) for x in fields) + linesep
     return HEADER_NAME + b": " + dkim.fold(value, namelen=len(HEADER_NAME), linesep=linesep)
@@ -478,174 +465,82 @@ def authentication_results(authserv_id: str, results: Sequence[SignatureResult])
 # --- the stage -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SignSpec:
-    pattern: str
-    options: SignOptions
-    use_domain_table: bool
-
-
-@dataclass(frozen=True)
-class _Signer:
-    key: keys.PrivateKey
-    selector: bytes
-    algorithms: tuple[bytes, ...]
-    options: SignOptions
-
-
 @dataclass
-class DkimStage:
-    """DKIM verification (DKIMVERIFY) and signing (DKIMSIGN, DKIMSIGNEXTRA) of one message.
+class DkimStage(signing.SigningStage):
+    """DKIM verification (DKIMVERIFY) and signing (DKIMSIGN, DKIMSIGNEXTRA) of one message,
+    with the policy of signing.SigningStage.
 
     The message is read as a stream: the header block (at most mailstream.HEADER_LIMIT
     bytes) in memory, the body hashed chunk by chunk. Verification looks at the topmost
     `max_signatures` signatures with one `verify_timeout` for all their key lookups.
-
-    Policy, the same as the DomainKeys stage's:
-    - a key that is missing (path without `%`), unreadable or unusable is the operator's
-      to fix: Z (`unable to read private key` / `unable to use private key`, #4.3.0), and the
-      client retries once it is fixed;
-    - a header block that cannot be parsed (or is over the limit) cannot be signed as it is,
-      now or later: D (`message header is malformed, cannot sign`, #5.6.0) so the sender
-      hears at once, rather than the mail leaving unsigned where signing was asked for;
-      when only verifying, it is the result letter H and the DKIMVERIFY letters decide;
-    - no key for the domain under a `%` pattern, or a From/Sender domain that is not a
-      hostname: queued unsigned, with a log line (IndiMail's rule);
-    - no From: or Sender: header: Z (#4.1.7), as qmail-dkim answers.
     """
 
     name: str = "dkim"
-    signs: list[SignSpec] = field(default_factory=list)
-    verify_letters: str | None = None
-    controldir: str = keys.DEFAULT_CONTROLDIR
-    domain_table: str = ""
     exclude: tuple[bytes, ...] = ()
-    lookup: keys.TxtLookup | None = None
-    authserv_id: str = ""
     max_signatures: int = DEFAULT_MAX_SIGNATURES
     verify_timeout: float | None = None
+    signatures_first: ClassVar[bool] = True
 
-    def process(self, message: Message) -> Verdict:
-        added: list[bytes] = []
-        facts: dict[str, object] = {}
-        if self.verify_letters is not None:
-            verdict = self._verify(message, added, facts)
-            if verdict is not None:
-                return verdict
-        if self.signs:
-            verdict = self._sign(message, added, facts)
-            if verdict is not None:
-                return verdict
-        return Verdict.accept(*added, **facts)
-
-    def _verify(self, message: Message, added: list[bytes],
-                facts: dict[str, object]) -> Verdict | None:
-        assert self.lookup is not None and self.verify_letters is not None
-        removed = signing.drop_claimed_results(message, self.authserv_id)
-        if removed:
-            facts["results_removed"] = removed
+    def verify(self, message: Message, facts: dict[str, object]) -> signing.Checked:
+        assert self.lookup is not None
         deadline = None
         if self.verify_timeout is not None:
             deadline = time.monotonic() + self.verify_timeout
         try:
-            parsed = mailstream.split(message.final_chunks())
-            found = sum(1 for f in parsed.fields if f[0].lower() == b"dkim-signature")
-            results = verify_message(parsed, self.lookup, self.max_signatures, deadline)
+            view = signing.header_view(message)
+            found = sum(1 for f in view.fields if f[0].lower() == b"dkim-signature")
+            results = verify_message(view, self.lookup, self.max_signatures, deadline)
         except mailstream.MalformedHeader as error:
             results = [SignatureResult("H", detail=str(error)[:200])]
             found = 0
         if found > len(results):
             facts["unchecked"] = found - len(results)
         letter = overall_letter(results)
-        facts["verify"] = letter
         text = results[0].text if results and letter != "A" else RESULTS[letter][1]
-        if letter in self.verify_letters:
-            return Verdict.from_reply(
-                Reply.named("verify_rejected", stage=self.name, text=text), verify=letter)
-        if letter.lower() in self.verify_letters:
-            return Verdict.from_reply(
-                Reply.named("verify_tempfailed", stage=self.name, text=text), verify=letter)
-        added.append(authentication_results(self.authserv_id, results))
-        return None
+        return signing.Checked(letter, text, authentication_results(self.authserv_id, results))
 
-    def _sign(self, message: Message, added: list[bytes],
-              facts: dict[str, object]) -> Verdict | None:
-        try:
-            parsed = mailstream.split(message.final_chunks())
-        except mailstream.MalformedHeader as error:
-            log.event("dkim_malformed", problem=str(error)[:200])
-            return Verdict.from_reply(Reply.named("sign_malformed", stage=self.name),
-                                      error=str(error)[:200])
-        headers = parsed.fields
-        identity = keys.identity_header(headers)
-        if identity is None:
-            return Verdict.from_reply(Reply.named("sign_no_identity", stage=self.name))
-        raw_domain = keys.address_domain(b" ".join(identity[1].split()))
-        domain = keys.valid_domain(raw_domain)
-        if domain is None:
-            log.event("dkim_unsigned", reason="signing domain is not a hostname",
-                      domain=(raw_domain or "")[:100])
-            facts["unsigned"] = "bad domain"
-            return None
-        signers: list[_Signer] = []
-        for spec in self.signs:
-            try:
-                signer = self._signer(spec, domain)
-            except keys.KeyProblem as error:
-                return keys.problem_verdict(self.name, error)
-            if signer is None:
-                log.event("dkim_unsigned", reason="no key for domain", domain=domain,
-                          pattern=spec.pattern)
-                facts.setdefault("unsigned", "no key")
-            else:
-                signers.append(signer)
-        if not signers:
-            return None
-        jobs = [(signer, algorithm, (CanonicalizationPolicy.from_c_value(
-                    signer.options.canonicalize).body_algorithm.name, algorithm, None))
-                for signer in signers for algorithm in signer.algorithms]
-        bodies = hash_bodies(parsed.body, [body_key for _, _, body_key in jobs])
-        include = headers_to_sign(headers, self.exclude)
+    def sign(self, view: mailstream.Split, domain: str, found: list[signing.SigningKey],
+             facts: dict[str, object]) -> list[bytes]:
+        jobs = []
+        for chosen in found:
+            options = chosen.spec.options
+            assert isinstance(options, SignOptions)
+            body = CanonicalizationPolicy.from_c_value(options.canonicalize).body_algorithm.name
+            for algorithm in algorithms_for(chosen.key, options):
+                jobs.append((chosen, options, algorithm, (body, algorithm, None)))
+        bodies = hash_bodies(view.body, [body_key for *_, body_key in jobs])
+        include = headers_to_sign(view.fields, self.exclude)
         now = int(time.time())
-        signatures = [make_signature(headers, bodies[body_key], domain.encode(), signer.selector,
-                                     signer.key, algorithm, include, signer.options, now)
-                      for signer, algorithm, body_key in jobs]
-        facts["d"] = domain
+        signatures = [make_signature(view.fields, bodies[body_key], domain.encode(),
+                                     chosen.selector.encode(), chosen.key, algorithm, include,
+                                     options, now)
+                      for chosen, options, algorithm, body_key in jobs]
         facts["signatures"] = len(signatures)
         facts["signed_headers"] = len(include)
-        added[:0] = signatures
-        return None
-
-    def _signer(self, spec: SignSpec, domain: str) -> _Signer | None:
-        pattern = spec.pattern
-        if spec.use_domain_table and self.domain_table:
-            table = keys.domain_key_table(keys.under(self.controldir, self.domain_table))
-            pattern = table.get(domain, pattern)
-        found = keys.resolve_key(pattern, domain, self.controldir)
-        if found is None:
-            return None
-        key = keys.load_private_key(found.path)
-        return _Signer(key, found.selector.encode(), algorithms_for(key, spec.options),
-                       spec.options)
+        return signatures
 
 
 def from_config(config: Config) -> DkimStage | None:
     """The stage when DKIMSIGN, DKIMSIGNEXTRA or DKIMVERIFY is set, else None."""
     signs = []
-    if config.dkimsign is not None:
-        options = parse_sign_options(config.dkimsignoptions, config.dkimexpire)
-        signs.append(SignSpec(config.dkimsign or config.dkimkey, options, True))
-    if config.dkimsignextra:
-        options = parse_sign_options(config.dkimsignoptionsextra, config.dkimexpire,
-                                     "DKIMSIGNOPTIONSEXTRA")
-        signs.append(SignSpec(config.dkimsignextra, options, False))
+    try:
+        if config.dkimsign is not None:
+            options = parse_sign_options(config.dkimsignoptions, config.dkimexpire)
+            signs.append(signing.KeySpec(config.dkimsign or config.dkimkey,
+                                         "DKIMSIGN" if config.dkimsign else "DKIMKEY",
+                                         options, config.dkimkeys))
+        if config.dkimsignextra:
+            options = parse_sign_options(config.dkimsignoptionsextra, config.dkimexpire,
+                                         "DKIMSIGNOPTIONSEXTRA")
+            signs.append(signing.KeySpec(config.dkimsignextra, "DKIMSIGNEXTRA", options))
+    except signing.OptionError as error:
+        raise signing.named(config, error) from None
     if not signs and config.dkimverify is None:
         return None
     exclude = tuple(n.strip().lower().encode() for n in config.exclude_dkimsign.split(":")
                     if n.strip())
     return DkimStage(signs=signs, verify_letters=config.dkimverify,
-                     controldir=config.controldir, domain_table=config.dkimkeys,
-                     exclude=exclude,
+                     controldir=config.controldir, exclude=exclude,
                      lookup=keys.dns_lookup(config.dns_servers, config.dns_timeout),
                      authserv_id=keys.authserv_id(),
                      max_signatures=config.dkimverify_max_signatures,

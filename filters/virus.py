@@ -225,6 +225,9 @@ class VirusStage:
             return Verdict.accept(CLEAN, result="clean")
         return self._infected(message, result.name)
 
+    def check(self) -> list[tuple[str, str]]:
+        return []  # clamd is asked per message: it may come and go while we serve
+
     def _outside_limits(self, size: int) -> bool:
         return (self.min_size > 0 and size < self.min_size) or (
             self.max_size > 0 and size > self.max_size)

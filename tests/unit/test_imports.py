@@ -43,12 +43,13 @@ PENDING: dict[str, set[str]] = {
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
+    "filters.signing": {"cryptography"},  # the private-key operation DK and DKIM share
 }
 # Modules the card does not list yet, with what they may import.
 PENDING_MODULES: dict[str, set[str]] = {
     "filters.mailstream": set(),  # streaming header parser shared by dk and dkim: stdlib
     # the card's "Next step" row: what DK and DKIM share (header block, results, keys)
-    "filters.signing": {"filters.mailstream"},
+    "filters.signing": {"filters.mailstream", "filters.keys", "filters.base"},
 }
 
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmqpd.filters import dk, mailstream, signing
+from qmqpd.filters import dk, keys, mailstream, pipeline, signing
 from qmqpd.filters import dkim as fdkim
 from qmqpd.message import Message, MessageData
 from tests.support import need
@@ -178,8 +178,8 @@ def test_claiming_headers_are_removed_and_the_rest_kept_byte_for_byte(
 def test_nothing_is_removed_when_only_signing(tmp_path: Path) -> None:
     data = CLAIMING[0] + BODY
     message = message_of(data)
-    stage = fdkim.DkimStage(signs=[fdkim.SignSpec(str(tmp_path / "%" / "none"),
-                                                  fdkim.SignOptions(), False)])
+    stage = fdkim.DkimStage(signs=[signing.KeySpec(str(tmp_path / "%" / "none"), "DKIMSIGN",
+                                                   fdkim.SignOptions())])
     assert stage.process(message).action == "accept"
     assert message.data.bytes() == data
 
@@ -213,3 +213,31 @@ def test_the_shared_view_is_split_of_the_whole_message(stage_headers: list[bytes
         view = signing.header_view(message)
         assert view.fields == expected.fields
         assert b"".join(view.body) == b"".join(mailstream.split(message.final_chunks()).body)
+
+
+def test_dk_and_dkim_verifying_and_signing_parse_the_header_block_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: four parses per message (DK verify and sign, DKIM verify and sign)."""
+    keys.keygen("example.org", "default", "rsa", 1024, str(tmp_path / "domainkeys"))
+    record = keys.dns_record(keys.load_private_key(
+        str(tmp_path / "domainkeys" / "example.org" / "default"))).encode()
+    spec = ("domainkeys/%/default", "DKSIGN")
+    stages = [
+        dk.DkStage(signs=[signing.KeySpec(*spec, dk.DkOptions())], verify_letters="",
+                   controldir=str(tmp_path), lookup=lambda _n, _t: record, authserv_id=OURS),
+        fdkim.DkimStage(signs=[signing.KeySpec(*spec, fdkim.SignOptions())],
+                        verify_letters="", controldir=str(tmp_path),
+                        lookup=lambda _n, _t: record, authserv_id=OURS),
+    ]
+    calls = []
+    split = mailstream.split
+    monkeypatch.setattr(mailstream, "split", lambda *a, **k: calls.append(1) or split(*a, **k))
+    message = message_of(BODY)
+    result = pipeline.run(stages, message)
+    assert result.reply is None and [v.action for v in result.verdicts] == ["accept"] * 2
+    assert len(calls) == 1
+    final = b"".join(message.final_chunks())
+    assert final.index(b"DKIM-Signature:") < final.index(b"DomainKey-Signature:")
+    checked = fdkim.verify_message(final, lambda _n, _t: record)
+    assert [r.letter for r in checked] == ["A"]
+    assert dk.verify_message(final, lambda _n, _t: record).letter == "A"

@@ -17,7 +17,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmqpd.filters import dk, keys, mailstream
+from qmqpd.filters import dk, keys, mailstream, signing
 from qmqpd.filters import dkim as fdkim
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, MessageData
@@ -147,8 +147,8 @@ def message_of(data: bytes) -> Message:
 
 
 def dkim_signer(control: Path) -> fdkim.DkimStage:
-    return fdkim.DkimStage(signs=[fdkim.SignSpec("domainkeys/%/default", fdkim.SignOptions(),
-                                                 False)], controldir=str(control))
+    return fdkim.DkimStage(signs=[signing.KeySpec("domainkeys/%/default", "DKIMSIGN",
+                                                  fdkim.SignOptions())], controldir=str(control))
 
 
 def test_twenty_thousand_headers_sign_in_linear_time(control: Path) -> None:
@@ -170,7 +170,8 @@ def test_twenty_thousand_headers_sign_in_linear_time(control: Path) -> None:
 def test_domainkeys_h_tag_is_bounded_and_verifies(control: Path) -> None:
     head = b"".join(b"Comment-%d: value %d\n" % (i, i) for i in range(1_000))
     data = b"From: joe@example.org\nTo: a@example.net\n" + head + b"\nbody\n"
-    stage = dk.DkStage(pattern="domainkeys/%/default", options=dk.DkOptions(with_h=True),
+    stage = dk.DkStage(signs=[signing.KeySpec("domainkeys/%/default", "DKSIGN",
+                                              dk.DkOptions(with_h=True))],
                        controldir=str(control))
     verdict = run(stage, data)
     (signature,) = verdict.headers
@@ -253,11 +254,12 @@ def test_silent_dns_costs_one_deadline_not_one_timeout_per_signature(control: Pa
 # --- one policy for both stages ------------------------------------------------------------
 
 def dk_signer(pattern: str, control: Path) -> dk.DkStage:
-    return dk.DkStage(pattern=pattern, controldir=str(control))
+    return dk.DkStage(signs=[signing.KeySpec(pattern, "DKSIGN", dk.DkOptions())],
+                      controldir=str(control))
 
 
 def dkim_signer_with(pattern: str, control: Path) -> fdkim.DkimStage:
-    return fdkim.DkimStage(signs=[fdkim.SignSpec(pattern, fdkim.SignOptions(), False)],
+    return fdkim.DkimStage(signs=[signing.KeySpec(pattern, "DKIMSIGN", fdkim.SignOptions())],
                            controldir=str(control))
 
 
