@@ -1,13 +1,14 @@
 """DKIM (RFC 6376) signing and verification stage, with qmail-dkim's settings.
 
 Signing produces exactly the header dkimpy would (its canonicalisation rules, tag order and
-folding) but the RSA and Ed25519 operations run in OpenSSL through `cryptography`: dkimpy's
-pure-Python RSA costs milliseconds per message. RSA PKCS#1 v1.5 and Ed25519 are
-deterministic, so the bytes are identical.
+folding, kept in filters.dkimtags) but the RSA and Ed25519 operations run in OpenSSL
+through `cryptography`: dkimpy's pure-Python RSA costs milliseconds per message. RSA
+PKCS#1 v1.5 and Ed25519 are deterministic, so the bytes are identical (the tests compare
+them with dkimpy's own, which the product does not import).
 
 The message is read as a stream (filters.mailstream): the body hash is computed chunk by
 chunk and header selection is one pass, so work is linear in the message and memory is the
-header block. Verification uses dkimpy's tag and key-record parsing with our own key lookup,
+header block. Verification parses the tags and key record itself with our own key lookup,
 so that each outcome maps to one of qmail-dkim's result letters (A-Y), and a DNS failure is
 a temporary result (P), never a silent pass.
 """
@@ -24,15 +25,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import dkim
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.util import InvalidTagValueList, parse_tag_value
 
 from qmqpd.config import Config
-from qmqpd.filters import keys, mailstream, signing
+from qmqpd.filters import dkimtags, keys, mailstream, signing
 from qmqpd.message import Message
 
 HEADER_NAME = b"DKIM-Signature"
@@ -153,12 +151,12 @@ def select_fields(headers: Sequence[Sequence[bytes]],
     return picked
 
 
-def header_hash(hasher: object, policy: CanonicalizationPolicy,
-                headers: Sequence[Sequence[bytes]], include: Sequence[bytes],
-                signature_value: bytes) -> None:
-    """Feed the signed fields, then the signature field with an empty b=, as RFC 6376 says."""
-    chosen = policy.canonicalize_headers([(n, v) for n, v in select_fields(headers, include)])
-    own = policy.canonicalize_headers([(HEADER_NAME, dkim.RE_BTAG.sub(b"\\1", signature_value))])
+def header_hash(hasher: object, canon: bytes, headers: Sequence[Sequence[bytes]],
+                include: Sequence[bytes], signature_value: bytes) -> None:
+    """Feed the signed fields, then the signature field with an empty b=, as RFC 6376 says
+    (canon: the header canonicalisation, simple or relaxed)."""
+    chosen = dkimtags.canonical_headers(canon, select_fields(headers, include))
+    own = dkimtags.canonical_headers(canon, [(HEADER_NAME, dkimtags.blank_b(signature_value))])
     for name, value in chosen + [(x, y.rstrip()) for x, y in own]:
         hasher.update(name + b":" + value)  # type: ignore[attr-defined]
 
@@ -194,8 +192,7 @@ def sign_message(headers: list[list[bytes]], body: bytes, domain: bytes, selecto
                  key: keys.PrivateKey, algorithm: bytes, include: Sequence[bytes],
                  options: SignOptions, now: int, linesep: bytes = b"\n") -> bytes:
     """The `DKIM-Signature: ...` header, byte for byte what dkimpy's DKIM.sign makes."""
-    policy = CanonicalizationPolicy.from_c_value(options.canonicalize)
-    key_for_body = (policy.body_algorithm.name, algorithm, None)
+    key_for_body = (dkimtags.parse_c(options.canonicalize)[1], algorithm, None)
     bodyhash = hash_bodies([body], [key_for_body])[key_for_body]
     return make_signature(headers, bodyhash, domain, selector, key, algorithm, include,
                           options, now, linesep)
@@ -206,13 +203,13 @@ def make_signature(headers: Sequence[Sequence[bytes]], bodyhash: BodyHash, domai
                    include: Sequence[bytes], options: SignOptions, now: int,
                    linesep: bytes = b"\n") -> bytes:
     """The header for a body already hashed (see hash_bodies)."""
-    policy = CanonicalizationPolicy.from_c_value(options.canonicalize)
+    canon = dkimtags.parse_c(options.canonicalize)
     hasher, digest_algorithm = DIGESTS[algorithm]
     identity = options.identity or b"@" + domain
     fields = [x for x in (
         (b"v", b"1"),
         (b"a", algorithm),
-        (b"c", policy.to_c_value()),
+        (b"c", b"/".join(canon)),
         (b"d", domain),
         (b"i", identity),
         options.length and (b"l", str(bodyhash.length).encode()),
@@ -224,15 +221,15 @@ def make_signature(headers: Sequence[Sequence[bytes]], bodyhash: BodyHash, domai
         (b"bh", base64.b64encode(bodyhash.digest)),
         (b"b", b"0" * 60),  # forces b= onto its own line, as dkimpy does
     ) if x]
-    unsigned = dkim.fold(b"; ".join(b"=".join(x) for x in fields),
-                         namelen=len(HEADER_NAME), linesep=b"\r\n")
-    unsigned = dkim.RE_BTAG.sub(b"\\1", unsigned)
+    unsigned = dkimtags.fold(b"; ".join(b"=".join(x) for x in fields),
+                             namelen=len(HEADER_NAME), linesep=b"\r\n")
+    unsigned = dkimtags.blank_b(unsigned)
     hashed = hasher()
-    header_hash(hashed, policy, headers, include, b" " + unsigned)
+    header_hash(hashed, canon[0], headers, include, b" " + unsigned)
     signature = signing.sign_digest(key, hashed.digest(), digest_algorithm)
     fields[-1] = (b"b", base64.b64encode(signature))
     value = b"; ".join(b"=".join(x) for x in fields) + linesep
-    return HEADER_NAME + b": " + dkim.fold(value, namelen=len(HEADER_NAME), linesep=linesep)
+    return HEADER_NAME + b": " + dkimtags.fold(value, namelen=len(HEADER_NAME), linesep=linesep)
 
 
 def algorithms_for(key: keys.PrivateKey, options: SignOptions) -> tuple[bytes, ...]:
@@ -279,17 +276,6 @@ class SignatureResult:
         return self.detail or RESULTS[self.letter][1]
 
 
-def _letter_for_validation(error: Exception) -> str:
-    text = str(error)
-    if "x= value is past" in text:
-        return "K"
-    if "unknown signature algorithm" in text:
-        return "V"
-    if "body hash mismatch" in text:
-        return "U"
-    return "H"
-
-
 @dataclass(frozen=True)
 class _Prepared:
     """A signature whose tags parsed: what is needed to check it."""
@@ -297,33 +283,30 @@ class _Prepared:
     sig: dict[bytes, bytes]
     include: list[bytes]
     field: Sequence[bytes]
-    policy: CanonicalizationPolicy
+    canon: tuple[bytes, bytes]  # header and body canonicalisation
     body_key: tuple[bytes, bytes, int | None]
     found: SignatureResult
 
 
 def _prepare(sig_field: Sequence[bytes]) -> _Prepared | SignatureResult:
     try:
-        sig = parse_tag_value(sig_field[1])
-        dkim.validate_signature_fields(sig)
-    except InvalidTagValueList as error:
-        return SignatureResult("H", detail=str(error)[:200])
-    except (dkim.ValidationError, dkim.MessageFormatError) as error:
-        return SignatureResult(_letter_for_validation(error), detail=str(error)[:200])
+        sig = dkimtags.parse_tags(sig_field[1])
+        dkimtags.check_signature(sig)
+    except dkimtags.TagError as error:
+        return SignatureResult(error.letter, detail=str(error)[:200])
     found = SignatureResult("A", sig[b"d"].decode(errors="replace"),
                             sig[b"s"].decode(errors="replace"),
                             sig[b"a"].decode(errors="replace"),
                             base64_prefix(sig.get(b"b", b"")))
     try:
-        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
-    except InvalidCanonicalizationPolicyError as error:
-        return _with(found, "H", f"invalid c= value: {error}"[:200])
+        canon = dkimtags.parse_c(sig.get(b"c", b"simple/simple"))
+    except dkimtags.TagError as error:
+        return _with(found, error.letter, str(error)[:200])
     if sig.get(b"l") == b"":
         return _with(found, "H", "l= value is empty")
     include = [x.lower() for x in re.split(rb"\s*:\s*", sig[b"h"])]
     limit = int(sig[b"l"]) if b"l" in sig else None
-    return _Prepared(sig, include, sig_field, policy,
-                     (policy.body_algorithm.name, sig[b"a"], limit), found)
+    return _Prepared(sig, include, sig_field, canon, (canon[1], sig[b"a"], limit), found)
 
 
 def _check(prepared: _Prepared, headers: Sequence[Sequence[bytes]],
@@ -353,7 +336,7 @@ def _check(prepared: _Prepared, headers: Sequence[Sequence[bytes]],
     if b"from" in include:
         include.append(b"from")  # a From added above the signed one must break it (as dkimpy)
     hashed = DIGESTS[sig[b"a"]][0]()
-    header_hash(hashed, prepared.policy, headers, include, prepared.field[1])
+    header_hash(hashed, prepared.canon[0], headers, include, prepared.field[1])
     signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]))
     try:
         if isinstance(public, ed25519.Ed25519PublicKey):
@@ -505,7 +488,7 @@ class DkimStage(signing.SigningStage):
         for chosen in found:
             options = chosen.spec.options
             assert isinstance(options, SignOptions)
-            body = CanonicalizationPolicy.from_c_value(options.canonicalize).body_algorithm.name
+            body = dkimtags.parse_c(options.canonicalize)[1]
             for algorithm in algorithms_for(chosen.key, options):
                 jobs.append((chosen, options, algorithm, (body, algorithm, None)))
         bodies = hash_bodies(view.body, [body_key for *_, body_key in jobs])

@@ -7,41 +7,30 @@ streamed from their file in chunks, never loaded whole. A scan that cannot be do
 down, hung, answering an error, or closing the stream at its StreamMaxLength) is a
 temporary failure unless QHPSI_PASS_ON_ERROR is set: an unscanned message is never
 accepted by accident.
+
+The INSTREAM client is our own, a few lines of clamd's documented protocol (`man clamd`):
+the clamd package's `instream` (1.0.2, the last release) connects with no time limit,
+writes with `send` (a short write breaks the chunk framing), has a timeout per socket
+operation instead of one for the scan, sends 1 KiB chunks, and cannot tell clamd's size
+limit from a dead scanner once clamd has closed the stream — and it imports pkg_resources,
+~70 ms for every `qmqpd session` process.
+
+Called by filters.pipeline (from_config, process); never touches queues or other stages.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from types import ModuleType
 
 from qmqpd import log
 from qmqpd.config import Config
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
-
-
-def _import_clamd() -> ModuleType:
-    """clamd 1.0.2 asks pkg_resources for its own version at import, which costs ~70 ms per
-    process (and each `qmqpd session` is one). The version is never used, so that lookup is
-    made to fail fast; clamd catches the ImportError itself."""
-    if "pkg_resources" in sys.modules:
-        import clamd
-
-        return clamd
-    sys.modules["pkg_resources"] = None  # type: ignore[assignment]
-    try:
-        import clamd
-    finally:
-        del sys.modules["pkg_resources"]
-    return clamd
-
-
-clamd = _import_clamd()
 
 CHUNK = 65536
 ANSWER_LIMIT = 4096  # clamd's answer is one short line
@@ -66,89 +55,107 @@ class ScanResult:
     name: str = ""
 
 
-class _Streaming:
-    """INSTREAM over the clamd package's connection classes, with what they lack: one
-    deadline for the whole scan (connect included), whole chunks written with sendall, and
-    clamd's size-limit answer read back after it closes the stream on us."""
+# clamd's answer to INSTREAM: "stream: OK", "stream: NAME FOUND" or "... ERROR".
+_ANSWER = re.compile(r"(?P<path>.*): ((?P<name>.+) )?(?P<status>FOUND|OK|ERROR)\Z")
 
-    timeout: float
-    clamd_socket: socket.socket
 
-    def _connect(self) -> socket.socket:
+class Scanner:
+    """INSTREAM to one clamd: one deadline for the whole scan (connect included), whole
+    chunks written with sendall, and clamd's size-limit answer read back after it closes
+    the stream on us."""
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
+
+    def _connect(self, timeout: float | None) -> socket.socket:
         raise NotImplementedError
 
-    def _init_socket(self) -> None:
-        try:
-            self.clamd_socket = self._connect()
-        except OSError as error:
-            raise clamd.ConnectionError(self._error_message(error)) from None  # type: ignore[attr-defined]
+    def describe(self) -> str:
+        raise NotImplementedError
 
     def scan_chunks(self, chunks: Iterable[bytes]) -> ScanResult:
-        deadline = time.monotonic() + self.timeout
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            self._init_socket()
             try:
-                answer = self._stream(chunks, deadline)
+                sock = self._connect(self.timeout)
+            except TimeoutError:
+                raise
+            except OSError as error:
+                raise ScannerError(f"cannot connect to clamd at {self.describe()}: "
+                                   f"{_describe(error)}") from None
+            try:
+                answer = _stream(sock, chunks, deadline)
             finally:
-                self.clamd_socket.close()
-            return self._result(answer)
-        except ScannerError:
-            raise
+                sock.close()
         except TimeoutError:
             raise ScannerError(f"clamd did not finish within CLAMD_TIMEOUT ({self.timeout}s)")\
                 from None
-        except (clamd.ClamdError, OSError) as error:
+        except OSError as error:
             raise ScannerError(_describe(error)) from None
-
-    def _stream(self, chunks: Iterable[bytes], deadline: float) -> str:
-        sock = self.clamd_socket
-        try:
-            _send(sock, b"zINSTREAM\0", deadline)
-            for chunk in _nonempty(chunks):
-                _send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
-            _send(sock, b"\0\0\0\0", deadline)
-        except (BrokenPipeError, ConnectionResetError) as error:
-            # At StreamMaxLength clamd writes why and closes; the line may still be readable.
-            try:
-                answer = _read_answer(sock, deadline)
-            except OSError:
-                answer = ""
-            if "size limit" in answer:
-                raise StreamTooLong(answer) from None
-            raise ScannerError(f"clamd closed the stream: {_describe(error)}") from None
-        return _read_answer(sock, deadline)
-
-    def _result(self, answer: str) -> ScanResult:
-        if "size limit" in answer:
-            raise StreamTooLong(answer)
-        if not answer:
-            raise ScannerError("clamd closed the connection without an answer")
-        try:
-            _path, name, status = self._parse_response(answer)  # type: ignore[attr-defined]
-        except clamd.ResponseError:
-            raise ScannerError(f"clamd answered {answer!r}") from None
-        if status == "OK":
-            return ScanResult(infected=False)
-        if status == "FOUND":
-            return ScanResult(infected=True, name=name or "unknown")
-        raise ScannerError(f"clamd answered {answer!r}")
+        return _result(answer)
 
 
-class UnixScanner(_Streaming, clamd.ClamdUnixSocket):
-    def _connect(self) -> socket.socket:
+class UnixScanner(Scanner):
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        super().__init__(timeout)
+        self.path = path
+
+    def describe(self) -> str:
+        return self.path
+
+    def _connect(self, timeout: float | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.unix_socket)
+            sock.settimeout(timeout)
+            sock.connect(self.path)
         except OSError:
             sock.close()
             raise
         return sock
 
 
-class TcpScanner(_Streaming, clamd.ClamdNetworkSocket):
-    def _connect(self) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout=self.timeout)
+class TcpScanner(Scanner):
+    def __init__(self, host: str, port: int, timeout: float | None = None) -> None:
+        super().__init__(timeout)
+        self.host = host
+        self.port = port
+
+    def describe(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _connect(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+
+def _stream(sock: socket.socket, chunks: Iterable[bytes], deadline: float | None) -> str:
+    try:
+        _send(sock, b"zINSTREAM\0", deadline)
+        for chunk in _nonempty(chunks):
+            _send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
+        _send(sock, b"\0\0\0\0", deadline)
+    except (BrokenPipeError, ConnectionResetError) as error:
+        # At StreamMaxLength clamd writes why and closes; the line may still be readable.
+        try:
+            answer = _read_answer(sock, deadline)
+        except OSError:
+            answer = ""
+        if "size limit" in answer:
+            raise StreamTooLong(answer) from None
+        raise ScannerError(f"clamd closed the stream: {_describe(error)}") from None
+    return _read_answer(sock, deadline)
+
+
+def _result(answer: str) -> ScanResult:
+    if "size limit" in answer:
+        raise StreamTooLong(answer)
+    if not answer:
+        raise ScannerError("clamd closed the connection without an answer")
+    found = _ANSWER.match(answer)
+    if found is None or found["status"] == "ERROR":
+        raise ScannerError(f"clamd answered {answer!r}")
+    if found["status"] == "FOUND":
+        return ScanResult(infected=True, name=found["name"] or "unknown")
+    return ScanResult(infected=False)
 
 
 def _describe(error: BaseException) -> str:
@@ -160,19 +167,21 @@ def _nonempty(chunks: Iterable[bytes]) -> Iterator[bytes]:
     return (chunk for chunk in chunks if chunk)
 
 
-def _remaining(deadline: float) -> float:
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
     left = deadline - time.monotonic()
     if left <= 0:
         raise TimeoutError("clamd did not finish within CLAMD_TIMEOUT")
     return left
 
 
-def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
+def _send(sock: socket.socket, data: bytes, deadline: float | None) -> None:
     sock.settimeout(_remaining(deadline))
     sock.sendall(data)
 
 
-def _read_answer(sock: socket.socket, deadline: float) -> str:
+def _read_answer(sock: socket.socket, deadline: float | None) -> str:
     """One NUL- (or newline-) terminated answer, or what came before EOF."""
     answer = b""
     while len(answer) < ANSWER_LIMIT:

@@ -53,7 +53,7 @@ def test_scanner_for_prefers_tcp() -> None:
     assert (tcp.host, tcp.port, tcp.timeout) == ("::1", 3311, 2.5)
     unix = virus.scanner_for(settings(CLAMD_SOCKET="/tmp/c.sock"))
     assert isinstance(unix, virus.UnixScanner)
-    assert unix.unix_socket == "/tmp/c.sock"
+    assert unix.path == "/tmp/c.sock"
 
 
 def test_virus_stage_runs_first_and_only_when_switched_on() -> None:
@@ -122,3 +122,28 @@ def test_quarantine_header_is_one_well_formed_field(recipients: list[bytes]) -> 
     assert all(line.startswith(b" <") for line in lines[1:-1])
     assert len(lines) == len(recipients) + 1
     assert b"\r" not in header and b"\0" not in header
+
+
+@pytest.mark.parametrize(("answer", "infected", "name"), [
+    ("stream: OK", False, ""), ("stream: Eicar-Test-Signature FOUND", True,
+                                "Eicar-Test-Signature"),
+    ("stream: Win.Test.EICAR_HDB-1 FOUND", True, "Win.Test.EICAR_HDB-1"),
+])
+def test_clamd_answers(answer: str, infected: bool, name: str) -> None:
+    assert virus._result(answer) == virus.ScanResult(infected, name)
+
+
+@pytest.mark.parametrize(("answer", "error"), [
+    ("INSTREAM size limit exceeded. ERROR", virus.StreamTooLong),
+    ("stream: Can't allocate memory ERROR", virus.ScannerError),
+    ("UNKNOWN COMMAND", virus.ScannerError), ("", virus.ScannerError),
+])
+def test_clamd_errors_are_typed(answer: str, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        virus._result(answer)
+
+
+def test_no_clamd_at_the_socket_is_a_scanner_error(tmp_path) -> None:
+    scanner = virus.UnixScanner(str(tmp_path / "absent.sock"), timeout=1)
+    with pytest.raises(virus.ScannerError, match="cannot connect to clamd at"):
+        scanner.scan_chunks([b"x"])
