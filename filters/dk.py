@@ -56,20 +56,6 @@ def hash_data(fields: Sequence[Sequence[bytes]], body: Iterable[bytes], method: 
     return digest.digest()
 
 
-def canonical_data(message: bytes, method: str,
-                   signed_names: Sequence[bytes] | None = None) -> bytes:
-    """The bytes RFC 4870 signs for a whole message (for tests and tools)."""
-    parsed = mailstream.split([message])
-    collected: list[bytes] = []
-
-    class Collect:
-        def update(self, data: bytes, /) -> None:
-            collected.append(data)
-
-    _feed(Collect(), parsed.fields, parsed.body, method, signed_names)
-    return b"".join(collected)
-
-
 def _feed(sink: mailstream.Sink, fields: Sequence[Sequence[bytes]], body: Iterable[bytes],
           method: str, signed_names: Sequence[bytes] | None) -> None:
     wanted = None if signed_names is None else {name.lower() for name in signed_names}

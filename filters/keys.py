@@ -295,13 +295,6 @@ def _split_server(server: str) -> tuple[str, int]:
     return server, 53
 
 
-def parse_servers(raw: str) -> tuple[str, ...]:
-    servers = tuple(s for s in raw.replace(",", " ").split() if s)
-    for server in servers:
-        _split_server(server)  # raises ValueError on a bad port
-    return servers
-
-
 def txt_record(name: str, timeout: float, servers: tuple[str, ...] = (),
                lifetime: float | None = None) -> bytes | None:
     """The key record at name (the first TXT with `p=`), None if there is none for sure.

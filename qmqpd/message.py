@@ -267,9 +267,6 @@ class Message(Record):
         yield self.head
         yield from self.data.chunks(size)
 
-    def final_bytes(self) -> bytes:
-        return self.head + self.data.bytes()
-
     def write_final(self, fd: int) -> None:
         _write_all(fd, self.head)
         self.data.copy_to(fd)

@@ -75,7 +75,7 @@ def test_valid_request_parses() -> None:
     msg = parse([request(b"Subject: x\n\nbody\n", b"a@example.org", [b"b@x.org", b"c@y.org"])])
     assert msg.sender == b"a@example.org"
     assert msg.recipients == [b"b@x.org", b"c@y.org"]
-    assert msg.final_bytes() == RECEIVED + b"Subject: x\n\nbody\n"
+    assert b"".join(msg.final_chunks()) == RECEIVED + b"Subject: x\n\nbody\n"
     assert msg.data.in_memory
 
 

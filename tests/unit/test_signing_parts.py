@@ -4,6 +4,7 @@ domain validation, and our verifier against a real DNS responder on loopback."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import pwd
 import re
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmqpd.config import ConfigError
-from qmqpd.filters import dk, keys
+from qmqpd.filters import dk, keys, mailstream
 from qmqpd.filters import dkim as fdkim
 from tests.dnsstub import DnsStub
 
@@ -265,12 +266,19 @@ def test_keygen_main_prints_the_zone_line(tmp_path: Path, capsys: pytest.Capture
 # --- DomainKeys canonicalisation -----------------------------------------------------------
 
 def test_dk_canonicalisation_in_words() -> None:
+    """hash_data hashes exactly the bytes RFC 4870 describes for each method."""
+    def signed(message: bytes, method: str, names: list[bytes] | None = None) -> bytes:
+        parsed = mailstream.split([message])
+        return dk.hash_data(parsed.fields, parsed.body, method, names)
+
     message = b"From: a@b\nSubject: x\n  y \n\n l1 \n\n\n"
-    assert dk.canonical_data(message, "simple") == (
-        b"From: a@b\r\nSubject: x\r\n  y \r\n\r\n l1 \r\n")
-    assert dk.canonical_data(message, "nofws") == b"From:a@b\r\nSubject:xy\r\n\r\nl1\r\n"
-    assert dk.canonical_data(message, "nofws", [b"subject"]) == b"Subject:xy\r\n\r\nl1\r\n"
-    assert dk.canonical_data(b"From: a@b\n\n \n\t\n", "nofws") == b"From:a@b\r\n"
+    assert signed(message, "simple") == hashlib.sha1(
+        b"From: a@b\r\nSubject: x\r\n  y \r\n\r\n l1 \r\n").digest()
+    assert signed(message, "nofws") == hashlib.sha1(
+        b"From:a@b\r\nSubject:xy\r\n\r\nl1\r\n").digest()
+    assert signed(message, "nofws", [b"subject"]) == hashlib.sha1(
+        b"Subject:xy\r\n\r\nl1\r\n").digest()
+    assert signed(b"From: a@b\n\n \n\t\n", "nofws") == hashlib.sha1(b"From:a@b\r\n").digest()
 
 
 # --- our verifier, keys served by a real DNS responder on loopback --------------------------
