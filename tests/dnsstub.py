@@ -1,4 +1,5 @@
-"""A stdlib-only DNS responder serving TXT key records on loopback, for offline DKIM tests.
+"""A DNS responder serving TXT key records on loopback, for offline DKIM tests; its packets
+are read and built by dnspython.
 
 Names map to a TXT value (answered), to None (never answered: the client times out), and
 anything else is NXDOMAIN. Run as a script it is also the driver that checks a message with
@@ -10,43 +11,44 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 
-TXT, ANY = 16, 255
-
-
-def _question(packet: bytes) -> tuple[str, int, int]:
-    """(lowercased name, qtype, end offset) of the first question."""
-    labels, offset = [], 12
-    while packet[offset]:
-        length = packet[offset]
-        labels.append(packet[offset + 1: offset + 1 + length].decode("ascii", "replace"))
-        offset += 1 + length
-    qtype = struct.unpack("!H", packet[offset + 1: offset + 3])[0]
-    return ".".join(labels).lower(), qtype, offset + 5
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from dns.rdtypes.ANY.TXT import TXT
 
 
 def answer(packet: bytes, records: dict[str, str | None]) -> bytes | None:
-    if len(packet) < 17:
+    """The response to one query packet, built with dnspython; None = no answer at all."""
+    try:
+        query = dns.message.from_wire(packet)
+    except dns.exception.DNSException:
         return None
-    ident = packet[:2]
-    name, qtype, end = _question(packet)
-    question = packet[12:end]
+    if not query.question:
+        return None
+    question = query.question[0]
+    name = question.name.to_text(omit_final_dot=True).lower()
     if name in records and records[name] is None:
         return None  # simulate a server that does not answer
+    response = dns.message.make_response(query)
+    response.flags |= dns.flags.AA
     value = records.get(name)
-    if value is None or qtype not in (TXT, ANY):
-        rcode = 0 if value is not None else 3
-        return ident + struct.pack("!HHHHH", 0x8400 | rcode, 1, 0, 0, 0) + question
-    data = value.encode()
-    strings = b"".join(bytes([len(data[i:i + 255])]) + data[i:i + 255]
-                       for i in range(0, len(data), 255))
-    rr = b"\xc0\x0c" + struct.pack("!HHIH", TXT, 1, 60, len(strings)) + strings
-    return ident + struct.pack("!HHHHH", 0x8400, 1, 1, 0, 0) + question + rr
+    if value is None:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    elif question.rdtype in (dns.rdatatype.TXT, dns.rdatatype.ANY):
+        data = value.encode()
+        strings = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+        rdata = TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
+        response.answer.append(dns.rrset.from_rdata(question.name, 60, rdata))
+    return response.to_wire()
 
 
 class DnsStub:
@@ -67,10 +69,7 @@ class DnsStub:
                 packet, peer = self.sock.recvfrom(4096)
             except OSError:
                 return
-            try:
-                reply = answer(packet, self.records)
-            except (IndexError, struct.error):
-                reply = None
+            reply = answer(packet, self.records)
             if reply is not None:
                 self.sock.sendto(reply, peer)
 
