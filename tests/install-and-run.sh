@@ -14,6 +14,7 @@ DEBIAN_PACKAGES=(
   runit                # runsv, sv
   haproxy              # a real load balancer sending the PROXY protocol (cluster tests)
   prometheus           # promtool and a real Prometheus scraping /metrics
+  mandoc               # mandoc -Tlint checks the man pages
 )
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -67,9 +67,12 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    # every warning shown (and no "byte-compiling is disabled" notice from the test run's
+    # PYTHONDONTWRITEBYTECODE): test_build_prints_no_warnings reads them all
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     built = run([sys.executable, "-m", "build", "--no-isolation", "--outdir",
                  str(tmp / "dist"), str(source)], cwd=tmp,
-                env=dict(os.environ, PYTHONWARNINGS="always"))
+                env=dict(env, PYTHONWARNINGS="always"))
     (tmp / "dist" / "build.log").write_text(built.stdout + built.stderr)
     return tmp / "dist"
 
@@ -116,6 +119,48 @@ def test_wheel_installs_only_the_qmqpd_package(dist: Path) -> None:
         tops = {name.split("/")[0] for name in archive.namelist()}
     packages = {top for top in tops if not top.endswith((".dist-info", ".data"))}
     assert packages == {"qmqpd"}, tops
+
+
+def test_build_prints_no_warnings(dist: Path) -> None:
+    said = (dist / "build.log").read_text()
+    assert "Successfully built" in said, said
+    warned = [line for line in said.splitlines() if "warning" in line.lower()]
+    assert not warned, said
+
+
+def test_license_and_man_pages_travel_with_the_wheel(dist: Path, venv: Path) -> None:
+    (sdist,) = dist.glob("qmqpd-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = set(archive.getnames())
+    top = sdist.name[:-7]
+    assert {f"{top}/LICENSE", f"{top}/man/qmqpd.8", f"{top}/man/qmqpc.1"} <= names, names
+    with zipfile.ZipFile(wheel_of(dist)) as archive:
+        names = set(archive.namelist())
+        (metadata,) = (n for n in names if n.endswith(".dist-info/METADATA"))
+        head = archive.read(metadata).decode().split("\n\n")[0]
+    assert "License-Expression: BSD-2-Clause" in head.splitlines(), head
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    for page in ("man8/qmqpd.8", "man1/qmqpc.1"):
+        assert (venv / "share" / "man" / page).is_file(), page
+
+
+def test_man_pages_lint_clean_and_name_every_subcommand() -> None:
+    pages = [ROOT / "man" / "qmqpd.8", ROOT / "man" / "qmqpc.1"]
+    linted = subprocess.run([need("mandoc"), "-Tlint", "-Wwarning", *map(str, pages)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    from qmqpd import cli, client
+
+    qmqpd_page = pages[0].read_text()
+    (commands,) = (action for action in cli.build_parser()._actions
+                   if action.dest == "command")
+    for name in commands.choices:  # type: ignore[union-attr]
+        assert re.search(rf"^\.Cm {name}\b", qmqpd_page, re.MULTILINE), name
+    qmqpc_page = pages[1].read_text()
+    for action in client._parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert re.search(rf"\bFl {re.escape(option[1:])}(?![\w-])", qmqpc_page), option
 
 
 def modules_in(wheel: Path) -> list[str]:
