@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from qmqpd.netstring import encode
 
 BIN = Path(sys.executable).parent
@@ -133,6 +135,32 @@ def need(program: str) -> str:
     if path is None:
         raise RuntimeError(f"{program} is not installed: run .ci/run (it installs the test peers)")
     return path
+
+
+POSTFIX_TOOLS = ("/usr/sbin/qmqp-source", "/usr/sbin/qmqp-sink", "/usr/sbin/postfix")
+
+
+def postfix_missing() -> str:
+    """Why Debian's postfix (qmqp-source, qmqp-sink, postfix) cannot be used here, or "".
+    tests/install-and-run.sh leaves postfix out on a host with another mail system, as it
+    would replace it, and says so in QMQPD_TEST_NO_POSTFIX."""
+    if all(os.access(tool, os.X_OK) for tool in POSTFIX_TOOLS):
+        return ""
+    return os.environ.get("QMQPD_TEST_NO_POSTFIX") or (
+        "Debian's postfix (qmqp-source, qmqp-sink) is not installed: run "
+        "tests/install-and-run.sh")
+
+
+# for tests and modules that need Postfix's tools
+needs_postfix = pytest.mark.skipif(bool(postfix_missing()), reason=postfix_missing() or "-")
+
+
+def need_postfix(tool: str = "/usr/sbin/qmqp-source") -> str:
+    """The path of one of Postfix's tools; the test skips, saying why, without them."""
+    why = postfix_missing()
+    if why:
+        pytest.skip(why)
+    return tool
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10) -> None:
