@@ -103,9 +103,12 @@ def queuedir_missing(w: World) -> tuple[dict[str, object], str]:
 
 
 def queue_not_writable_by_user(w: World) -> tuple[dict[str, object], str]:
+    # create_queue gives the queue to the qmail users where they exist, else to root
+    owner = os.stat(w.open_queue)
     return {"queuedir": str(w.open_queue), "user": "nobody"}, (
         "USER (user) from config file {config}: user nobody (uid 65534) cannot write queue "
-        f"{w.open_queue}: {w.open_queue} is owned by uid 0 gid 0 mode 750")
+        f"{w.open_queue}: {w.open_queue} is owned by uid {owner.st_uid} gid {owner.st_gid} "
+        f"mode {owner.st_mode & 0o7777:o}")
 
 
 def no_queue(w: World) -> tuple[dict[str, object], str]:
