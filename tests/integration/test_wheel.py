@@ -140,6 +140,11 @@ def test_license_and_man_pages_travel_with_the_wheel(dist: Path, venv: Path) -> 
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     for page in ("man8/qmqpd.8", "man1/qmqpc.1"):
         assert (venv / "share" / "man" / page).is_file(), page
+    # man-db looks in ../share/man beside each PATH entry, so the venv's page comes before
+    # Postfix's qmqpd.8postfix: the unit's Documentation=man:qmqpd(8) opens ours
+    found = run([need("man"), "-w", "8", "qmqpd"],
+                env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin"}).stdout.strip()
+    assert found == str(venv / "share" / "man" / "man8" / "qmqpd.8"), found
 
 
 def test_man_pages_lint_clean_and_name_every_subcommand() -> None:
