@@ -187,9 +187,10 @@ def test_every_module_imports_and_pip_check_is_clean(dist: Path, venv: Path,
     assert "No broken requirements found" in checked.stdout
 
 
-def test_version(venv: Path) -> None:
+def test_version(dist: Path, venv: Path) -> None:
+    version = wheel_of(dist).name.split("-")[1]  # qmqpd-VERSION-py3-none-any.whl
     shown = run([str(venv / "bin" / "qmqpd"), "--version"], env=clean_env()).stdout
-    assert shown.strip() == "qmqpd 0.1.0"
+    assert shown.strip() == f"qmqpd {version}"
 
 
 # --- serve, check, config and session with every stage on ----------------------------------
