@@ -190,6 +190,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     for path in paths:
         stats = queue.stat_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
         print(_stat_line(path, stats))
+        print(_backlog_line(cfg, path))
     return 0
 
 
@@ -221,6 +222,17 @@ def _stat_line(path: str, stats: QueueStats) -> str:
         f"oldest={oldest} bytes={stats.total_bytes} "
         f"pid_leftovers={stats.pid_leftovers} intd_leftovers={stats.intd_leftovers}"
     )
+
+
+def _backlog_line(cfg: config_mod.Config, path: str) -> str:
+    """The backlog as the flow control sees it (the shared summary, rescanned if stale)."""
+    from qmqpd import backlog
+
+    row = backlog.report(cfg, [path])[0]
+    fields = [f"{key}={row[key]}" for key in (
+        "todo", "oldest_todo_age", "messages", "oldest_message_age", "free_bytes",
+        "free_inodes", "scanned_age", "scan_seconds") if key in row]
+    return f"{path} backlog " + " ".join(fields)
 
 
 def cmd_service(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qmqpd import log
+from qmqpd import backlog, log
 from qmqpd.status import ANSWER_NAMES
 
 # Text format 0.0.4: what every Prometheus and promtool reads.
@@ -64,15 +64,9 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def queue_dirs(config: Any) -> list[str]:
-    """The queues the master's settings name (none when QMAILQUEUE takes the mail)."""
-    if config.qmailqueue:
-        return []
-    if config.queuedir:
-        return [config.queuedir]
-    if config.queue_base:
-        return [os.path.join(config.queue_base, f"queue{n}")
-                for n in range(config.queue_start, config.queue_start + config.queue_count)]
-    return []
+    """The queues the master's settings name (none when QMAILQUEUE takes the mail), with
+    how their backlog is scanned."""
+    return backlog.watched(config)
 
 
 class RefusalsByIp:
@@ -159,6 +153,17 @@ class MasterCollector:
                 stat = os.statvfs(path)
                 free.add_metric([path], stat.f_bavail * stat.f_frsize)
         yield free
+        yield from self.backlog()
+
+    def backlog(self) -> Iterator[Metric]:
+        """The queues' backlog gauges (read from their summaries: no scan in the master)."""
+        queues = self.queues()
+        if isinstance(queues, backlog.WatchedQueues):
+            for name, text, values in backlog.gauges(queues):
+                family = GaugeMetricFamily(name, text, labels=["queue"])
+                for path, value in values:
+                    family.add_metric([path], value)
+                yield family
 
 
 @dataclass(eq=False)

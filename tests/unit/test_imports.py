@@ -38,6 +38,10 @@ PENDING: dict[str, set[str]] = {
     "filters.dk": {"filters.keys", "filters.mailstream"},  # one header parser for both
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
                      "qmqpd.proxy"},  # the PROXY header, read before rules and limits
+    # the planned backlog row: queue choice and flow control, its gauges, its status lines
+    "qmqpd.injector": {"qmqpd.backlog"},
+    "qmqpd.metrics": {"qmqpd.backlog"},
+    "qmqpd.status": {"qmqpd.backlog"},
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -45,6 +49,7 @@ PENDING_PACKAGES: dict[str, set[str]] = {
 # Modules the card does not list yet, with what they may import.
 PENDING_MODULES: dict[str, set[str]] = {
     "filters.mailstream": set(),  # streaming header parser shared by dk and dkim: stdlib
+    "qmqpd.backlog": set(),  # planned (the card's next step): per-queue backlog, stdlib
 }
 
 

@@ -1,0 +1,452 @@
+"""Per-queue backlog: how far behind qmail-send is, where new mail goes, and when to say Z.
+
+Owns: the backlog of a native queue (todo/ entries not yet taken by qmail-send, messages
+in mess/, the mtime of the oldest of each), its summary file, the least-loaded queue
+choice and the flow-control verdict (QUEUE_MAX_* limits, QUEUE_SOFT_TODO delay).
+Called by: the injector (choice and verdict, once per session), metrics and status (what
+the summaries say), `qmqpd queue stat`, and itself as `python -m qmqpd.backlog` (the
+scanner the master starts). Never touches messages: it counts names and reads mtimes.
+
+The cost is bounded: a directory scan of a queue (100,000 entries take a fraction of a
+second) runs at most once per QUEUE_SCAN_INTERVAL, by whichever process finds the summary
+file `lock/qmqpd-backlog` stale and wins the flock on `lock/qmqpd-backlog.lock`; everyone
+else reads that small file, and a long-lived process reads it at most once a second. The
+master never scans: when its metrics find a summary stale (no mail came to refresh it) it
+spawns the scanner and shows the old summary meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+from qmqpd import log
+
+if TYPE_CHECKING:
+    from qmqpd.config import Config
+
+SUMMARY_NAME = os.path.join("lock", "qmqpd-backlog")
+LOCK_NAME = os.path.join("lock", "qmqpd-backlog.lock")
+FORMAT = "qmqpd-backlog 1"
+# A long-lived process rereads a summary at most this often (a stat and a small read).
+RECHECK_SECONDS = 1.0
+# Queues whose todo counts are this close to the smallest count as tied: counts are up
+# to one scan interval old, and sending every message to one queue until the next scan
+# would swing the load between queues instead of spreading it.
+TIE_SLACK = 16
+TIE_FRACTION = 0.1
+# A scan is not repeated before this many times its own duration has passed, whatever
+# QUEUE_SCAN_INTERVAL says: a huge queue costs at most 1/SCAN_DUTY of a core in scans.
+SCAN_DUTY = 10
+
+
+class Backlog(NamedTuple):
+    """One scan of one queue; times are seconds since the epoch (mtimes)."""
+
+    queue: str
+    scanned: float
+    todo: int
+    oldest_todo: float | None  # mtime of the oldest todo/ entry; None = todo/ is empty
+    messages: int
+    oldest_message: float | None  # mtime of the oldest mess/ file
+    seconds: float = 0.0  # how long the scan took
+
+    def todo_age(self, now: float) -> float:
+        return 0.0 if self.oldest_todo is None else max(0.0, now - self.oldest_todo)
+
+    def message_age(self, now: float) -> float:
+        return 0.0 if self.oldest_message is None else max(0.0, now - self.oldest_message)
+
+
+# ---- scanning ---------------------------------------------------------------------------
+def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
+    """The pure-decimal names of a directory (qmail-send ignores the others)."""
+    try:
+        found = os.scandir(directory)
+    except FileNotFoundError:
+        return
+    with found:
+        for entry in found:
+            if entry.name.isdigit() and entry.name.isascii():
+                yield entry
+
+
+def _count(directories: Iterator[str]) -> tuple[int, float | None]:
+    count, oldest = 0, None
+    for directory in directories:
+        for entry in _entries(directory):
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue  # taken (todo) or delivered (mess) while we looked
+            count += 1
+            if oldest is None or mtime < oldest:
+                oldest = mtime
+    return count, oldest
+
+
+def _buckets(path: str, top: str, split: int) -> Iterator[str]:
+    return (os.path.join(path, top, str(n)) for n in range(split))
+
+
+def scan(path: str, split: int = 23, todo_layout: str = "flat") -> Backlog:
+    """Count todo/ and mess/ of one queue now: one scandir per directory, one stat per
+    entry (for the oldest mtime). todo/ is flat or split like mess/ (TODO_LAYOUT)."""
+    started = time.monotonic()
+    scanned = time.time()
+    todo_dirs = (_buckets(path, "todo", split) if todo_layout == "split"
+                 else iter([os.path.join(path, "todo")]))
+    todo, oldest_todo = _count(todo_dirs)
+    messages, oldest_message = _count(_buckets(path, "mess", split))
+    return Backlog(path, scanned, todo, oldest_todo, messages, oldest_message,
+                   time.monotonic() - started)
+
+
+def fresh(backlog: Backlog | None, interval: float, now: float) -> bool:
+    """A summary young enough to use as it is (see SCAN_DUTY)."""
+    if backlog is None:
+        return False
+    return 0 <= now - backlog.scanned < max(interval, SCAN_DUTY * backlog.seconds)
+
+
+# ---- the summary file -------------------------------------------------------------------
+def _number(text: str) -> float | None:
+    return None if text == "-" else float(text)
+
+
+def format_summary(backlog: Backlog) -> str:
+    def when(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return (f"{FORMAT}\nscanned {backlog.scanned:.3f}\nseconds {backlog.seconds:.6f}\n"
+            f"todo {backlog.todo}\noldest_todo {when(backlog.oldest_todo)}\n"
+            f"messages {backlog.messages}\noldest_message {when(backlog.oldest_message)}\n")
+
+
+def parse_summary(path: str, text: str) -> Backlog | None:
+    """The summary of queue path, or None when text is not a whole summary."""
+    lines = text.split("\n")
+    if not lines or lines[0] != FORMAT:
+        return None
+    fields = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
+    try:
+        return Backlog(path, float(fields["scanned"]), int(fields["todo"]),
+                       _number(fields["oldest_todo"]), int(fields["messages"]),
+                       _number(fields["oldest_message"]), float(fields["seconds"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def read_summary(path: str) -> Backlog | None:
+    try:
+        with open(os.path.join(path, SUMMARY_NAME), encoding="ascii") as handle:
+            return parse_summary(path, handle.read(4096))
+    except (OSError, ValueError):
+        return None
+
+
+def write_summary(backlog: Backlog) -> None:
+    """tmp + rename: readers see the old summary or the new one, never half of one."""
+    target = os.path.join(backlog.queue, SUMMARY_NAME)
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, format_summary(backlog).encode("ascii"))
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_unwritable: set[str] = set()  # queues whose summary this process could not write (logged)
+
+
+def refresh(path: str, split: int, todo_layout: str, interval: float) -> Backlog | None:
+    """The queue's summary, scanned again first if it is older than interval and no other
+    process is scanning it (then its last summary, maybe None, is the answer)."""
+    try:
+        fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+    except OSError as error:
+        return _scan_unshared(path, split, todo_layout, error)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_summary(path)  # another process scans it right now
+        current = read_summary(path)
+        if fresh(current, interval, time.time()):
+            return current  # refreshed while we waited for the lock
+        scanned = scan(path, split, todo_layout)
+        try:
+            write_summary(scanned)
+        except OSError as error:
+            _note_unwritable(path, error)
+        return scanned
+    finally:
+        os.close(fd)
+
+
+def _scan_unshared(path: str, split: int, todo_layout: str, error: OSError) -> Backlog:
+    _note_unwritable(path, error)
+    return scan(path, split, todo_layout)
+
+
+def _note_unwritable(path: str, error: OSError) -> None:
+    if path not in _unwritable:
+        _unwritable.add(path)
+        log.warning("cannot share the queue backlog summary; this process scans alone",
+                    queue=path, file=os.path.join(path, SUMMARY_NAME), error=error.strerror)
+
+
+class Watch:
+    """The backlog of a plan's queues as one process sees it: read from the summary files,
+    rescanned (by whoever gets the lock) once they are QUEUE_SCAN_INTERVAL old. Built in
+    the master with the plan; each forked worker keeps its own copy of the cache."""
+
+    def __init__(self, paths: Sequence[str], split: int, todo_layout: str,
+                 interval: float) -> None:
+        self.paths = tuple(paths)
+        self.split = split
+        self.todo_layout = todo_layout
+        self.interval = interval
+        self._seen: dict[str, tuple[float, Backlog | None]] = {}
+
+    @classmethod
+    def from_config(cls, config: Config, paths: Sequence[str]) -> Watch | None:
+        """None when scanning is off (QUEUE_SCAN_INTERVAL 0) or there is no native queue."""
+        if not config.queue_scan_interval or not paths:
+            return None
+        return cls(paths, config.split, config.todo_layout, config.queue_scan_interval)
+
+    def backlog(self, path: str) -> Backlog | None:
+        checked, known = self._seen.get(path, (float("-inf"), None))
+        moment = time.monotonic()
+        if moment - checked < min(RECHECK_SECONDS, self.interval):
+            return known
+        known = read_summary(path)
+        if not fresh(known, self.interval, time.time()):
+            known = refresh(path, self.split, self.todo_layout, self.interval)
+        self._seen[path] = (moment, known)
+        return known
+
+    def all(self) -> list[Backlog | None]:
+        return [self.backlog(path) for path in self.paths]
+
+
+# ---- limits, verdict, choice ------------------------------------------------------------
+class Limits(NamedTuple):
+    """The flow-control settings of one session (a rule may set its own); 0 = off."""
+
+    max_todo: int = 0
+    max_todo_age: float = 0
+    max_messages: int = 0
+    soft_todo: int = 0
+    flow_delay: float = 0.0
+    stuck_age: float = 0
+    choice: str = "least-loaded"
+
+    @classmethod
+    def from_config(cls, config: Config) -> Limits:
+        return cls(config.queue_max_todo, config.queue_max_todo_age,
+                   config.queue_max_messages, config.queue_soft_todo,
+                   config.queue_flow_delay, config.queue_stuck_age, config.queue_choice)
+
+
+class Flow(NamedTuple):
+    """What to do with one message for this queue: refusal = why Z ("" = accept), and how
+    long to wait before taking it (the soft mark)."""
+
+    refusal: str = ""
+    delay: float = 0.0
+
+
+def verdict(backlog: Backlog | None, limits: Limits, now: float) -> Flow:
+    """Flow control for one queue: past a hard limit Z, past the soft mark a delay. An
+    unknown backlog (no summary yet, no scan possible) is never a reason to refuse."""
+    if backlog is None:
+        return Flow()
+    if limits.max_todo and backlog.todo > limits.max_todo:
+        return Flow(f"todo {backlog.todo} > QUEUE_MAX_TODO {limits.max_todo}")
+    age = backlog.todo_age(now)
+    if limits.max_todo_age and age > limits.max_todo_age:
+        return Flow(f"oldest todo {age:.0f}s > QUEUE_MAX_TODO_AGE {limits.max_todo_age:g}s")
+    if limits.max_messages and backlog.messages > limits.max_messages:
+        return Flow(f"messages {backlog.messages} > QUEUE_MAX_MESSAGES {limits.max_messages}")
+    if limits.soft_todo and backlog.todo > limits.soft_todo:
+        return Flow(delay=limits.flow_delay)
+    return Flow()
+
+
+def stuck(backlog: Backlog | None, limits: Limits, now: float) -> bool:
+    """qmail-send looks stuck: its oldest todo entry is older than QUEUE_STUCK_AGE."""
+    return bool(limits.stuck_age and backlog is not None
+                and backlog.todo_age(now) > limits.stuck_age)
+
+
+def choose(backlogs: Sequence[Backlog | None], limits: Limits, now: float,
+           pick: Callable[[list[int]], int]) -> int:
+    """The index of the queue a new message goes to. Queues under every limit come first,
+    of them those whose qmail-send does not look stuck; least-loaded takes the smallest
+    todo count among them (counts within TIE_SLACK/TIE_FRACTION of it are ties), random
+    any of them (qmail-multi); `pick` chooses among ties. When every queue is over a
+    limit, the least loaded is chosen and its verdict refuses."""
+    every = list(range(len(backlogs)))
+    room = [i for i in every if not verdict(backlogs[i], limits, now).refusal]
+    healthy = [i for i in room if not stuck(backlogs[i], limits, now)]
+    candidates = healthy or room or every
+    if limits.choice == "random" or len(candidates) == 1:
+        return pick(candidates)
+    loads = {i: (backlogs[i].todo if backlogs[i] is not None else 0) for i in candidates}
+    least = min(loads.values())
+    slack = max(TIE_SLACK, int(least * TIE_FRACTION))
+    return pick([i for i in candidates if loads[i] <= least + slack])
+
+
+# ---- what metrics and status show ------------------------------------------------------
+class WatchedQueues(list[str]):
+    """The queue paths of the master's settings, with how their backlog is scanned (the
+    master hands this to metrics, which never scans: see spawn_scanner)."""
+
+    def __init__(self, paths: Sequence[str], split: int = 23, todo_layout: str = "flat",
+                 interval: float = 0.0) -> None:
+        super().__init__(paths)
+        self.split = split
+        self.todo_layout = todo_layout
+        self.interval = interval
+
+
+def watched(config: Config) -> WatchedQueues:
+    """The native queues the settings name (none when QMAILQUEUE takes the mail)."""
+    paths: list[str] = []
+    if config.qmailqueue:
+        pass
+    elif config.queuedir:
+        paths = [config.queuedir]
+    elif config.queue_base:
+        paths = [os.path.join(config.queue_base, f"queue{n}")
+                 for n in range(config.queue_start, config.queue_start + config.queue_count)]
+    return WatchedQueues(paths, config.split, config.todo_layout, config.queue_scan_interval)
+
+
+_spawned: dict[str, float] = {}  # queue -> when (monotonic) the master last started a scan
+
+
+def spawn_scanner(queues: WatchedQueues, stale: list[str]) -> int | None:
+    """Start `python -m qmqpd.backlog` for the stale queues, at most once per interval per
+    queue; the caller (the master) does not wait: its reaper collects the child. Returns
+    the child's pid, or None when nothing was started."""
+    moment = time.monotonic()
+    due = [path for path in stale
+           if moment - _spawned.get(path, float("-inf")) >= max(queues.interval, 1.0)]
+    if not due:
+        return None
+    argv = [sys.executable, "-m", "qmqpd.backlog", "--split", str(queues.split),
+            "--todo-layout", queues.todo_layout, "--interval", str(queues.interval), *due]
+    try:
+        pid = os.posix_spawn(sys.executable, argv, os.environ)
+    except OSError as error:
+        log.warning("cannot start the backlog scanner", error=error.strerror)
+        return None
+    for path in due:
+        _spawned[path] = moment
+    return pid
+
+
+def free_space(path: str) -> tuple[int, int] | None:
+    """Bytes and inodes free to unprivileged users on the queue's filesystem."""
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize, info.f_favail
+
+
+Gauge = tuple[str, str, list[tuple[str, float]]]  # name, help, (queue, value) samples
+
+
+def gauges(queues: WatchedQueues, now: float | None = None) -> list[Gauge]:
+    """The backlog gauges of each queue, from the summaries as they are (no scan here);
+    stale summaries get a scanner started. Empty when scanning is off."""
+    if not queues.interval:
+        return []
+    now = time.time() if now is None else now
+    found = [(path, read_summary(path)) for path in queues]
+    stale = [path for path, known in found if not fresh(known, queues.interval, now)]
+    if stale:
+        spawn_scanner(queues, stale)
+    known = [(path, backlog) for path, backlog in found if backlog is not None]
+    return [
+        ("qmqpd_queue_todo_messages", "Messages in todo/ not yet taken by qmail-send "
+         "(at the last scan)", [(p, b.todo) for p, b in known]),
+        ("qmqpd_queue_oldest_todo_age_seconds", "Age of the oldest todo/ entry (0 when "
+         "todo/ is empty)", [(p, b.todo_age(now)) for p, b in known]),
+        ("qmqpd_queue_messages", "Messages in the queue (mess/) at the last scan",
+         [(p, b.messages) for p, b in known]),
+        ("qmqpd_queue_oldest_message_age_seconds", "Age of the oldest message in mess/ "
+         "(0 when the queue is empty)", [(p, b.message_age(now)) for p, b in known]),
+        ("qmqpd_queue_scan_timestamp_seconds", "When the backlog of the queue was last "
+         "scanned, seconds since the epoch", [(p, b.scanned) for p, b in known]),
+        ("qmqpd_queue_scan_duration_seconds", "How long the last backlog scan of the "
+         "queue took", [(p, b.seconds) for p, b in known]),
+        ("qmqpd_queue_free_inodes", "Free inodes on each queue's filesystem",
+         [(p, space[1]) for p in queues if (space := free_space(p)) is not None]),
+    ]
+
+
+def report(config: Config, paths: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """The backlog of each queue for `qmqpd status` and `qmqpd queue stat` (separate
+    processes: they may scan, under the same lock, when the summary is stale)."""
+    now = time.time()
+    interval = config.queue_scan_interval
+    rows: list[dict[str, object]] = []
+    for path in watched(config) if paths is None else paths:
+        if interval:
+            backlog = refresh(path, config.split, config.todo_layout, interval)
+        else:
+            backlog = scan(path, config.split, config.todo_layout)
+        space = free_space(path)
+        row: dict[str, object] = {"queue": path}
+        if backlog is not None:
+            row.update(todo=backlog.todo, oldest_todo_age=round(backlog.todo_age(now), 1),
+                       messages=backlog.messages,
+                       oldest_message_age=round(backlog.message_age(now), 1),
+                       scanned_age=round(max(0.0, now - backlog.scanned), 1),
+                       scan_seconds=round(backlog.seconds, 4))
+        if space is not None:
+            row.update(free_bytes=space[0], free_inodes=space[1])
+        rows.append(row)
+    return rows
+
+
+# ---- the scanner the master starts ------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m qmqpd.backlog [--split N] [--todo-layout flat|split] [--interval S]
+    QUEUE...`: refresh each queue's summary if it is stale (under its lock)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    options = {"--split": "23", "--todo-layout": "flat", "--interval": "0"}
+    paths = []
+    while args:
+        word = args.pop(0)
+        if word in options and args:
+            options[word] = args.pop(0)
+        else:
+            paths.append(word)
+    split, layout = int(options["--split"]), options["--todo-layout"]
+    interval = float(options["--interval"])
+    for path in paths:
+        refresh(path, split, layout, interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
