@@ -68,7 +68,7 @@ def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
     """The pure-decimal names of a directory (qmail-send ignores the others)."""
     try:
         found = os.scandir(directory)
-    except FileNotFoundError:
+    except OSError:  # missing or broken: nothing to count (the writer reports it)
         return
     with found:
         for entry in found:
@@ -82,7 +82,7 @@ def _count(directories: Iterator[str]) -> tuple[int, float | None]:
         for entry in _entries(directory):
             try:
                 mtime = entry.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
+            except OSError:
                 continue  # taken (todo) or delivered (mess) while we looked
             count += 1
             if oldest is None or mtime < oldest:
