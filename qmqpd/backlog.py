@@ -220,6 +220,10 @@ class Watch:
         self.todo_layout = todo_layout
         self.interval = interval
         self._seen: dict[str, tuple[float, Backlog | None]] = {}
+        # messages this process queued since the summary it holds was scanned: the
+        # counts it judges by include its own mail, so a limit is not overrun by a
+        # whole scan interval of inflow, and its next choices spread
+        self._added: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, config: Config, paths: Sequence[str]) -> Watch | None:
@@ -231,13 +235,22 @@ class Watch:
     def backlog(self, path: str) -> Backlog | None:
         checked, known = self._seen.get(path, (float("-inf"), None))
         moment = time.monotonic()
-        if moment - checked < min(RECHECK_SECONDS, self.interval):
+        if moment - checked >= min(RECHECK_SECONDS, self.interval):
+            previous = known
+            known = read_summary(path)
+            if not fresh(known, self.interval, time.time()):
+                known = refresh(path, self.split, self.todo_layout, self.interval)
+            if known is None or previous is None or known.scanned != previous.scanned:
+                self._added[path] = 0
+            self._seen[path] = (moment, known)
+        added = self._added.get(path, 0)
+        if known is None or not added:
             return known
-        known = read_summary(path)
-        if not fresh(known, self.interval, time.time()):
-            known = refresh(path, self.split, self.todo_layout, self.interval)
-        self._seen[path] = (moment, known)
-        return known
+        return known._replace(todo=known.todo + added, messages=known.messages + added)
+
+    def queued(self, path: str) -> None:
+        """This process has just queued a message in path (counted until the next scan)."""
+        self._added[path] = self._added.get(path, 0) + 1
 
     def all(self) -> list[Backlog | None]:
         return [self.backlog(path) for path in self.paths]

@@ -193,6 +193,7 @@ class Injector:
         # An external program picks its own queue unless QUEUEDIR names one. Native:
         # QUEUEDIR, or one of QUEUE_BASE/queueN by backlog (or at random, as qmail-multi).
         self._queue, self.flow = _choose(route, backlog.Limits.from_config(config))
+        self._watch = route.watch
         self.queue_path = self._queue.path if self._queue is not None else route.queuedir
 
     @property
@@ -246,6 +247,8 @@ class Injector:
             log.event("queue_failed", queue=self.queue_path, code=exc.exit_code,
                       reason=exc.reason)
             return Outcome(reply_for_exit(exc.exit_code), self.queue_path)
+        if self._watch is not None:
+            self._watch.queued(self.queue_path)
         return Outcome(Reply.ok(int(time.time()), qid), self.queue_path, str(qid))
 
     # -- external QMAILQUEUE program ----------------------------------------------------

@@ -110,6 +110,19 @@ def test_the_watch_rereads_at_most_once_a_second(tmp_path: Path) -> None:
     assert backlog.Watch.from_config(off, [str(queue)]) is None
 
 
+def test_the_watch_counts_its_own_mail_until_the_next_scan(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    watch = backlog.Watch([str(queue)], SPLIT, "flat", 60)
+    assert watch.backlog(str(queue)).todo == 0  # type: ignore[union-attr]
+    for _ in range(3):
+        watch.queued(str(queue))
+    assert watch.backlog(str(queue)).todo == 3  # type: ignore[union-attr]
+    fill(queue, "flat", range(10, 15))
+    backlog.write_summary(backlog.scan(str(queue), SPLIT))  # another process rescanned
+    time.sleep(backlog.RECHECK_SECONDS)
+    assert watch.backlog(str(queue)).todo == 5  # type: ignore[union-attr]
+
+
 LIMITS = backlog.Limits(max_todo=100, max_todo_age=600, max_messages=1000, soft_todo=50,
                         flow_delay=0.5, stuck_age=60)
 NOW = 10_000.0
