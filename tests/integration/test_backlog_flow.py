@@ -184,3 +184,28 @@ def test_gauges_of_100000_queued_messages(tmp_path: Path) -> None:
         assert "100000 messages (oldest 1h00m" in shown
     finally:
         server.stop()
+
+
+def test_past_the_soft_mark_each_message_waits(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    create_queue(str(queue))
+    server = Server(tmp_path, queue_soft_todo=5, queue_flow_delay="0.5", queue_max_todo=0,
+                    queue_scan_interval="0.3").start()
+    try:
+        def timed() -> float:
+            began = time.monotonic()
+            assert answer(server.port).startswith(b"K")
+            return time.monotonic() - began
+
+        below = [timed() for _ in range(3)]
+        fill_known(queue, 10, 10)  # qmail-send behind: 10 todo entries
+        time.sleep(0.5)  # the next session finds the summary stale and rescans
+        above = [timed() for _ in range(4)]
+        print(f"figure: QUEUE_SOFT_TODO=5, QUEUE_FLOW_DELAY=0.5: a K took "
+              f"{max(below) * 1000:.0f} ms at most below the mark, "
+              f"{min(above) * 1000:.0f}-{max(above) * 1000:.0f} ms above it")
+        assert max(below) < 0.5
+        assert min(above) >= 0.5
+        assert "event=queue_flow_delay" in server.log()
+    finally:
+        server.stop()
