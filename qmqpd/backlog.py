@@ -308,16 +308,18 @@ def stuck(backlog: Backlog | None, limits: Limits, now: float) -> bool:
 
 def choose(backlogs: Sequence[Backlog | None], limits: Limits, now: float,
            pick: Callable[[list[int]], int]) -> int:
-    """The index of the queue a new message goes to. Queues under every limit come first,
-    of them those whose qmail-send does not look stuck; least-loaded takes the smallest
-    todo count among them (counts within TIE_SLACK/TIE_FRACTION of it are ties), random
-    any of them (qmail-multi); `pick` chooses among ties. When every queue is over a
-    limit, the least loaded is chosen and its verdict refuses."""
+    """The index of the queue a new message goes to. random: any queue under every limit
+    (qmail-multi, with the limits). least-loaded: of the queues under every limit those
+    whose qmail-send does not look stuck, the smallest todo count (counts within
+    TIE_SLACK/TIE_FRACTION of it are ties); `pick` chooses among ties. When every queue
+    is over a limit, the least loaded is chosen and its verdict refuses."""
     every = list(range(len(backlogs)))
     room = [i for i in every if not verdict(backlogs[i], limits, now).refusal]
+    if limits.choice == "random":
+        return pick(room or every)
     healthy = [i for i in room if not stuck(backlogs[i], limits, now)]
     candidates = healthy or room or every
-    if limits.choice == "random" or len(candidates) == 1:
+    if len(candidates) == 1:
         return pick(candidates)
     loads = {i: (backlogs[i].todo if backlogs[i] is not None else 0) for i in candidates}
     least = min(loads.values())

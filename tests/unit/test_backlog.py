@@ -163,8 +163,8 @@ def test_least_loaded_avoids_full_and_stuck_queues() -> None:
     assert choose(queue_state(500), queue_state(3, 120)) == [1]
     # every queue full: the least loaded (its verdict then refuses)
     assert choose(queue_state(500), queue_state(300)) == [1]
-    # random: any queue with room, whatever the counts (qmail-multi)
-    assert choose(queue_state(40), queue_state(0), queue_state(500),
+    # random: any queue with room, whatever the counts or ages (qmail-multi)
+    assert choose(queue_state(40, 120), queue_state(0), queue_state(500),
                   limits=LIMITS._replace(choice="random")) == [0, 1]
 
 
