@@ -83,6 +83,7 @@ def test_one_process_scans_while_the_others_read(tmp_path: Path) -> None:
         assert backlog.refresh(str(queue), SPLIT, "flat", 0.001).todo == 4  # type: ignore[union-attr]
     finally:
         os.close(holder)
+    time.sleep(backlog.SCAN_DUTY * first.seconds + 0.01)  # past the duty bound of a scan
     assert backlog.refresh(str(queue), SPLIT, "flat", 0.001).todo == 14  # type: ignore[union-attr]
 
 
