@@ -9,10 +9,12 @@ scanner the master starts). Never touches messages: it counts names and reads mt
 
 The cost is bounded: a directory scan of a queue (100,000 entries take a fraction of a
 second) runs at most once per QUEUE_SCAN_INTERVAL, by whichever process finds the summary
-file `lock/qmqpd-backlog` stale and wins the flock on `lock/qmqpd-backlog.lock`; everyone
-else reads that small file, and a long-lived process reads it at most once a second. The
-master never scans: when its metrics find a summary stale (no mail came to refresh it) it
-spawns the scanner and shows the old summary meanwhile.
+file `lock/qmqpd-backlog` stale and wins the flock on `lock/qmqpd-backlog.lock` (a
+session scans itself only when the last scan was quick, else it starts the scanner and
+goes on with the stale summary); everyone else reads that small file, and a long-lived
+process reads it at most once a second. The master never scans: when its metrics find a
+summary stale (no mail came to refresh it) it spawns the scanner and shows the old
+summary meanwhile.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ TIE_FRACTION = 0.1
 # A scan is not repeated before this many times its own duration has passed, whatever
 # QUEUE_SCAN_INTERVAL says: a huge queue costs at most 1/SCAN_DUTY of a core in scans.
 SCAN_DUTY = 10
+# A session scans a stale queue itself when its last scan took at most this long; a
+# longer scan runs in a scanner child, and the session goes on with the stale summary.
+INLINE_SCAN_SECONDS = 0.05
 
 
 class Backlog(NamedTuple):
@@ -224,6 +229,7 @@ class Watch:
         # counts it judges by include its own mail, so a limit is not overrun by a
         # whole scan interval of inflow, and its next choices spread
         self._added: dict[str, int] = {}
+        self._children: list[int] = []  # scanners started by this process, not yet reaped
 
     @classmethod
     def from_config(cls, config: Config, paths: Sequence[str]) -> Watch | None:
@@ -236,9 +242,14 @@ class Watch:
         checked, known = self._seen.get(path, (float("-inf"), None))
         moment = time.monotonic()
         if moment - checked >= min(RECHECK_SECONDS, self.interval):
+            self._reap()
             previous = known
             known = read_summary(path)
-            if not fresh(known, self.interval, time.time()):
+            if fresh(known, self.interval, time.time()):
+                pass
+            elif known is not None and known.seconds > INLINE_SCAN_SECONDS:
+                self._scan_aside(path)  # a long scan: not in this session's time
+            else:
                 known = refresh(path, self.split, self.todo_layout, self.interval)
             if known is None or previous is None or known.scanned != previous.scanned:
                 self._added[path] = 0
@@ -247,6 +258,21 @@ class Watch:
         if known is None or not added:
             return known
         return known._replace(todo=known.todo + added, messages=known.messages + added)
+
+    def _scan_aside(self, path: str) -> None:
+        pid = _spawn([path], self.split, self.todo_layout, self.interval)
+        if pid is not None:
+            self._children.append(pid)
+
+    def _reap(self) -> None:
+        """Collect the scanners this process started (a worker has no other reaper)."""
+        for pid in list(self._children):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self._children.remove(pid)
 
     def queued(self, path: str) -> None:
         """This process has just queued a message in path (counted until the next scan)."""
@@ -360,13 +386,17 @@ def spawn_scanner(queues: WatchedQueues, stale: list[str]) -> int | None:
     """Start `python -m qmqpd.backlog` for the stale queues, at most once per interval per
     queue; the caller (the master) does not wait: its reaper collects the child. Returns
     the child's pid, or None when nothing was started."""
+    return _spawn(stale, queues.split, queues.todo_layout, queues.interval)
+
+
+def _spawn(stale: Sequence[str], split: int, todo_layout: str, interval: float) -> int | None:
     moment = time.monotonic()
     due = [path for path in stale
-           if moment - _spawned.get(path, float("-inf")) >= max(queues.interval, 1.0)]
+           if moment - _spawned.get(path, float("-inf")) >= max(interval, 1.0)]
     if not due:
         return None
-    argv = [sys.executable, "-m", "qmqpd.backlog", "--split", str(queues.split),
-            "--todo-layout", queues.todo_layout, "--interval", str(queues.interval), *due]
+    argv = [sys.executable, "-m", "qmqpd.backlog", "--split", str(split),
+            "--todo-layout", todo_layout, "--interval", str(interval), *due]
     try:
         pid = os.posix_spawn(sys.executable, argv, os.environ)
     except OSError as error:

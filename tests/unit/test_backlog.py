@@ -124,6 +124,27 @@ def test_the_watch_counts_its_own_mail_until_the_next_scan(tmp_path: Path) -> No
     assert watch.backlog(str(queue)).todo == 5  # type: ignore[union-attr]
 
 
+def test_a_long_scan_runs_aside_and_the_session_goes_on(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    fill(queue, "flat", range(10, 16))
+    # the last scan took 2 s and was 30 s ago: stale, and too long to run in a session
+    backlog.write_summary(backlog.Backlog(str(queue), time.time() - 30, 1, None, 1, None,
+                                          seconds=2.0))
+    watch = backlog.Watch([str(queue)], SPLIT, "flat", 5)
+    started = time.monotonic()
+    assert watch.backlog(str(queue)).todo == 1  # type: ignore[union-attr]  # the stale one
+    assert time.monotonic() - started < 0.05
+    assert len(watch._children) == 1
+    wait = time.monotonic() + 30
+    while backlog.read_summary(str(queue)).todo != 6 and time.monotonic() < wait:  # type: ignore[union-attr]
+        time.sleep(0.05)
+    assert backlog.read_summary(str(queue)).todo == 6  # type: ignore[union-attr]
+    while watch._children and time.monotonic() < wait:
+        watch._reap()
+        time.sleep(0.05)
+    assert watch._children == []  # the worker reaped its scanner
+
+
 LIMITS = backlog.Limits(max_todo=100, max_todo_age=600, max_messages=1000, soft_todo=50,
                         flow_delay=0.5, stuck_age=60)
 NOW = 10_000.0
