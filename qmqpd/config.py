@@ -322,10 +322,10 @@ SETTINGS: dict[str, Setting] = {
         _s("QUEUE_STUCK_AGE", _int_parser(0, 86400 * 7), 120, "seconds, 0 = never avoid",
            "a queue whose oldest todo/ entry is older looks stuck (qmail-send is not taking "
            "its mail): new mail goes to another queue while one has room", "backlog"),
-        _s("QUEUE_MAX_TODO", _int_parser(0), 10000, "an integer >= 0 (0 = no limit)",
+        _s("QUEUE_MAX_TODO", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
            "answer Zqueue backlog too large (#4.3.1) while the chosen queue has more todo/ "
-           "entries than this (qmail-send is behind), so qmqpc relays try their next "
-           "server", "backlog"),
+           "entries than this (qmail-send is behind); e.g. what its qmail-send takes in a "
+           "few minutes", "backlog"),
         _s("QUEUE_MAX_TODO_AGE", _int_parser(0, 86400 * 7), 1800,
            "seconds, 0 = no limit",
            "answer Z (as QUEUE_MAX_TODO) while the chosen queue's oldest todo/ entry is "
@@ -333,7 +333,7 @@ SETTINGS: dict[str, Setting] = {
         _s("QUEUE_MAX_MESSAGES", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
            "answer Z (as QUEUE_MAX_TODO) while the chosen queue holds more messages "
            "(mess/) than this, e.g. when remote deliveries are slow", "backlog"),
-        _s("QUEUE_SOFT_TODO", _int_parser(0), 2000, "an integer >= 0 (0 = never delay)",
+        _s("QUEUE_SOFT_TODO", _int_parser(0), 0, "an integer >= 0 (0 = never delay)",
            "above this many todo/ entries each message waits QUEUE_FLOW_DELAY before it "
            "is read and queued (Postfix's in_flow_delay): fewer messages per worker "
            "while qmail-send catches up", "backlog"),
