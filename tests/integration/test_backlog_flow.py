@@ -82,8 +82,8 @@ def test_z_past_the_backlog_limit_and_k_once_drained(tmp_path: Path) -> None:
         stat = subprocess.run([*command("qmqpd"), "queue", "stat", "--config",
                                str(server.config_path)], capture_output=True, text=True,
                               timeout=60, check=True).stdout
-        assert f"{server.queue} backlog todo={accepted} " in stat, stat
-        assert f" messages={accepted} " in stat
+        assert f"{server.queue} todo={accepted} " in stat, stat
+        assert f" mess={accepted} oldest_todo=" in stat, stat
 
         drained_at = time.monotonic()
         for qid in todo_ids(server.queue):
