@@ -455,6 +455,9 @@ def report(config: Config, paths: Sequence[str] | None = None) -> list[dict[str,
     interval = config.queue_scan_interval
     rows: list[dict[str, object]] = []
     for path in watched(config) if paths is None else paths:
+        if not os.path.isdir(os.path.join(path, "mess")):
+            rows.append({"queue": path, "missing": True})
+            continue
         if interval:
             backlog = refresh(path, config.split, config.todo_layout, interval)
         else:

@@ -303,7 +303,9 @@ def backlog_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for row in rows:
         parts = []
-        if "todo" in row:
+        if row.get("missing"):
+            parts.append("not a qmail queue (no mess/)")
+        elif "todo" in row:
             parts.append(f"todo {row['todo']} (oldest {duration(row['oldest_todo_age'])}), "
                          f"{row['messages']} messages (oldest "
                          f"{duration(row['oldest_message_age'])})")

@@ -224,3 +224,18 @@ def test_report_scans_when_asked(tmp_path: Path) -> None:
     assert (row["todo"], row["messages"]) == (2, 2)
     assert 29 <= float(row["oldest_todo_age"]) <= 35  # type: ignore[arg-type]
     assert int(row["free_bytes"]) > 0 and int(row["free_inodes"]) > 0  # type: ignore[call-overload]
+
+
+def test_status_shows_each_queue_and_a_missing_one(tmp_path: Path) -> None:
+    from qmqpd.status import backlog_lines
+
+    queue = make_queue(tmp_path)
+    fill(queue, "flat", range(10, 14), age=90)
+    config = load(environ={"QUEUE_BASE": str(tmp_path), "QUEUE_START": "0",
+                           "QUEUE_COUNT": "2", "SPLIT": str(SPLIT)})
+    os.rename(queue, tmp_path / "queue0")
+    lines = backlog_lines(backlog.report(config))
+    assert lines[0].startswith(f"queue {tmp_path / 'queue0'}: todo 4 (oldest 1m3"), lines
+    assert "4 messages (oldest 1m3" in lines[0]
+    assert " inodes free; scanned 0s ago in " in lines[0]
+    assert lines[1] == f"queue {tmp_path / 'queue1'}: not a qmail queue (no mess/)"
