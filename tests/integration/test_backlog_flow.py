@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from qmqpd.queue import create_queue
+from qmqpd.rules import compile_rules
 from tests.integration.test_master import Server
 from tests.support import command, exchange, free_port, request, wait_until
 from tests.unit.test_metrics import promtool_check, samples
@@ -211,5 +212,24 @@ def test_past_the_soft_mark_each_message_waits(tmp_path: Path) -> None:
         assert max(below) < 0.5
         assert min(above) >= 0.5
         assert "event=queue_flow_delay" in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_rule_sets_its_own_limit(tmp_path: Path) -> None:
+    """A bulk sender (127.0.0.3) gets Z past its own QUEUE_MAX_TODO while other clients
+    keep getting K from the same queue."""
+    (tmp_path / "tcp.qmqp").write_text('127.0.0.3:allow,QUEUE_MAX_TODO="5"\n127.:allow\n')
+    compile_rules(str(tmp_path / "tcp.qmqp"), str(tmp_path / "tcp.qmqp.cdb"))
+    queue = tmp_path / "queue"
+    create_queue(str(queue))
+    fill_known(queue, 10, 10)
+    server = Server(tmp_path, rules=str(tmp_path / "tcp.qmqp.cdb"),
+                    queue_scan_interval="0.5").start()
+    try:
+        bulk = exchange(server.port, PAYLOAD, source="127.0.0.3")
+        assert bulk.partition(b":")[2].rstrip(b",") == BACKLOG_Z
+        other = exchange(server.port, PAYLOAD, source="127.0.0.2")
+        assert other.partition(b":")[2].startswith(b"K")
     finally:
         server.stop()
