@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 SUMMARY_NAME = os.path.join("lock", "qmqpd-backlog")
 LOCK_NAME = os.path.join("lock", "qmqpd-backlog.lock")
+# One byte appended per message queued: what came in since a scan, counted across all
+# processes without a lock (O_APPEND writes of one byte do not interleave).
+TALLY_NAME = os.path.join("lock", "qmqpd-backlog.tally")
+TALLY_RESET = 1 << 20  # the scanner empties the tally past this size
 FORMAT = "qmqpd-backlog 1"
 # A long-lived process rereads a summary at most this often (a stat and a small read).
 RECHECK_SECONDS = 1.0
@@ -60,6 +64,7 @@ class Backlog(NamedTuple):
     messages: int
     oldest_message: float | None  # mtime of the oldest mess/ file
     seconds: float = 0.0  # how long the scan took
+    counted: int = 0  # size of the tally file when the scan began (see Watch)
 
     def todo_age(self, now: float) -> float:
         return 0.0 if self.oldest_todo is None else max(0.0, now - self.oldest_todo)
@@ -104,12 +109,27 @@ def scan(path: str, split: int = 23, todo_layout: str = "flat") -> Backlog:
     entry (for the oldest mtime). todo/ is flat or split like mess/ (TODO_LAYOUT)."""
     started = time.monotonic()
     scanned = time.time()
+    counted = tally_size(path)  # before the scan: mail during it may count twice, not never
     todo_dirs = (_buckets(path, "todo", split) if todo_layout == "split"
                  else iter([os.path.join(path, "todo")]))
     todo, oldest_todo = _count(todo_dirs)
     messages, oldest_message = _count(_buckets(path, "mess", split))
     return Backlog(path, scanned, todo, oldest_todo, messages, oldest_message,
-                   time.monotonic() - started)
+                   time.monotonic() - started, counted)
+
+
+def tally_size(path: str) -> int:
+    try:
+        return os.stat(os.path.join(path, TALLY_NAME)).st_size
+    except OSError:
+        return 0
+
+
+def _reset_tally(path: str) -> None:
+    """Empty a large tally (under the scan lock, just before a scan takes its size)."""
+    if tally_size(path) > TALLY_RESET:
+        with contextlib.suppress(OSError):
+            os.truncate(os.path.join(path, TALLY_NAME), 0)
 
 
 def fresh(backlog: Backlog | None, interval: float, now: float) -> bool:
@@ -130,7 +150,8 @@ def format_summary(backlog: Backlog) -> str:
 
     return (f"{FORMAT}\nscanned {backlog.scanned:.3f}\nseconds {backlog.seconds:.6f}\n"
             f"todo {backlog.todo}\noldest_todo {when(backlog.oldest_todo)}\n"
-            f"messages {backlog.messages}\noldest_message {when(backlog.oldest_message)}\n")
+            f"messages {backlog.messages}\noldest_message {when(backlog.oldest_message)}\n"
+            f"counted {backlog.counted}\n")
 
 
 def parse_summary(path: str, text: str) -> Backlog | None:
@@ -142,7 +163,8 @@ def parse_summary(path: str, text: str) -> Backlog | None:
     try:
         return Backlog(path, float(fields["scanned"]), int(fields["todo"]),
                        _number(fields["oldest_todo"]), int(fields["messages"]),
-                       _number(fields["oldest_message"]), float(fields["seconds"]))
+                       _number(fields["oldest_message"]), float(fields["seconds"]),
+                       int(fields["counted"]))
     except (KeyError, ValueError):
         return None
 
@@ -191,6 +213,7 @@ def refresh(path: str, split: int, todo_layout: str, interval: float) -> Backlog
         current = read_summary(path)
         if fresh(current, interval, time.time()):
             return current  # refreshed while we waited for the lock
+        _reset_tally(path)
         scanned = scan(path, split, todo_layout)
         try:
             write_summary(scanned)
@@ -225,9 +248,12 @@ class Watch:
         self.todo_layout = todo_layout
         self.interval = interval
         self._seen: dict[str, tuple[float, Backlog | None]] = {}
-        # messages this process queued since the summary it holds was scanned: the
-        # counts it judges by include its own mail, so a limit is not overrun by a
-        # whole scan interval of inflow, and its next choices spread
+        # The counts judged by include the mail queued since the scan, so a limit is not
+        # overrun by a scan interval of inflow and the choices spread: every process
+        # appends a byte per message to the queue's tally (fd per queue, opened on first
+        # use), and the summary says how long the tally was at its scan. Where the tally
+        # cannot be opened, a process counts its own mail only (_added).
+        self._tallies: dict[str, int | None] = {}
         self._added: dict[str, int] = {}
         self._children: list[int] = []  # scanners started by this process, not yet reaped
 
@@ -254,10 +280,32 @@ class Watch:
             if known is None or previous is None or known.scanned != previous.scanned:
                 self._added[path] = 0
             self._seen[path] = (moment, known)
-        added = self._added.get(path, 0)
-        if known is None or not added:
+        if known is None:
+            return None
+        added = self._since(path, known)
+        if not added:
             return known
         return known._replace(todo=known.todo + added, messages=known.messages + added)
+
+    def _tally(self, path: str) -> int | None:
+        if path not in self._tallies:
+            try:
+                self._tallies[path] = os.open(
+                    os.path.join(path, TALLY_NAME),
+                    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                self._tallies[path] = None
+        return self._tallies[path]
+
+    def _since(self, path: str, known: Backlog) -> int:
+        """Messages queued (by any process) since the scan of `known`."""
+        fd = self._tally(path)
+        if fd is None:
+            return self._added.get(path, 0)
+        try:
+            return max(0, os.fstat(fd).st_size - known.counted)
+        except OSError:
+            return self._added.get(path, 0)
 
     def _scan_aside(self, path: str) -> None:
         pid = _spawn([path], self.split, self.todo_layout, self.interval)
@@ -275,8 +323,12 @@ class Watch:
                 self._children.remove(pid)
 
     def queued(self, path: str) -> None:
-        """This process has just queued a message in path (counted until the next scan)."""
+        """A message was just queued in path (counted until the next scan)."""
         self._added[path] = self._added.get(path, 0) + 1
+        fd = self._tally(path)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(fd, b".")
 
     def all(self) -> list[Backlog | None]:
         return [self.backlog(path) for path in self.paths]
