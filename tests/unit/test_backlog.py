@@ -145,6 +145,30 @@ def test_a_long_scan_runs_aside_and_the_session_goes_on(tmp_path: Path) -> None:
     assert watch._children == []  # the worker reaped its scanner
 
 
+def test_every_process_counts_the_mail_of_all_since_the_scan(tmp_path: Path) -> None:
+    queue = make_queue(tmp_path)
+    one, other = (backlog.Watch([str(queue)], SPLIT, "flat", 60) for _ in range(2))
+    assert one.backlog(str(queue)).todo == 0  # type: ignore[union-attr]
+    for _ in range(3):
+        one.queued(str(queue))
+    for _ in range(2):
+        other.queued(str(queue))
+    assert one.backlog(str(queue)).todo == 5  # type: ignore[union-attr]
+    assert other.backlog(str(queue)).todo == 5  # type: ignore[union-attr]
+    # a scan past TALLY_RESET empties the tally and starts counting from there
+    with open(queue / backlog.TALLY_NAME, "ab") as tally:
+        tally.write(b"." * backlog.TALLY_RESET)
+    fill(queue, "flat", range(10, 17))
+    last = backlog.read_summary(str(queue))
+    assert last is not None
+    time.sleep(backlog.SCAN_DUTY * last.seconds + 0.01)  # past the duty bound of a scan
+    scanned = backlog.refresh(str(queue), SPLIT, "flat", 0.000001)
+    assert scanned is not None and (scanned.todo, scanned.counted) == (7, 0)
+    time.sleep(backlog.RECHECK_SECONDS)
+    one.queued(str(queue))
+    assert one.backlog(str(queue)).todo == 8  # type: ignore[union-attr]
+
+
 LIMITS = backlog.Limits(max_todo=100, max_todo_age=600, max_messages=1000, soft_todo=50,
                         flow_delay=0.5, stuck_age=60)
 NOW = 10_000.0
