@@ -12,7 +12,8 @@ second) runs at most once per QUEUE_SCAN_INTERVAL, by whichever process finds th
 file `lock/qmqpd-backlog` stale and wins the flock on `lock/qmqpd-backlog.lock` (a
 session scans itself only when the last scan was quick, else it starts the scanner and
 goes on with the stale summary); everyone else reads that small file, and a long-lived
-process reads it at most once a second. The master never scans: when its metrics find a
+process reads it at most once a second. Mail queued since a scan is counted by a tally
+file every process appends one byte to per message. The master never scans: when its metrics find a
 summary stale (no mail came to refresh it) it spawns the scanner and shows the old
 summary meanwhile.
 """
