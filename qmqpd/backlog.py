@@ -42,9 +42,9 @@ TALLY_RESET = 1 << 20  # the scanner empties the tally past this size
 FORMAT = "qmqpd-backlog 1"
 # A long-lived process rereads a summary at most this often (a stat and a small read).
 RECHECK_SECONDS = 1.0
-# Queues whose todo counts are this close to the smallest count as tied: counts are up
-# to one scan interval old, and sending every message to one queue until the next scan
-# would swing the load between queues instead of spreading it.
+# Queues whose todo counts are this close to the smallest count as tied: the counts are
+# estimates (a scan plus the mail queued since, minus nothing qmail-send took since), and
+# sending every message to the one smallest would swing the load instead of spreading it.
 TIE_SLACK = 16
 TIE_FRACTION = 0.1
 # A scan is not repeated before this many times its own duration has passed, whatever
@@ -398,8 +398,6 @@ def choose(backlogs: Sequence[Backlog | None], limits: Limits, now: float,
         return pick(room or every)
     healthy = [i for i in room if not stuck(backlogs[i], limits, now)]
     candidates = healthy or room or every
-    if len(candidates) == 1:
-        return pick(candidates)
     loads = {i: (backlogs[i].todo if backlogs[i] is not None else 0) for i in candidates}
     least = min(loads.values())
     slack = max(TIE_SLACK, int(least * TIE_FRACTION))
