@@ -310,8 +310,9 @@ SETTINGS: dict[str, Setting] = {
         _s("QUEUE_SCAN_INTERVAL", _float_parser(0, 3600), 5.0, "seconds 0-3600, 0 = off",
            "how old a queue's backlog summary (todo/ and mess/ counts and oldest ages, "
            "kept in lock/qmqpd-backlog) may get before one process rescans the queue; "
-           "a scan is also never repeated sooner than 10 times its own duration; 0 = no "
-           "scans: no backlog limits, no backlog gauges, QUEUE_CHOICE is random",
+           "a scan is also never repeated sooner than 10 times its own duration; 0 = the "
+           "server never scans: no backlog limits, no backlog gauges, QUEUE_CHOICE is "
+           "random (`qmqpd status` and `qmqpd queue stat` still count when run)",
            "backlog"),
         _s("QUEUE_CHOICE", _choice("least-loaded", "random"), "least-loaded",
            "least-loaded or random",
