@@ -3,7 +3,8 @@
 `GET /metrics` on the address METRICS names (off by default) answers in the Prometheus
 text format, rendered by prometheus-client from a custom collector that reads the status
 the master already builds for STATUS_FILE (`Master._status`), plus what only this module
-keeps: refusals per client IP (a bounded top-N) and two histograms.
+keeps: refusals per client IP (a bounded top-N) and two histograms; the queues' backlog
+gauges come from qmqpd.backlog's summaries (the master never scans a queue).
 
 Why in the loop and not a thread: the master is single-threaded and forks workers. A
 second thread could hold a lock (stderr, the registry's) at the moment of a fork and leave
