@@ -189,7 +189,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return 0
     for path in paths:
         stats = queue.stat_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
-        print(_stat_line(path, stats))
+        print(_stat_line(path, stats) + _backlog_fields(cfg, path))
     return 0
 
 
@@ -221,6 +221,24 @@ def _stat_line(path: str, stats: QueueStats) -> str:
         f"oldest={oldest} bytes={stats.total_bytes} "
         f"pid_leftovers={stats.pid_leftovers} intd_leftovers={stats.intd_leftovers}"
     )
+
+
+def _backlog_fields(cfg: config_mod.Config, path: str) -> str:
+    """The backlog as the flow control sees it (the shared summary, rescanned if stale):
+    mess/ files, oldest todo entry, free space, the scan's age and duration."""
+    from qmqpd import backlog
+
+    row = backlog.report(cfg, [path])[0]
+    fields = []
+    if "messages" in row:
+        fields += [f"mess={row['messages']}", f"oldest_todo={row['oldest_todo_age']:.0f}s",
+                   f"oldest_mess={row['oldest_message_age']:.0f}s"]
+    if "free_bytes" in row:
+        fields += [f"free_bytes={row['free_bytes']}", f"free_inodes={row['free_inodes']}"]
+    if "scanned_age" in row:
+        fields += [f"scanned={row['scanned_age']:.1f}s_ago",
+                   f"scan_ms={float(row['scan_seconds']) * 1000:.1f}"]
+    return "".join(f" {field}" for field in fields)
 
 
 def cmd_service(args: argparse.Namespace) -> int:

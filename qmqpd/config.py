@@ -307,6 +307,39 @@ SETTINGS: dict[str, Setting] = {
            "refuse with Z when the queue filesystem has less free space"),
         _s("QMAILQUEUE", _str, "", "path of a qmail-queue style program, optionally with args",
            "hand messages to this program instead of writing the queue"),
+        _s("QUEUE_SCAN_INTERVAL", _float_parser(0, 3600), 5.0, "seconds 0-3600, 0 = off",
+           "how old a queue's backlog summary (todo/ and mess/ counts and oldest ages, "
+           "kept in lock/qmqpd-backlog) may get before one process rescans the queue; "
+           "a scan is also never repeated sooner than 10 times its own duration; 0 = the "
+           "server never scans: no backlog limits, no backlog gauges, QUEUE_CHOICE is "
+           "random (`qmqpd status` and `qmqpd queue stat` still count when run)",
+           "backlog"),
+        _s("QUEUE_CHOICE", _choice("least-loaded", "random"), "least-loaded",
+           "least-loaded or random",
+           "with several queues (QUEUE_COUNT > 1): least-loaded = the queue with the "
+           "fewest todo/ entries (near-equal counts are ties, chosen at random), skipping "
+           "queues over a QUEUE_MAX_* limit or stuck (QUEUE_STUCK_AGE) while another has "
+           "room; random = any queue under the limits (qmail-multi)", "backlog"),
+        _s("QUEUE_STUCK_AGE", _int_parser(0, 86400 * 7), 120, "seconds, 0 = never avoid",
+           "a queue whose oldest todo/ entry is older looks stuck (qmail-send is not taking "
+           "its mail): new mail goes to another queue while one has room", "backlog"),
+        _s("QUEUE_MAX_TODO", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
+           "answer Zqueue backlog too large (#4.3.1) while the chosen queue has more todo/ "
+           "entries than this (qmail-send is behind); e.g. what its qmail-send takes in a "
+           "few minutes", "backlog"),
+        _s("QUEUE_MAX_TODO_AGE", _int_parser(0, 86400 * 7), 1800,
+           "seconds, 0 = no limit",
+           "answer Z (as QUEUE_MAX_TODO) while the chosen queue's oldest todo/ entry is "
+           "older than this: qmail-send is stopped or stuck", "backlog"),
+        _s("QUEUE_MAX_MESSAGES", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
+           "answer Z (as QUEUE_MAX_TODO) while the chosen queue holds more messages "
+           "(mess/) than this, e.g. when remote deliveries are slow", "backlog"),
+        _s("QUEUE_SOFT_TODO", _int_parser(0), 0, "an integer >= 0 (0 = never delay)",
+           "above this many todo/ entries each message waits QUEUE_FLOW_DELAY before it "
+           "is read and queued (Postfix's in_flow_delay): fewer messages per worker "
+           "while qmail-send catches up", "backlog"),
+        _s("QUEUE_FLOW_DELAY", _float_parser(0, 60), 1.0, "seconds 0-60",
+           "the wait of each message above QUEUE_SOFT_TODO", "backlog"),
         _s("QHPSI", _scan_switch, None,
            "1/yes/on or a scanner command line = scan; unset, empty, 0, no, off = do not scan",
            "scan each message with clamd (INSTREAM); a rule's QHPSI=\"\" turns it off",

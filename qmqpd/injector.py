@@ -1,5 +1,8 @@
 """qmail-multi's job: pick a queue, check free space, queue natively or run QMAILQUEUE.
 
+The queue is the least loaded one by its backlog (qmqpd.backlog) unless QUEUE_CHOICE is
+random; past a QUEUE_MAX_* limit the answer is Z before the body is read, past
+QUEUE_SOFT_TODO the session waits QUEUE_FLOW_DELAY first.
 Every outcome is a Reply; an unknown result is a temporary failure, never a K.
 """
 
@@ -11,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from qmqpd import log
+from qmqpd import backlog, log
 from qmqpd.config import Config, ConfigError, problem
 from qmqpd.message import Client, Message, Reply, reply_for_exit
 from qmqpd.queue import (
@@ -140,23 +143,39 @@ class Route(NamedTuple):
     program: tuple[str, ...]
     queues: tuple[Queue, ...]
     queuedir: str = ""  # QUEUEDIR handed to an external program
+    watch: backlog.Watch | None = None  # the queues' backlog (None: QUEUE_SCAN_INTERVAL 0)
 
     @classmethod
     def from_config(cls, config: Config) -> Route:
         program = tuple(config.qmailqueue.split())
         if program:
             return cls(program, (), str(config.queuedir))
+        paths = queue_paths(config)
         queues = tuple(
             Queue(path, split=config.split, todo_layout=config.todo_layout,
                   fsync=config.use_fsync, syncdir=config.use_syncdir)
-            for path in queue_paths(config))
-        return cls((), queues)
+            for path in paths)
+        return cls((), queues, "", backlog.Watch.from_config(config, paths))
 
 
-def _any_queue(queues: list[Queue]) -> Queue:
-    import random  # qmail-multi only: a session with one queue never loads it
+def _pick(indexes: list[int]) -> int:
+    if len(indexes) == 1:
+        return indexes[0]
+    import random  # several queues only: a session with one queue never loads it
 
-    return random.SystemRandom().choice(queues)
+    return random.SystemRandom().choice(indexes)
+
+
+def _choose(route: Route, limits: backlog.Limits) -> tuple[Queue | None, backlog.Flow]:
+    """The queue for this session's message and what flow control says about it."""
+    if not route.queues:
+        return None, backlog.Flow()
+    if route.watch is None:  # no backlog known: qmail-multi's random pick
+        return route.queues[_pick(list(range(len(route.queues))))], backlog.Flow()
+    now = time.time()
+    backlogs = route.watch.all()
+    index = backlog.choose(backlogs, limits, now, _pick)
+    return route.queues[index], backlog.verdict(backlogs[index], limits, now)
 
 
 class Injector:
@@ -172,9 +191,9 @@ class Injector:
             route = Route.from_config(config)
         self.program = list(route.program)
         # An external program picks its own queue unless QUEUEDIR names one. Native:
-        # QUEUEDIR, or one of QUEUE_BASE/queueN at random (qmail-multi).
-        self._queue = (route.queues[0] if len(route.queues) == 1 else
-                       _any_queue(route.queues) if route.queues else None)
+        # QUEUEDIR, or one of QUEUE_BASE/queueN by backlog (or at random, as qmail-multi).
+        self._queue, self.flow = _choose(route, backlog.Limits.from_config(config))
+        self._watch = route.watch
         self.queue_path = self._queue.path if self._queue is not None else route.queuedir
 
     @property
@@ -187,8 +206,17 @@ class Injector:
         return None if self.program else os.path.join(self.queue_path, "pid")
 
     def check_space(self, length: int = 0) -> Reply | None:
-        """None when there is room (or no check); the Z answer when the queue filesystem
-        would fall below MIN_FREE after taking ``length`` more bytes (the announced size)."""
+        """None when there is room (or no check); the Z answer when the chosen queue is
+        past a backlog limit, or its filesystem would fall below MIN_FREE after taking
+        ``length`` more bytes (the announced size). Past the soft backlog mark the first
+        call waits QUEUE_FLOW_DELAY (before the body is read)."""
+        if self.flow.refusal:
+            log.event("queue_backlog", queue=self.queue_path, reason=self.flow.refusal)
+            return Reply.named("queue_backlog")
+        if self.flow.delay:
+            log.event("queue_flow_delay", queue=self.queue_path, seconds=self.flow.delay)
+            time.sleep(self.flow.delay)
+            self.flow = backlog.Flow()
         if not self.config.min_free or not self.queue_path:
             return None
         try:
@@ -219,6 +247,8 @@ class Injector:
             log.event("queue_failed", queue=self.queue_path, code=exc.exit_code,
                       reason=exc.reason)
             return Outcome(reply_for_exit(exc.exit_code), self.queue_path)
+        if self._watch is not None:
+            self._watch.queued(self.queue_path)
         return Outcome(Reply.ok(int(time.time()), qid), self.queue_path, str(qid))
 
     # -- external QMAILQUEUE program ----------------------------------------------------

@@ -328,6 +328,7 @@ REPLIES: dict[str, str] = {
     "out_of_memory": "Zqq out of memory (#4.3.0)",
     "config": "Zqq unable to read configuration (#4.3.0)",
     "too_many_per_ip": "Ztoo many connections from your IP (#4.3.2)",
+    "queue_backlog": "Zqueue backlog too large, try another server (#4.3.1)",
     "filter_failed": "Zqq temporary problem in filter {stage} (#4.3.0)",
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",

@@ -3,7 +3,8 @@
 `GET /metrics` on the address METRICS names (off by default) answers in the Prometheus
 text format, rendered by prometheus-client from a custom collector that reads the status
 the master already builds for STATUS_FILE (`Master._status`), plus what only this module
-keeps: refusals per client IP (a bounded top-N) and two histograms.
+keeps: refusals per client IP (a bounded top-N) and two histograms; the queues' backlog
+gauges come from qmqpd.backlog's summaries (the master never scans a queue).
 
 Why in the loop and not a thread: the master is single-threaded and forks workers. A
 second thread could hold a lock (stderr, the registry's) at the moment of a fork and leave
@@ -36,7 +37,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qmqpd import log
+from qmqpd import backlog, log
 from qmqpd.status import ANSWER_NAMES
 
 # Text format 0.0.4: what every Prometheus and promtool reads.
@@ -64,15 +65,9 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def queue_dirs(config: Any) -> list[str]:
-    """The queues the master's settings name (none when QMAILQUEUE takes the mail)."""
-    if config.qmailqueue:
-        return []
-    if config.queuedir:
-        return [config.queuedir]
-    if config.queue_base:
-        return [os.path.join(config.queue_base, f"queue{n}")
-                for n in range(config.queue_start, config.queue_start + config.queue_count)]
-    return []
+    """The queues the master's settings name (none when QMAILQUEUE takes the mail), with
+    how their backlog is scanned."""
+    return backlog.watched(config)
 
 
 class RefusalsByIp:
@@ -159,6 +154,17 @@ class MasterCollector:
                 stat = os.statvfs(path)
                 free.add_metric([path], stat.f_bavail * stat.f_frsize)
         yield free
+        yield from self.backlog()
+
+    def backlog(self) -> Iterator[Metric]:
+        """The queues' backlog gauges (read from their summaries: no scan in the master)."""
+        queues = self.queues()
+        if isinstance(queues, backlog.WatchedQueues):
+            for name, text, values in backlog.gauges(queues):
+                family = GaugeMetricFamily(name, text, labels=["queue"])
+                for path, value in values:
+                    family.add_metric([path], value)
+                yield family
 
 
 @dataclass(eq=False)

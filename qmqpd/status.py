@@ -12,7 +12,8 @@ The price is up to about two seconds of lag, which is fine for counters read by 
 
 The writer side (`SessionCounters`, `StatusWriter`) is used by the master; the reader side
 (`read_status`, `render_text`, `run`) by the command. Both share the format, so it lives
-in one module. Imports: config, log and the standard library only.
+in one module. Imports: config, log and the standard library; the command also reads the
+queues' backlog (backlog).
 """
 
 from __future__ import annotations
@@ -282,10 +283,41 @@ def render_text(status: dict[str, Any]) -> str:
         f"{connections.get('proxy_rejected', 0)} PROXY header rejected")
     for name, counts in status.get("stages", {}).items():
         lines.append(f"stage {name}: " + _counts(counts, _ACTION_WORDS))
+    lines.extend(backlog_lines(status.get("backlog", [])))
     if status["stale"]:
         lines.append(f"warning: the status is {duration(status['age'])} old; "
                      "the master may be stuck")
     return "\n".join(lines) + "\n"
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def backlog_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per queue: its backlog (qmqpd.backlog.report) and free space."""
+    lines = []
+    for row in rows:
+        parts = []
+        if row.get("missing"):
+            parts.append("not a qmail queue (no mess/)")
+        elif "todo" in row:
+            parts.append(f"todo {row['todo']} (oldest {duration(row['oldest_todo_age'])}), "
+                         f"{row['messages']} messages (oldest "
+                         f"{duration(row['oldest_message_age'])})")
+        else:
+            parts.append("backlog unknown")
+        if "free_bytes" in row:
+            parts.append(f"{_size(row['free_bytes'])} and {row['free_inodes']} inodes free")
+        if "scanned_age" in row:
+            parts.append(f"scanned {duration(row['scanned_age'])} ago in "
+                         f"{row['scan_seconds'] * 1000:.0f} ms")
+        lines.append(f"queue {row['queue']}: " + "; ".join(parts))
+    return lines
 
 
 def run(config: Config, as_json: bool = False, now: float | None = None) -> int:
@@ -297,6 +329,9 @@ def run(config: Config, as_json: bool = False, now: float | None = None) -> int:
     try:
         data = read_status(config.status_file)
         status = assess(data, time.time() if now is None else now)
+        from qmqpd import backlog  # the queues' backlog: this command may scan, the master not
+
+        status["backlog"] = backlog.report(config)
     except (TypeError, ValueError):
         print(f"qmqpd: status file {config.status_file} has bad fields", file=sys.stderr)
         return EXIT_NO_STATUS

@@ -41,6 +41,10 @@ PENDING: dict[str, set[str]] = {
                    "filters.signing"},
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
                      "qmqpd.proxy"},  # the PROXY header, read before rules and limits
+    # the planned backlog row: queue choice and flow control, its gauges, its status lines
+    "qmqpd.injector": {"qmqpd.backlog"},
+    "qmqpd.metrics": {"qmqpd.backlog"},
+    "qmqpd.status": {"qmqpd.backlog"},
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -53,6 +57,7 @@ PENDING_MODULES: dict[str, set[str]] = {
     "filters.signing": {"filters.mailstream", "filters.keys", "filters.base"},
     # DKIM-Signature syntax as dkimpy writes it, without its private functions: stdlib
     "filters.dkimtags": set(),
+    "qmqpd.backlog": set(),  # planned (the card's next step): per-queue backlog, stdlib
 }
 
 
