@@ -342,13 +342,16 @@ def _describe(error: BaseException) -> str:
 
 def send(message: bytes | BinaryIO, sender: bytes, recipients: list[bytes],
          servers: list[Server], timeout: float = 60, connect_timeout: float = 10,
-         retry_broken: bool = True) -> Result:
-    """Deliver one message to the first server that answers; see the module doc.
+         retry_broken: bool = True, retry_temporary: bool = True) -> Result:
+    """Deliver one message to the first server that takes it; see the module doc.
 
     Servers are tried in order. A failed connect moves on to the next one, and so does a
     timeout or broken session before any answer when ``retry_broken`` is set (the message
     may then reach two servers if the first queued it but its answer was lost; qmail-qmqpc
-    never retries here). A K, Z or D answer is final.
+    never retries here). A Z answer (nothing queued: a server short of room, its queue
+    backlogged, a scanner down) moves on too when ``retry_temporary`` is set, so a cluster
+    spreads the load; qmail-qmqpc stops there. K and D are final; when every server that
+    answered said Z, the last Z is the result.
     """
     try:
         body = _prepare_body(message)
@@ -356,15 +359,17 @@ def send(message: bytes | BinaryIO, sender: bytes, recipients: list[bytes],
         return Result(None, str(error), EXIT_READ)
     try:
         return _send_body(body, sender, recipients, servers, timeout, connect_timeout,
-                          retry_broken)
+                          retry_broken, retry_temporary)
     finally:
         body.close()
 
 
 def _send_body(body: _Body, sender: bytes, recipients: list[bytes], servers: list[Server],
-               timeout: float, connect_timeout: float, retry_broken: bool) -> Result:
+               timeout: float, connect_timeout: float, retry_broken: bool,
+               retry_temporary: bool = True) -> Result:
     failures: list[str] = []
     last_error = EXIT_NO_SERVERS
+    deferred: Result | None = None  # the last Z, given when no other server takes the message
     for server in servers:
         try:
             addresses = _addresses(server)
@@ -394,7 +399,15 @@ def _send_body(body: _Body, sender: bytes, recipients: list[bytes], servers: lis
                                   failures)
                 last_error = EXIT_SESSION
                 break  # a broken session: try the next server, not this one's other address
-            return Result(status, text, EXIT_FOR_STATUS[status], server, failures)
+            result = Result(status, text, EXIT_FOR_STATUS[status], server, failures)
+            if status != "Z" or not retry_temporary:
+                return result
+            failures.append(f"{server}: {result.answer}")
+            deferred = result
+            break  # nothing was queued: try the next server
+    if deferred is not None:
+        return Result(deferred.status, deferred.text, deferred.exit_code, deferred.server,
+                      failures)
     return Result(None, _NO_ANSWER[last_error], last_error, None, failures)
 
 
@@ -471,6 +484,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds to connect to one server (default 10)")
     parser.add_argument("--no-retry-broken", dest="retry_broken", action="store_false",
                         help="do not try the next server after a broken session")
+    parser.add_argument("--no-retry-z", dest="retry_temporary", action="store_false",
+                        help="stop at the first Z answer, as qmail-qmqpc does (default: a Z "
+                        "moves on to the next server)")
     return parser
 
 
@@ -511,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         if command_line:
             envelope = (os.fsencode(options.sender), [os.fsencode(to) for to in options.to])
             result = send(message, *envelope, servers, options.timeout,
-                          options.connect_timeout, options.retry_broken)
+                          options.connect_timeout, options.retry_broken,
+                          options.retry_temporary)
         else:
             result = _send_queue_style(message, servers, options)
     if result.status:
@@ -538,7 +555,8 @@ def _send_queue_style(message: BinaryIO, servers: list[Server],
         except OSError as error:
             return Result(None, f"cannot read the envelope: {_describe(error)}", EXIT_READ)
         return _send_body(body, sender, recipients, servers, options.timeout,
-                          options.connect_timeout, options.retry_broken)
+                          options.connect_timeout, options.retry_broken,
+                          options.retry_temporary)
     finally:
         body.close()
 

@@ -214,16 +214,35 @@ def test_empty_sender_and_no_recipients_are_sent_as_is(peers: list[QmqpPeer]) ->
     assert server.requests == [b"6:0:,0:,,"]
 
 
-@pytest.mark.parametrize(("answer", "status", "code"), [
-    (b"37:Zqq write error or disk full (#4.3.0),", "Z", 71),
-    (b"51:Dsorry, I can't accept addresses like that (#5.1.3),", "D", 31),
+Z_ANSWER = b"37:Zqq write error or disk full (#4.3.0),"
+
+
+@pytest.mark.parametrize(("answer", "status", "code", "options"), [
+    (Z_ANSWER, "Z", 71, {"retry_temporary": False}),
+    (b"51:Dsorry, I can't accept addresses like that (#5.1.3),", "D", 31, {}),
 ])
-def test_z_and_d_are_final(peers: list[QmqpPeer], answer: bytes, status: str,
-                           code: int) -> None:
+def test_d_is_final_and_z_when_asked(peers: list[QmqpPeer], answer: bytes, status: str,
+                                     code: int, options: dict) -> None:
     first, second = peer(peers, answer), peer(peers, b"3:Kok,")
-    result = quick_send([first.server, second.server])
+    result = quick_send([first.server, second.server], **options)
     assert (result.status, result.exit_code, result.server) == (status, code, first.server)
     assert second.connections == 0
+
+
+def test_z_moves_on_to_the_next_server(peers: list[QmqpPeer]) -> None:
+    first, second = peer(peers, Z_ANSWER), peer(peers, b"3:Kok,")
+    result = quick_send([first.server, second.server])
+    assert (result.status, result.exit_code, result.server) == ("K", 0, second.server)
+    assert first.connections == 1 and second.connections == 1
+    assert any("write error or disk full" in failure for failure in result.failures)
+
+
+def test_z_from_every_server_is_71_with_the_last_answer(peers: list[QmqpPeer]) -> None:
+    first = peer(peers, b"9:Zbusy one,")
+    second = peer(peers, b"9:Zbusy two,")
+    result = quick_send([first.server, second.server])
+    assert (result.status, result.text, result.exit_code) == ("Z", "busy two", 71)
+    assert result.server == second.server and len(result.failures) == 2
 
 
 @pytest.mark.parametrize("answer", [None, "hang", b"HTTP/1.0 400 Bad Request\r\n\r\n",
