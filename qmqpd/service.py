@@ -156,7 +156,8 @@ def validate(values: Mapping[str, str]) -> None:
     if unknown:
         raise ServiceError("unknown settings: " + ", ".join(unknown))
     try:
-        config_mod.load(environ=dict(values))
+        config_mod.load(envdir={name: (value, f"variables/{name}")
+                                for name, value in values.items()})
     except config_mod.ConfigError as error:
         raise ServiceError(str(error)) from None
 
@@ -251,9 +252,15 @@ def systemd_unit(opts: argparse.Namespace) -> str:
     values = settings_from_options(opts)
     validate(values)
     writable = sorted({values.get("QUEUEDIR") or values["QUEUE_BASE"]})
+    # USER and GROUP are never read from the process environment (systemd's User= sets
+    # $USER itself): systemd starts the server as that user, with the one capability it
+    # needs to bind a low port.
+    identity = _systemd_identity(values.get("USER", ""), values.get("GROUP", ""))
     environment = "\n".join(
         f'Environment="{key}={value}"' for key, value in values.items()
+        if key not in ("USER", "GROUP")
     )
+    environment = "\n".join(filter(None, (identity, environment)))
     caps = ("CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_CHOWN "
             "CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL")
     return _render(
@@ -265,6 +272,21 @@ def systemd_unit(opts: argparse.Namespace) -> str:
         writable=" ".join(writable),
         capabilities=caps,
     )
+
+
+def _systemd_identity(user: str, group: str) -> str:
+    """User=/Group= (and SupplementaryGroups= for a GROUP list) of the unit."""
+    lines = []
+    if user:
+        lines.append(f"User={user}")
+    groups = [g.strip() for g in group.split(",") if g.strip()]
+    if groups:
+        lines.append(f"Group={groups[0]}")
+    if groups[1:]:
+        lines.append("SupplementaryGroups=" + " ".join(groups[1:]))
+    if lines:
+        lines.append("AmbientCapabilities=CAP_NET_BIND_SERVICE")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
