@@ -1,9 +1,11 @@
 """`qmqpd service`: supervised service directories and systemd units, like `svctool --qmqp`.
 
-A daemontools/runit service is `run` (envdir ./variables, then `qmqpd serve`), a
-`variables/` envdir holding one file per setting, `log/run` (multilog), `.options` (the
-command line that made it) and a `down` file unless asked to start it. The systemd unit
-carries the same settings as Environment= lines.
+A daemontools/runit service is `run` (`qmqpd serve --envdir ./variables`: the server reads
+its settings itself, at start and on every HUP), a `variables/` envdir holding one file per
+setting, `log/run` (multilog), `.options` (the command line that made it) and a `down` file
+unless asked to start it. The systemd unit carries the same settings as Environment= lines
+(USER and GROUP as User=/Group=). Called by `qmqpd service`; never touches a running
+server except to stop it on --rmsvc.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def settings_from_options(opts: argparse.Namespace) -> dict[str, str]:
         "LOCALIP": opts.localip,
         "CONTROLDIR": cntrldir,
         "RULES": opts.rules or os.path.join(cntrldir, "tcp.qmqp.cdb"),
-        # One status file per service, read by `envdir variables qmqpd status`.
+        # One status file per service, read by `qmqpd status --envdir variables`.
         "STATUS_FILE": f"/run/{_service_name(opts)}/status.json",
     }
     optional = {
@@ -198,7 +200,6 @@ def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
     logdir = opts.logdir or os.path.join(DEFAULT_LOG_BASE, name)
     runit = opts.supervisor == "runit"
     tools = {
-        "envdir": shutil.which("envdir") or "envdir",
         "chpst": shutil.which("chpst") or "chpst",
         "multilog": shutil.which("multilog") or "multilog",
     }
