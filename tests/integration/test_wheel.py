@@ -69,7 +69,8 @@ def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """No PYTHONPATH or settings from the test run: only what the venv has."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), **extra}
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "ALLOW_ROOT": "1", **extra}  # serve runs as whoever runs the suite
     return env
 
 
