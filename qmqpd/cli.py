@@ -16,6 +16,7 @@ from qmqpd import config as config_mod
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
 
     from qmqpd.injector import Writer
     from qmqpd.plan import PlanBook
@@ -332,7 +333,25 @@ def _stat_line(path: str, stats: QueueStats) -> str:
 def cmd_service(args: argparse.Namespace) -> int:
     from qmqpd import service
 
-    return service.main(args.options)
+    return service.main(args.options, checker=_check_service)
+
+
+def _check_service(directory: Path, _values: object) -> tuple[list[config_mod.ConfigError],
+                                                               list[str]]:
+    """A service just written, checked as `serve --envdir ./variables` will read it: from
+    its directory, with supervise's clean environment (nothing from this shell)."""
+    args = SimpleNamespace(config=None, envdir=str(directory / "variables"))
+    here = os.getcwd()
+    os.chdir(directory)
+    try:
+        envdir = config_mod.read_envdir(args.envdir)
+        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir), envdir=envdir)  # type: ignore[arg-type]
+        _plans, problems, warnings = validate(cfg)
+    except config_mod.ConfigError as error:
+        return [error], []
+    finally:
+        os.chdir(here)
+    return problems, warnings
 
 
 def cmd_status(args: argparse.Namespace) -> int:

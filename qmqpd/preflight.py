@@ -80,6 +80,9 @@ def as_service_user(cfg: Config, check: Callable[[Config], Outcome]) -> Outcome:
                 setting = "GROUP" if str(error).startswith("GROUP") else "USER"
                 plans, problems, warnings = None, [problem(
                     setting, cfg.source(setting), str(error))], []
+                if "no such" in str(error):  # no one to test as: the rest as we are
+                    _plans, more, warnings = check(cfg)
+                    problems += [p for p in more if str(p) != str(problems[0])]
             except ConfigError as error:
                 plans, problems, warnings = None, [error], []
             data = {"plans": plans, "warnings": warnings,

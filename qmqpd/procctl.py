@@ -116,26 +116,28 @@ def set_memory_limit(max_bytes: int) -> None:
         _lower_soft(limit, max_bytes)
 
 
-# What a worker needs beyond its threads: a session's buffers, the key and DNS objects of
-# the signing stages (a message body is spooled to disk above 1 MiB).
-SESSION_HEADROOM = 32 << 20
+# Above the measured need: a session's smallest buffers (a message body is spooled to disk
+# above 1 MiB). Bigger messages need more: a cap near the floor answers them Z.
+SESSION_HEADROOM = 4 << 20
 # Threads a worker starts: the queue writer's two sync threads.
 WORKER_THREADS = 2
+M_ARENA_MAX = -8  # mallopt(3)
 _floor_cache: dict[int, int] = {}
 
 
 def memory_floor(threads: int = WORKER_THREADS, headroom: int = SESSION_HEADROOM) -> int:
-    """The smallest SOFT_MEM (RLIMIT_AS) a worker forked from this process can live in:
-    measured, not guessed. A forked child starts `threads` threads, each allocating (so
-    glibc gives it its own arena, up to 64 MiB of address space), allocates `headroom`,
-    and reports its address-space size (VmSize); the floor is that plus `headroom` again
-    as margin, rounded up to a MiB. Call it where workers are forked from (every module
-    imported). Below it a worker fails at its first thread or allocation; between a
-    smaller limit that works by chance and this one, glibc's arena placement decides."""
+    """The smallest SOFT_MEM (RLIMIT_AS) a worker forked from this process can serve in:
+    measured, not guessed. A forked child starts `threads` threads (each with its stack)
+    and reports its address-space size (VmSize); the floor is that plus `headroom`,
+    rounded up to 8 MiB. glibc's per-thread arenas are left out of the measure (the child
+    sets M_ARENA_MAX to 1): under a cap a thread whose arena does not fit uses the main
+    one. Call it where workers are forked from (every module imported)."""
     if threads not in _floor_cache:
-        _floor_cache[threads] = _measure(threads, headroom)
+        _floor_cache[threads] = _measure(threads)
     need = _floor_cache[threads] + headroom
-    return ((need + (1 << 20) - 1) >> 20) << 20
+    # In 8 MiB steps: `qmqpd check` measures in its own process, the master in its own
+    # (about a MiB apart), and both must name the same floor.
+    return ((need + (8 << 20) - 1) >> 23) << 23
 
 
 def _vm_size() -> int:
@@ -146,8 +148,8 @@ def _vm_size() -> int:
     return 0
 
 
-def _measure(threads: int, headroom: int) -> int:
-    """VmSize of a forked child once its threads run and headroom is allocated."""
+def _measure(threads: int) -> int:
+    """VmSize of a forked child once its threads run."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -155,20 +157,19 @@ def _measure(threads: int, headroom: int) -> int:
         try:
             import threading
 
+            libc_name = ctypes.util.find_library("c")
+            if libc_name:
+                ctypes.CDLL(libc_name).mallopt(M_ARENA_MAX, 1)
             done = threading.Event()
             running = threading.Barrier(threads + 1)
 
             def thread_main() -> None:
-                scratch = [bytearray(4096) for _ in range(64)]  # this thread's arena
                 running.wait()
                 done.wait()
-                scratch.clear()
 
             for _ in range(threads):
                 threading.Thread(target=thread_main, daemon=True).start()
             running.wait(10)
-            block = bytearray(headroom)
-            block[-1] = 1
             os.write(write_end, str(_vm_size()).encode())
             done.set()
         finally:
@@ -177,7 +178,9 @@ def _measure(threads: int, headroom: int) -> int:
     with os.fdopen(read_end, "rb") as pipe:
         text = pipe.read()
     os.waitpid(pid, 0)
-    return int(text) if text.strip() else _vm_size() + threads * (72 << 20) + headroom
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    stack = 8 << 20 if stack == resource.RLIM_INFINITY else stack
+    return int(text) if text.strip() else _vm_size() + threads * stack
 
 
 def set_title(title: str) -> None:
