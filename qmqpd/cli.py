@@ -289,19 +289,49 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 return _fail(str(error), 100)
             print(f"created {path} (owners: {owners.source})")
         return 0
-    if args.queue_command == "list":
-        for path in paths:
-            for item in queue.list_messages(path, split=cfg.split, todo_layout=cfg.todo_layout):
-                print(_listing_line(path, item))
-        return 0
     for path in paths:
-        stats = queue.stat_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
-        print(_stat_line(path, stats))
+        try:
+            layout = queue.reader_layout(path)
+            if args.queue_command == "list":
+                for item in queue.list_messages(path, split=layout.split,
+                                                todo_layout=layout.todo_layout):
+                    print(_listing_line(path, item))
+            else:
+                stats = queue.stat_queue(path, split=layout.split,
+                                         todo_layout=layout.todo_layout)
+                print(_stat_line(path, stats))
+        except queue.NotAQueue as error:
+            return _fail(str(error), 100)
+        except queue.QueueUnreadable as error:
+            return _fail(f"cannot read queue {error}")
+        except OSError as error:  # a file or directory inside the queue
+            return _fail(f"cannot read queue {path}: {error.filename}: {error.strerror}")
     return 0
 
 
+# Bytes of an envelope shown as themselves: printable UTF-8 other than the listing's own
+# separators (space between fields, comma between recipients) and the backslash.
+_SEPARATORS = frozenset(" ,\\")
+
+
 def _text(value: bytes | None) -> str:
-    return "?" if value is None else (value.decode("utf-8", "backslashreplace") or "<>")
+    """An envelope address for one listing line: control characters, separators and
+    bytes that are not UTF-8 as \\xNN, so a client cannot forge a line or send escapes."""
+    if value is None:
+        return "?"
+    if not value:
+        return "<>"
+    text = value.decode("utf-8", "surrogateescape")
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char in _SEPARATORS or not char.isprintable():
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _listing_line(path: str, item: QueuedMessage) -> str:
