@@ -261,7 +261,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
             return _fail(str(error), 100)  # tcprules' exit code for bad input
         print(f"{args.cdb}: {count} keys")
         return 0
-    cdb = args.rules or _load(args).rules
+    cdb = args.rules or _load(args, embedded=True).rules
     if not cdb:
         return _fail("no rules cdb: give --rules or set RULES (without one, serve allows "
                      "loopback only)", 100)
@@ -275,7 +275,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     from qmqpd import queue
 
-    cfg = _load(args)
+    cfg = _load(args, embedded=True)  # no --config: serve's queue, ./var/queue
     from qmqpd.injector import queue_paths
 
     paths = args.dirs or queue_paths(cfg)
@@ -403,7 +403,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         sys.stdout.write(config_mod.settings_markdown())
         return 0
-    cfg = _load(args, embedded=args.embedded)
+    cfg = _load(args, embedded=True)  # the settings `serve` would run with
     for name, value in cfg.as_dict().items():
         print(f"{name}={value!r}  # {cfg.source(name)}")
     note = _ignored_note()
@@ -415,10 +415,21 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version (package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qmqpd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse  # not on `qmqpd session`'s path (see _session_fast_path)
 
     parser = argparse.ArgumentParser(prog="qmqpd", description="filtering QMQP server")
+    parser.add_argument("--version", action="version", version=f"qmqpd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -471,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     dkim_p.set_defaults(func=cmd_dkim)
 
     cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
-    cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")
+    cfg_p.add_argument("--embedded", action="store_true",
+                       help="as `serve` without --config (the default; kept for scripts)")
     cfg_p.add_argument("--sample", action="store_true", help="print a commented config file")
     cfg_p.add_argument("--markdown", action="store_true", help="print the settings reference")
     cfg_p.set_defaults(func=cmd_config)

@@ -49,6 +49,8 @@ def test_unreadable_queue_is_one_line_and_exit_111(tmp_path: Path) -> None:
 
     from qmqpd import cli, queue  # noqa: F401
 
+    cli.build_parser()  # its imports too: the interpreter may be out of nobody's reach
+
     shared = Path(os.environ.get("TMPDIR", "/tmp")) / f"qmqpd-unreadable-{os.getpid()}"
     create_queue(str(shared / "queue"))
     shared.chmod(0o755)
@@ -60,15 +62,17 @@ def test_unreadable_queue_is_one_line_and_exit_111(tmp_path: Path) -> None:
             read_end, write_end = os.pipe()
             pid = os.fork()
             if pid == 0:
-                # the command's own stdout and stderr (pytest has replaced sys.std*)
-                sys.stdout = sys.stderr = os.fdopen(write_end, "w")
-                os.setgroups([])
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-                code = cli.main(["queue", name, str(shared / "queue")])
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                code = 99
+                try:
+                    # the command's own stdout and stderr (pytest has replaced sys.std*)
+                    sys.stdout = sys.stderr = os.fdopen(write_end, "w")
+                    os.setgroups([])
+                    os.setgid(nobody.pw_gid)
+                    os.setuid(nobody.pw_uid)
+                    code = cli.main(["queue", name, str(shared / "queue")])
+                    sys.stdout.flush()
+                finally:
+                    os._exit(code)
             os.close(write_end)
             with os.fdopen(read_end) as pipe:
                 output = pipe.read()
@@ -99,3 +103,40 @@ def test_envelope_bytes_are_escaped(tmp_path: Path) -> None:
     assert second.endswith("from=<> to=ok@example.net")
     stat = qmqpd("queue", "stat", str(queue))
     assert stat.returncode == 0 and "todo=2" in stat.stdout
+
+
+def test_subcommands_share_serve_s_defaults(tmp_path: Path) -> None:
+    """After the quick start (`qmqpd serve` with nothing configured), `config`, `queue
+    list`, `queue stat` and `status` with no arguments look where serve put things."""
+    import signal
+
+    from tests.support import stop_process, wait_until
+
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "PORT": "0"}  # the embedded 6280 may be taken on a shared host
+    with open(log, "ab") as out:
+        server = subprocess.Popen([*command("qmqpd"), "serve"], cwd=tmp_path, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: (tmp_path / "var" / "status.json").exists()
+                   or server.poll() is not None, what="serve's status file")
+        assert server.poll() is None, log.read_text()
+        shown = qmqpd("config", cwd=tmp_path)
+        assert "QUEUEDIR='./var/queue'  # embedded defaults" in shown.stdout
+        assert "STATUS_FILE='./var/status.json'  # embedded defaults" in shown.stdout
+        assert "no queue configured" not in shown.stderr
+        listed = qmqpd("queue", "list", cwd=tmp_path)
+        assert (listed.returncode, listed.stdout, listed.stderr) == (0, "", "")
+        counted = qmqpd("queue", "stat", cwd=tmp_path)
+        assert counted.returncode == 0 and counted.stdout.startswith("./var/queue todo=0 ")
+        status = qmqpd("status", cwd=tmp_path)
+        assert status.returncode == 0 and f"pid {server.pid}, running" in status.stdout
+    finally:
+        stop_process(server, signal.SIGTERM)
+
+
+def test_version_is_the_package_s() -> None:
+    from importlib.metadata import version
+
+    done = qmqpd("--version")
+    assert (done.returncode, done.stdout) == (0, f"qmqpd {version('qmqpd')}\n")
