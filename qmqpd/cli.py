@@ -366,16 +366,22 @@ def cmd_service(args: argparse.Namespace) -> int:
     return service.main(args.options, checker=_check_service)
 
 
-def _check_service(directory: Path, _values: object) -> tuple[list[config_mod.ConfigError],
-                                                               list[str]]:
-    """A service just written, checked as `serve --envdir ./variables` will read it: from
-    its directory, with supervise's clean environment (nothing from this shell)."""
-    args = SimpleNamespace(config=None, envdir=str(directory / "variables"))
+def _check_service(written: Path, values: dict[str, str]) -> tuple[
+        list[config_mod.ConfigError], list[str]]:
+    """A service just written, checked as `serve` will read it, with a supervisor's clean
+    environment (nothing from this shell): a service directory from its `variables/`, in
+    it (the run script's directory); a systemd unit from its settings (its User=/Group=
+    are USER/GROUP)."""
+    args = SimpleNamespace(config=None, envdir=None)
+    if written.is_dir():
+        args.envdir = str(written / "variables")
     here = os.getcwd()
-    os.chdir(directory)
+    os.chdir(written if written.is_dir() else "/")
     try:
-        envdir = config_mod.read_envdir(args.envdir)
-        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir), envdir=envdir)  # type: ignore[arg-type]
+        envdir = (config_mod.read_envdir(args.envdir) if args.envdir else
+                  {name: (value, f"unit {written} {name}") for name, value in values.items()})
+        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir),  # type: ignore[arg-type]
+                              envdir=envdir)
         _plans, problems, warnings = validate(cfg)
     except config_mod.ConfigError as error:
         return [error], []
