@@ -7,4 +7,9 @@ if [ ! -x .venv/bin/qmqpd ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
+if [ "$(id -u)" = 0 ] && [ -z "${ALLOW_ROOT:-}" ]; then
+  # serve refuses to stay root unless told so; a first look on 127.0.0.1 says so here
+  echo "run-local.sh: running as root: ALLOW_ROOT=1 (serving 127.0.0.1 only)" >&2
+  export ALLOW_ROOT=1
+fi
 exec .venv/bin/qmqpd serve "$@"

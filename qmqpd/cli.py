@@ -16,6 +16,7 @@ from qmqpd import config as config_mod
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
 
     from qmqpd.injector import Writer
     from qmqpd.plan import PlanBook
@@ -36,19 +37,39 @@ def _fail(message: str, code: int = 111) -> int:
     return code
 
 
-def _embedded(args: argparse.Namespace) -> dict[str, object] | None:
-    """Embedded defaults apply without --config; the queue only if none is named in env."""
+def _embedded(args: argparse.Namespace,
+              envdir: dict[str, config_mod.EnvdirEntry]) -> dict[str, object] | None:
+    """Embedded defaults apply without --config; the queue only if neither the process
+    environment nor the envdir names one."""
     if args.config:
         return None
     defaults = dict(EMBEDDED_DEFAULTS)
-    if any(os.environ.get(name) for name in ("QUEUEDIR", "QUEUE_BASE", "QMAILQUEUE")):
+    names = ("QUEUEDIR", "QUEUE_BASE", "QMAILQUEUE")
+    if (any(os.environ.get(name) for name in names)
+            or any(envdir.get(name, (None, ""))[0] for name in names)):
         del defaults["QUEUEDIR"]
     return defaults
 
 
 def _load(args: argparse.Namespace, embedded: bool = False) -> config_mod.Config:
+    """The settings as `serve` reads them: embedded defaults (without --config), the
+    config file, the process environment, then the --envdir (read again on every call, so
+    a HUP sees the files as they are now)."""
+    envdir_path = getattr(args, "envdir", None)
+    envdir = config_mod.read_envdir(envdir_path) if envdir_path else {}
     return config_mod.load(args.config, os.environ,
-                           defaults=_embedded(args) if embedded else None)
+                           defaults=_embedded(args, envdir) if embedded else None,
+                           envdir=envdir)
+
+
+def _ignored_note() -> str | None:
+    """One line naming the settings the process environment has and that are ignored."""
+    ignored = config_mod.ignored_in_environment(os.environ)
+    if not ignored:
+        return None
+    names = ", ".join(ignored)
+    return (f"{names} in the process environment ignored (a login shell or sudo sets "
+            f"them); set {names} in the config file or the envdir")
 
 
 def cmd_session(args: argparse.Namespace) -> int:
@@ -91,20 +112,81 @@ def plan_all(cfg: config_mod.Config) -> tuple[PlanBook | None, list[config_mod.C
             envs = rules.rule_envs(cfg.rules)
         except rules.RulesError as error:
             problems.append(config_mod.problem("RULES", cfg.source("RULES"), str(error)))
+    problems += _process_problems(cfg)
     if writer is None:
         return None, problems
     book, found = plan.check_all(cfg, envs, writer, cfg.rules, stamp)
     return book, problems + found
 
 
+def _process_problems(cfg: config_mod.Config) -> list[config_mod.ConfigError]:
+    """What the master and its workers need of this process, tested where they run: a
+    SOFT_MEM a worker can live in (measured), a status directory the master can write."""
+    from qmqpd import procctl
+
+    found = []
+    if cfg.soft_mem:
+        floor = procctl.memory_floor()
+        if cfg.soft_mem < floor:
+            found.append(config_mod.problem(
+                "SOFT_MEM", cfg.source("SOFT_MEM"),
+                f"{cfg.soft_mem} bytes is below what a worker needs ({floor} bytes measured: "
+                f"its modules, {procctl.WORKER_THREADS} threads and a session's buffers); "
+                f"set it to {floor} or more, or 0 for no cap"))
+    if cfg.status_file:
+        directory = os.path.dirname(os.path.abspath(cfg.status_file))
+        if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+            found.append(config_mod.problem(
+                "STATUS_FILE", cfg.source("STATUS_FILE"),
+                f"user {os.geteuid()} cannot write {directory}: give it to the service's "
+                f"user or name another STATUS_FILE"))
+    return found
+
+
 def planner(cfg: config_mod.Config) -> PlanBook:
-    """The plans of cfg, or PlanError listing every problem (the master's planner)."""
+    """The plans of cfg, or PlanError listing every problem (the master's planner, at
+    start, on HUP and when the rules cdb changes); warnings are logged."""
+    from qmqpd import log
     from qmqpd.plan import PlanError
 
     book, problems = plan_all(cfg)
     if problems or book is None:
         raise PlanError(problems)
+    for warning in book.warnings:
+        log.warning(warning)
     return book
+
+
+def _preloaded() -> None:
+    """Every module the check needs and a worker has, loaded as `serve` loads them before
+    it drops privileges (the interpreter's own files may be out of the user's reach) and
+    forks (what the SOFT_MEM floor is measured with)."""
+    import glob  # noqa: F401  (keys under a `%` path)
+    import json  # noqa: F401  (the child's report)
+
+    from qmqpd import injector, master, plan, rules, worker  # noqa: F401
+    from qmqpd.filters import keys, pipeline  # noqa: F401
+
+    pipeline.preload()
+
+
+def _checked_as_user(cfg: config_mod.Config) -> tuple[int | None, list[config_mod.ConfigError],
+                                                       list[str]]:
+    book, problems = plan_all(cfg)
+    return (None if book is None else len(book)), problems, list(book.warnings if book else [])
+
+
+def validate(cfg: config_mod.Config) -> tuple[int | None, list[config_mod.ConfigError],
+                                              list[str]]:
+    """`qmqpd check`: what `serve` checks before it binds, then the plans as the service's
+    user (a forked child that drops to USER/GROUP as the master does)."""
+    from qmqpd import preflight
+
+    problems = preflight.server_problems(cfg)
+    _preloaded()
+    plans, found, warnings = preflight.as_service_user(cfg, _checked_as_user)
+    seen = {str(p) for p in problems}
+    return plans, problems + [p for p in found if str(p) not in seen], warnings
 
 
 def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
@@ -114,33 +196,58 @@ def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qmqpd import master, queue, worker
-    from qmqpd.filters import pipeline
+    from qmqpd import log, master, queue, worker
 
-    cfg = _load(args, embedded=True)
+    try:
+        cfg = _load(args, embedded=True)
+    except config_mod.ConfigError as error:
+        log.error("cannot start", error=str(error))
+        return 111
+    note = _ignored_note()
+    if note:
+        log.warning(note)
+    from qmqpd import preflight
+
+    refused = preflight.server_problems(cfg)
+    if refused:
+        log.error("cannot start", error="; ".join(str(p) for p in refused))
+        return 111
     if _creates_embedded_queue(cfg):
         queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
 
     def reload() -> config_mod.Config:
+        # the config file and the envdir as they are now: HUP applies variables/ edits
         return _load(args, embedded=True)
 
-    pipeline.preload()  # workers share the stage modules instead of each importing them
+    # Everything the plans and workers use, loaded before the privilege drop (the
+    # interpreter's files may be out of the user's reach) and shared by the workers.
+    _preloaded()
     return master.run(cfg, worker.worker_main, reload, planner)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """`qmqpd check`: the validation of start and HUP, each problem on its own line."""
-    cfg = _load(args, embedded=True)
-    book, problems = plan_all(cfg)
+    try:
+        cfg = _load(args, embedded=True)
+    except config_mod.ConfigError as error:
+        print(f"qmqpd check: {error}", file=sys.stderr)
+        return _fail("1 problem(s); `qmqpd serve` would refuse to start")
+    note = _ignored_note()
+    if note:
+        print(f"qmqpd check: note: {note}", file=sys.stderr)
+    plans, problems, warnings = validate(cfg)
     if _creates_embedded_queue(cfg):  # as serve would: not a problem, said as a note
         problems = [p for p in problems if p.setting != "QUEUEDIR"]
         print(f"note: `qmqpd serve` creates the queue {cfg.queuedir} (embedded defaults)")
+    for warning in warnings:
+        print(f"qmqpd check: warning: {warning}", file=sys.stderr)
     for found in problems:
         print(f"qmqpd check: {found}", file=sys.stderr)
-    if problems or book is None:
-        return _fail(f"{len(problems)} problem(s); `qmqpd serve` would refuse to start", 1)
+    if problems or plans is None:
+        return _fail(f"{len(problems)} problem(s); `qmqpd serve` would refuse to start")
     rules = f", {cfg.rules}" if cfg.rules else ""
-    print(f"ok: {len(book)} session plan(s) from {args.config or 'built-in defaults'}{rules}")
+    where = " + ".join(filter(None, (args.config, args.envdir))) or "built-in defaults"
+    print(f"ok: {plans} session plan(s) from {where}{rules}")
     return 0
 
 
@@ -154,7 +261,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
             return _fail(str(error), 100)  # tcprules' exit code for bad input
         print(f"{args.cdb}: {count} keys")
         return 0
-    cdb = args.rules or _load(args).rules
+    cdb = args.rules or _load(args, embedded=True).rules
     if not cdb:
         return _fail("no rules cdb: give --rules or set RULES (without one, serve allows "
                      "loopback only)", 100)
@@ -168,7 +275,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     from qmqpd import queue
 
-    cfg = _load(args)
+    cfg = _load(args, embedded=True)  # no --config: serve's queue, ./var/queue
     from qmqpd.injector import queue_paths
 
     paths = args.dirs or queue_paths(cfg)
@@ -182,19 +289,49 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 return _fail(str(error), 100)
             print(f"created {path} (owners: {owners.source})")
         return 0
-    if args.queue_command == "list":
-        for path in paths:
-            for item in queue.list_messages(path, split=cfg.split, todo_layout=cfg.todo_layout):
-                print(_listing_line(path, item))
-        return 0
     for path in paths:
-        stats = queue.stat_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
-        print(_stat_line(path, stats) + _backlog_fields(cfg, path))
+        try:
+            layout = queue.reader_layout(path)
+            if args.queue_command == "list":
+                for item in queue.list_messages(path, split=layout.split,
+                                                todo_layout=layout.todo_layout):
+                    print(_listing_line(path, item))
+            else:
+                stats = queue.stat_queue(path, split=layout.split,
+                                         todo_layout=layout.todo_layout)
+                print(_stat_line(path, stats) + _backlog_fields(cfg, path))
+        except queue.NotAQueue as error:
+            return _fail(str(error), 100)
+        except queue.QueueUnreadable as error:
+            return _fail(f"cannot read queue {error}")
+        except OSError as error:  # a file or directory inside the queue
+            return _fail(f"cannot read queue {path}: {error.filename}: {error.strerror}")
     return 0
 
 
+# Bytes of an envelope shown as themselves: printable UTF-8 other than the listing's own
+# separators (space between fields, comma between recipients) and the backslash.
+_SEPARATORS = frozenset(" ,\\")
+
+
 def _text(value: bytes | None) -> str:
-    return "?" if value is None else (value.decode("utf-8", "backslashreplace") or "<>")
+    """An envelope address for one listing line: control characters, separators and
+    bytes that are not UTF-8 as \\xNN, so a client cannot forge a line or send escapes."""
+    if value is None:
+        return "?"
+    if not value:
+        return "<>"
+    text = value.decode("utf-8", "surrogateescape")
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char in _SEPARATORS or not char.isprintable():
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _listing_line(path: str, item: QueuedMessage) -> str:
@@ -244,7 +381,31 @@ def _backlog_fields(cfg: config_mod.Config, path: str) -> str:
 def cmd_service(args: argparse.Namespace) -> int:
     from qmqpd import service
 
-    return service.main(args.options)
+    return service.main(args.options, checker=_check_service)
+
+
+def _check_service(written: Path, values: dict[str, str]) -> tuple[
+        list[config_mod.ConfigError], list[str]]:
+    """A service just written, checked as `serve` will read it, with a supervisor's clean
+    environment (nothing from this shell): a service directory from its `variables/`, in
+    it (the run script's directory); a systemd unit from its settings (its User=/Group=
+    are USER/GROUP)."""
+    args = SimpleNamespace(config=None, envdir=None)
+    if written.is_dir():
+        args.envdir = str(written / "variables")
+    here = os.getcwd()
+    os.chdir(written if written.is_dir() else "/")
+    try:
+        envdir = (config_mod.read_envdir(args.envdir) if args.envdir else
+                  {name: (value, f"unit {written} {name}") for name, value in values.items()})
+        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir),  # type: ignore[arg-type]
+                              envdir=envdir)
+        _plans, problems, warnings = validate(cfg)
+    except config_mod.ConfigError as error:
+        return [error], []
+    finally:
+        os.chdir(here)
+    return problems, warnings
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -266,9 +427,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         sys.stdout.write(config_mod.settings_markdown())
         return 0
-    cfg = _load(args, embedded=args.embedded)
+    cfg = _load(args, embedded=True)  # the settings `serve` would run with
     for name, value in cfg.as_dict().items():
         print(f"{name}={value!r}  # {cfg.source(name)}")
+    note = _ignored_note()
+    if note:
+        print(f"qmqpd config: note: {note}", file=sys.stderr)
     _book, problems = plan_all(cfg)
     for found in problems:
         print(f"qmqpd config: warning: {found}", file=sys.stderr)
@@ -276,12 +440,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from importlib import metadata
+    """The installed distribution's version (package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return metadata.version("qmqpd")
-    except metadata.PackageNotFoundError:  # a checkout that was never installed
-        return "unknown"
+        return version("qmqpd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML config file (keys are setting names in lower case)")
+        p.add_argument("--envdir", metavar="DIR",
+                       help="read settings from DIR like daemontools' envdir (one file per "
+                       "setting; `serve` reads it again on every HUP)")
         return p
 
     with_config(sub.add_parser("serve", help="run the prefork server")).set_defaults(func=cmd_serve)
@@ -338,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     dkim_p.set_defaults(func=cmd_dkim)
 
     cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
-    cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")
+    cfg_p.add_argument("--embedded", action="store_true",
+                       help="as `serve` without --config (the default; kept for scripts)")
     cfg_p.add_argument("--sample", action="store_true", help="print a commented config file")
     cfg_p.add_argument("--markdown", action="store_true", help="print the settings reference")
     cfg_p.set_defaults(func=cmd_config)
@@ -356,11 +525,11 @@ def _session_fast_path(argv: list[str]) -> SimpleNamespace | None:
         return None
     rest = argv[1:]
     if not rest:
-        return SimpleNamespace(func=cmd_session, config=None)
+        return SimpleNamespace(func=cmd_session, config=None, envdir=None)
     if len(rest) == 2 and rest[0] == "--config" and not rest[1].startswith("-"):
-        return SimpleNamespace(func=cmd_session, config=rest[1])
+        return SimpleNamespace(func=cmd_session, config=rest[1], envdir=None)
     if len(rest) == 1 and rest[0].startswith("--config=") and len(rest[0]) > 9:
-        return SimpleNamespace(func=cmd_session, config=rest[0][9:])
+        return SimpleNamespace(func=cmd_session, config=rest[0][9:], envdir=None)
     return None  # anything else (--help, mistakes): the parser explains
 
 

@@ -1,9 +1,11 @@
 """`qmqpd service`: supervised service directories and systemd units, like `svctool --qmqp`.
 
-A daemontools/runit service is `run` (envdir ./variables, then `qmqpd serve`), a
-`variables/` envdir holding one file per setting, `log/run` (multilog), `.options` (the
-command line that made it) and a `down` file unless asked to start it. The systemd unit
-carries the same settings as Environment= lines.
+A daemontools/runit service is `run` (`qmqpd serve --envdir ./variables`: the server reads
+its settings itself, at start and on every HUP), a `variables/` envdir holding one file per
+setting, `log/run` (multilog), `.options` (the command line that made it) and a `down` file
+unless asked to start it. The systemd unit carries the same settings as Environment= lines
+(USER and GROUP as User=/Group=). Called by `qmqpd service`; never touches a running
+server except to stop it on --rmsvc.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Template
@@ -111,7 +113,7 @@ def settings_from_options(opts: argparse.Namespace) -> dict[str, str]:
         "LOCALIP": opts.localip,
         "CONTROLDIR": cntrldir,
         "RULES": opts.rules or os.path.join(cntrldir, "tcp.qmqp.cdb"),
-        # One status file per service, read by `envdir variables qmqpd status`.
+        # One status file per service, read by `qmqpd status --envdir variables`.
         "STATUS_FILE": f"/run/{_service_name(opts)}/status.json",
     }
     optional = {
@@ -156,7 +158,8 @@ def validate(values: Mapping[str, str]) -> None:
     if unknown:
         raise ServiceError("unknown settings: " + ", ".join(unknown))
     try:
-        config_mod.load(environ=dict(values))
+        config_mod.load(envdir={name: (value, f"variables/{name}")
+                                for name, value in values.items()})
     except config_mod.ConfigError as error:
         raise ServiceError(str(error)) from None
 
@@ -197,7 +200,6 @@ def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
     logdir = opts.logdir or os.path.join(DEFAULT_LOG_BASE, name)
     runit = opts.supervisor == "runit"
     tools = {
-        "envdir": shutil.which("envdir") or "envdir",
         "chpst": shutil.which("chpst") or "chpst",
         "multilog": shutil.which("multilog") or "multilog",
     }
@@ -239,21 +241,68 @@ def _log_owner(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def remove_service(opts: argparse.Namespace) -> Path:
+def remove_service(opts: argparse.Namespace, wait: float = 90.0) -> Path:
+    """Stop the server, then its logger, wait for both supervisors to exit, then remove
+    the directory (svctool's order). It is first renamed to a dot name, which svscan
+    skips, so svscan does not start it again meanwhile."""
     service = Path(opts.servicedir) / _service_name(opts)
     if not service.is_dir():
         raise ServiceError(f"no service at {service}")
-    shutil.rmtree(service)
+    hidden = service.with_name(f".{service.name}.removing")
+    os.rename(service, hidden)
+    try:
+        for path in (hidden, hidden / "log"):
+            if _supervised(path):
+                _control(path, b"dx")  # down, then exit: daemontools supervise and runsv
+                _wait_gone(path, wait)
+    except BaseException:
+        os.rename(hidden, service)
+        raise
+    shutil.rmtree(hidden)
     return service
+
+
+def _supervised(path: Path) -> bool:
+    """True while a supervise (or runsv) runs for path: it holds supervise/ok open."""
+    try:
+        fd = os.open(path / "supervise" / "ok", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _control(path: Path, commands: bytes) -> None:
+    fd = os.open(path / "supervise" / "control", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, commands)
+    finally:
+        os.close(fd)
+
+
+def _wait_gone(path: Path, wait: float) -> None:
+    import time
+
+    deadline = time.monotonic() + wait
+    while _supervised(path):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{path}: still supervised after {wait:.0f}s; not removed")
+        time.sleep(0.1)
 
 
 def systemd_unit(opts: argparse.Namespace) -> str:
     values = settings_from_options(opts)
     validate(values)
     writable = sorted({values.get("QUEUEDIR") or values["QUEUE_BASE"]})
+    # USER and GROUP are never read from the process environment (systemd's User= sets
+    # $USER itself): systemd starts the server as that user, with the one capability it
+    # needs to bind a low port.
+    identity = _systemd_identity(values.get("USER", ""), values.get("GROUP", ""))
     environment = "\n".join(
         f'Environment="{key}={value}"' for key, value in values.items()
+        if key not in ("USER", "GROUP")
     )
+    environment = "\n".join(filter(None, (identity, environment)))
     caps = ("CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_CHOWN "
             "CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL")
     return _render(
@@ -267,7 +316,76 @@ def systemd_unit(opts: argparse.Namespace) -> str:
     )
 
 
-def main(argv: Sequence[str]) -> int:
+def _systemd_identity(user: str, group: str) -> str:
+    """User=/Group= (and SupplementaryGroups= for a GROUP list) of the unit."""
+    lines = []
+    if user:
+        lines.append(f"User={user}")
+    groups = [g.strip() for g in group.split(",") if g.strip()]
+    if groups:
+        lines.append(f"Group={groups[0]}")
+    if groups[1:]:
+        lines.append("SupplementaryGroups=" + " ".join(groups[1:]))
+    if lines:
+        lines.append("AmbientCapabilities=CAP_NET_BIND_SERVICE")
+    return "\n".join(lines)
+
+
+# What `qmqpd check` finds in a written service: (problems, warnings).
+Checker = Callable[[Path, Mapping[str, str]], tuple[list[config_mod.ConfigError], list[str]]]
+
+
+def fix_for(error: config_mod.ConfigError, values: Mapping[str, str]) -> str:
+    """The command that fixes a problem of a service just written, when one is known."""
+    text = str(error)
+    setting = error.setting
+    if setting in ("QUEUEDIR", "QUEUE_BASE", "SPLIT") or "cannot write queue" in text:
+        return "qmqpd queue create " + " ".join(shlex.quote(p) for p in _queues(values))
+    if setting == "RULES":
+        cdb = values.get("RULES", "")
+        source = cdb[:-4] if cdb.endswith(".cdb") else cdb + ".txt"
+        return f"qmqpd rules compile {shlex.quote(source)} {shlex.quote(cdb)}"
+    if setting == "USER" and "no such user" in text:
+        group = values.get("GROUP", "").split(",")[0]
+        return ("useradd --system --no-create-home --shell /usr/sbin/nologin "
+                + (f"--gid {shlex.quote(group)} " if group else "")
+                + shlex.quote(values.get("USER", "")))
+    if setting == "GROUP" and "no such group" in text:
+        return "groupadd --system " + shlex.quote(values.get("GROUP", "").split(",")[0])
+    if setting == "USER" and "started as root" in text:
+        return "qmqpd service create ... --user=qmailq --group=qmail (or --set=ALLOW_ROOT=1)"
+    if setting in ("DKIMSIGN", "DKSIGN", "DKIMKEY", "DKKEY") and "does not exist" in text:
+        return "qmqpd dkim keygen --domain DOMAIN --selector SELECTOR" + (
+            f" --user {shlex.quote(values['USER'])}" if values.get("USER") else "")
+    return ""
+
+
+def _queues(values: Mapping[str, str]) -> list[str]:
+    if values.get("QUEUEDIR"):
+        return [values["QUEUEDIR"]]
+    start = int(values.get("QUEUE_START", "1"))
+    count = int(values.get("QUEUE_COUNT", "1"))
+    return [os.path.join(values["QUEUE_BASE"], f"queue{n}") for n in range(start, start + count)]
+
+
+def report(service: Path, values: Mapping[str, str], checker: Checker) -> int:
+    """Check the service as `serve` will read it; each problem with its fix. 0 = fine."""
+    problems, warnings = checker(service, values)
+    for warning in warnings:
+        print(f"qmqpd service: warning: {warning}", file=sys.stderr)
+    for found in problems:
+        fix = fix_for(found, values)
+        print(f"qmqpd service: {found}" + (f"\n  fix: {fix}" if fix else ""), file=sys.stderr)
+    if problems:
+        again = (f"`qmqpd check --envdir {service / 'variables'}`" if service.is_dir()
+                 else "`systemctl start` it")
+        print(f"qmqpd service: {service} written, but `qmqpd serve` would refuse to start "
+              f"({len(problems)} problem(s)); fix them, then {again}", file=sys.stderr)
+        return 111
+    return 0
+
+
+def main(argv: Sequence[str], checker: Checker | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         if opts.rmsvc:
@@ -276,10 +394,14 @@ def main(argv: Sequence[str]) -> int:
             unit = systemd_unit(opts)
             _write(Path(opts.systemd), unit, 0o644)
             print(f"wrote {opts.systemd}")
+            if checker is not None:
+                return report(Path(opts.systemd), settings_from_options(opts), checker)
         else:
             service = create_service(opts, argv)
             state = "up" if opts.up else "down (remove the down file or `svc -u` to start)"
             print(f"created {service}, {state}")
+            if checker is not None:
+                return report(service, settings_from_options(opts), checker)
     except (ServiceError, OSError) as error:
         print(f"qmqpd service: {error}", file=sys.stderr)
         return 100

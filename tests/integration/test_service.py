@@ -60,6 +60,7 @@ def create(tmp_path: Path, base: Path, control: Path, port: int, supervisor: str
         *SEED_OPTIONS, f"--cntrldir={control}", f"--logdir={tmp_path / 'log'}",
         f"--supervisor={supervisor}", "--up", "--virus-filter", "--dkimverify",
         "--set=PREFORK=2", f"--set=STATUS_FILE={tmp_path / 'status.json'}",
+        "--set=ALLOW_ROOT=1",  # the suite may run as root; no service user here
     )
     assert "created" in result.stdout
     service = services / f"qmqpd.{port}"
@@ -77,8 +78,13 @@ def create(tmp_path: Path, base: Path, control: Path, port: int, supervisor: str
 def test_down_file_and_rmsvc(tmp_path: Path, layout) -> None:
     base, _ = layout
     services = tmp_path / "service"
-    qmqpd("service", "create", "--qmqp=7628", f"--servicedir={services}", f"--qbase={base}",
-          *SEED_OPTIONS, f"--logdir={tmp_path / 'log'}")
+    # No rules cdb under the default control directory: written, and the problem said
+    created = qmqpd("service", "create", "--qmqp=7628", f"--servicedir={services}",
+                    f"--qbase={base}", *SEED_OPTIONS, f"--logdir={tmp_path / 'log'}",
+                    "--cntrldir=/nonexistent/qmqpd", check=False)
+    assert created.returncode == 111, created.stderr
+    assert ("fix: qmqpd rules compile /nonexistent/qmqpd/tcp.qmqp "
+            "/nonexistent/qmqpd/tcp.qmqp.cdb") in created.stderr
     service = services / "qmqpd.7628"
     assert (service / "down").exists()
     assert os.access(service / "run", os.X_OK) and os.access(service / "log" / "run", os.X_OK)
@@ -164,7 +170,7 @@ def test_systemd_unit(tmp_path: Path, layout) -> None:
     unit_file = tmp_path / "qmqpd.service"
     qmqpd("service", "create", f"--qmqp={port}", f"--qbase={base}", *SEED_OPTIONS,
           f"--cntrldir={control}", f"--systemd={unit_file}", "--set=PREFORK=1",
-          f"--set=STATUS_FILE={tmp_path / 'status.json'}")
+          f"--set=STATUS_FILE={tmp_path / 'status.json'}", "--set=ALLOW_ROOT=1")
     unit = unit_file.read_text()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit

@@ -45,6 +45,7 @@ PENDING: dict[str, set[str]] = {
     "qmqpd.injector": {"qmqpd.backlog"},
     "qmqpd.metrics": {"qmqpd.backlog"},
     "qmqpd.status": {"qmqpd.backlog"},
+    "qmqpd.plan": {"filters.keys"},  # every key under a `%` path, tried as the service user
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -58,6 +59,8 @@ PENDING_MODULES: dict[str, set[str]] = {
     # DKIM-Signature syntax as dkimpy writes it, without its private functions: stdlib
     "filters.dkimtags": set(),
     "qmqpd.backlog": set(),  # planned (the card's next step): per-queue backlog, stdlib
+    # serve's and check's checks of the whole server; the plan checks as the service user
+    "qmqpd.preflight": {"qmqpd.procctl", "qmqpd.proxy"},
 }
 
 
