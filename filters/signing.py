@@ -17,6 +17,8 @@ read as our own verdict.
 from __future__ import annotations
 
 import getopt
+import glob
+import os
 import shlex
 import weakref
 from collections.abc import Iterator, Sequence
@@ -321,6 +323,21 @@ def key_problem(pattern: str, controldir: str, rsa_only: bool) -> str | None:
     return None
 
 
+def domain_key_problems(pattern: str, controldir: str) -> list[str]:
+    """Why each key file that exists under a `%` pattern cannot be loaded, if it cannot."""
+    where = glob.escape(keys.under(controldir, pattern)).replace("%", "*")
+    found = []
+    for path in sorted(glob.glob(where)):
+        if os.path.isdir(path):
+            continue
+        try:
+            keys.load_private_key(path)
+        except keys.KeyProblem as error:
+            found.append(f"key file {error}: mail of that domain would get Z until it is "
+                         "fixed")
+    return found
+
+
 def sign_digest(key: keys.PrivateKey, digest: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
     """The signature of a finished digest: Ed25519 over the digest bytes (RFC 8463), RSA
     PKCS#1 v1.5 with the digest as prehashed. Both deterministic, so equal to dkimpy's."""
@@ -377,12 +394,14 @@ class SigningStage:
         raise NotImplementedError
 
     def check(self) -> list[tuple[str, str]]:
-        """(setting, reason) for each key named without `%` that cannot sign."""
+        """(setting, reason) for each key named without `%` that cannot sign, and for each
+        key that exists under a `%` path and cannot be used by this process (the service's
+        user): that domain's mail would get Z for as long as it lasts."""
         found = []
         for spec in self.signs:
-            reason = key_problem(spec.pattern, self.controldir, self.rsa_only)
-            if reason is not None:
-                found.append((spec.setting, reason))
+            reasons = (domain_key_problems(spec.pattern, self.controldir) if "%" in spec.pattern
+                       else [key_problem(spec.pattern, self.controldir, self.rsa_only)])
+            found += [(spec.setting, reason) for reason in reasons if reason is not None]
         return found
 
     def process(self, message: Message) -> Verdict:

@@ -149,8 +149,7 @@ def check_all(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]], writer: 
         plan, found = make_plan(merged, writer)
         found += _min_free_problems(merged)
         if plan is not None:
-            found += _keys_under_domains(merged, plan.stages)
-            warnings.update(dict.fromkeys(_clamd_warnings(merged)))
+                warnings.update(dict.fromkeys(_clamd_warnings(merged)))
         for error in found:
             problems.setdefault(str(error), error)
         if plan is not None and not found:
@@ -186,32 +185,6 @@ def _min_free_problems(config: Config) -> list[ConfigError]:
             found.append(problem("MIN_FREE", config.source("MIN_FREE"),
                                  f"{config.min_free} bytes, but the filesystem of {path} "
                                  f"holds {total} bytes in all: every message would get Z"))
-    return found
-
-
-def _keys_under_domains(config: Config, stages: Iterable[Stage]) -> list[ConfigError]:
-    """Each key that exists under a `%` path must be usable by this process (the service's
-    user): otherwise that domain's mail would get Z for as long as it lasts."""
-    import glob
-
-    found = []
-    for stage in stages:
-        # the pipeline's own list of (setting, key pattern) per signing stage
-        for setting, pattern, _rsa in pipeline._key_patterns(stage, config):
-            if "%" not in pattern:
-                continue  # checked by the pipeline itself
-            from qmqpd.filters import keys
-
-            where = glob.escape(keys.under(config.controldir, pattern)).replace("%", "*")
-            for path in sorted(glob.glob(where)):
-                if os.path.isdir(path):
-                    continue
-                try:
-                    keys.load_private_key(path)
-                except keys.KeyProblem as error:
-                    found.append(problem(setting, config.source(setting),
-                                         f"key file {error}: mail of that domain would get "
-                                         f"Z until it is fixed"))
     return found
 
 

@@ -45,7 +45,6 @@ PENDING: dict[str, set[str]] = {
     "qmqpd.injector": {"qmqpd.backlog"},
     "qmqpd.metrics": {"qmqpd.backlog"},
     "qmqpd.status": {"qmqpd.backlog"},
-    "qmqpd.plan": {"filters.keys"},  # every key under a `%` path, tried as the service user
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
