@@ -1,12 +1,15 @@
 """The queue commit under kill -9: a writer process killed at any step of Queue.write leaves
 either nothing committed or one complete message, never a half-written one that qmail-send
-would pick up; and the syscalls run in the order the contract needs.
+would pick up; and the syscalls run in the order the contract needs. The same for the
+shared path of COMMIT_MODE=syncfs: a writer killed while it waits for a commit round, and
+the writer leading a round killed at each of its steps while others wait on it; the others
+go on, and every one that finished (a K) has its whole message in the queue.
 
 The writer runs in its own process. It is stopped at each step either by its on_step
-callback (it tells the test, then waits to be killed with SIGKILL) or by strace, which
-delivers SIGKILL on entry to the n-th call of a sync or link system call. The queue is
-then read by the rules qmail-send follows (written here from the queue format, not with
-qmqpd's own readers).
+callback (it tells the test, then waits to be killed with SIGKILL or told to go on) or by
+strace, which delivers SIGKILL on entry to the n-th call of a sync or link system call.
+The queue is then read by the rules qmail-send follows (written here from the queue
+format, not with qmqpd's own readers).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.queue import COMMIT_STEPS, create_queue
+from qmqpd.queue import COMMIT_STEPS, GROUP_COMMIT_STEPS, create_queue
 
 SPLIT = 23
 SENDER = b"crash@example.org"
@@ -39,16 +42,21 @@ WRITER = textwrap.dedent("""\
 
     queue, stop_at, report = sys.argv[1], sys.argv[2], int(sys.argv[3])
     body = open(sys.argv[4], "rb").read()
+    mode, go, sender = sys.argv[5], int(sys.argv[6]), sys.argv[7].encode()
 
     def on_step(step):
-        if step == stop_at:
+        if step in stop_at.split(","):
             os.write(report, step.encode() + b"\\n")
-            time.sleep(600)  # the test kills this process here
+            if go < 0:
+                time.sleep(600)  # the test kills this process here
+            os.read(go, 1)  # ... or tells it to go on
+        elif go >= 0:
+            os.write(report, step.encode() + b"\\n")
 
-    message = Message(%r, %r, MessageData(data=body))
-    Queue(queue, on_step=on_step).write(message)
+    message = Message(sender, %r, MessageData(data=body))
+    Queue(queue, on_step=on_step, commit_mode=mode).write(message)
     os.write(report, b"done\\n")
-""") % (SENDER, RECIPIENTS)
+""") % (RECIPIENTS,)
 
 
 # -- a queue reader by qmail-send's rules --------------------------------------------------
@@ -95,19 +103,23 @@ def read_like_qmail_send(queue: Path) -> list[Committed]:
 
 
 def assert_nothing_or_complete(queue: Path, expect_committed: bool) -> None:
+    assert_committed(queue, [SENDER] if expect_committed else [])
+
+
+def assert_committed(queue: Path, senders: list[bytes]) -> None:
+    """Exactly these writers' messages are committed, each one whole."""
     committed = read_like_qmail_send(queue)
-    if not expect_committed:
-        assert committed == []
-        return
-    assert len(committed) == 1
-    message = committed[0]
-    assert (message.sender, message.recipients) == (SENDER, RECIPIENTS)
-    assert message.message == BODY, "committed message is not complete"
+    assert sorted(message.sender for message in committed) == sorted(senders)
+    for message in committed:
+        assert message.recipients == RECIPIENTS
+        assert message.message == BODY, "committed message is not complete"
 
 
 # -- running a writer and killing it ----------------------------------------------------------
-def _writer_command(queue: Path, stop_at: str, report: int, body: Path) -> list[str]:
-    return [sys.executable, "-c", WRITER, str(queue), stop_at, str(report), str(body)]
+def _writer_command(queue: Path, stop_at: str, report: int, body: Path, mode: str = "each",
+                    go: int = -1, sender: bytes = SENDER) -> list[str]:
+    return [sys.executable, "-c", WRITER, str(queue), stop_at, str(report), str(body), mode,
+            str(go), sender.decode()]
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
@@ -130,11 +142,18 @@ def queue(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("step", COMMIT_STEPS)
-def test_kill_at_each_step_leaves_nothing_or_a_complete_message(queue: Path, step: str) -> None:
+# A lone writer leads every round itself: it never reaches "covered".
+STEPS = ([("each", step) for step in COMMIT_STEPS]
+         + [("syncfs", step) for step in GROUP_COMMIT_STEPS if not step.endswith("_covered")])
+
+
+@pytest.mark.parametrize(("mode", "step"), STEPS)
+def test_kill_at_each_step_leaves_nothing_or_a_complete_message(queue: Path, mode: str,
+                                                                 step: str) -> None:
     read_end, write_end = os.pipe()
     process = subprocess.Popen(
-        _writer_command(queue, step, write_end, queue.parent / "body"), pass_fds=(write_end,))
+        _writer_command(queue, step, write_end, queue.parent / "body", mode),
+        pass_fds=(write_end,))
     os.close(write_end)
     try:
         line = _read_line(read_end, STOP_TIMEOUT)
@@ -147,14 +166,17 @@ def test_kill_at_each_step_leaves_nothing_or_a_complete_message(queue: Path, ste
             process.kill()
             process.wait()
     # The commit point is the todo/N link: before it nothing, from it a whole message.
-    committed = COMMIT_STEPS.index(step) >= COMMIT_STEPS.index("todo_linked")
+    steps = COMMIT_STEPS if mode == "each" else GROUP_COMMIT_STEPS
+    committed = steps.index(step) >= steps.index("todo_linked")
     assert_nothing_or_complete(queue, committed)
 
 
-def test_a_writer_that_finishes_commits_one_message(queue: Path) -> None:
+@pytest.mark.parametrize("mode", ["each", "syncfs"])
+def test_a_writer_that_finishes_commits_one_message(queue: Path, mode: str) -> None:
     read_end, write_end = os.pipe()
     process = subprocess.Popen(
-        _writer_command(queue, "none", write_end, queue.parent / "body"), pass_fds=(write_end,))
+        _writer_command(queue, "none", write_end, queue.parent / "body", mode),
+        pass_fds=(write_end,))
     os.close(write_end)
     try:
         assert _read_line(read_end, STOP_TIMEOUT) == b"done\n"
@@ -163,6 +185,138 @@ def test_a_writer_that_finishes_commits_one_message(queue: Path) -> None:
         os.close(read_end)
     assert_nothing_or_complete(queue, expect_committed=True)
     assert os.listdir(queue / "pid") == []
+
+
+# -- the shared path: writers waiting on a round, and the leader of a round -------------------
+class Writer:
+    """A syncfs-mode writer in its own process that reports every step on a pipe and stops
+    at one step until told to go on (or killed)."""
+
+    def __init__(self, queue: Path, name: str, stop_at: str = "none") -> None:
+        self.sender = f"{name}@example.org".encode()
+        self.steps: list[str] = []
+        self.report, report_w = os.pipe()
+        go_r, self._go = os.pipe()
+        self.process = subprocess.Popen(
+            _writer_command(queue, stop_at, report_w, queue.parent / "body", "syncfs", go_r,
+                            self.sender), pass_fds=(report_w, go_r))
+        os.close(report_w)
+        os.close(go_r)
+        self._pending = b""
+
+    def wait_for(self, step: str) -> None:
+        """Until the writer said it reached step (or finished: step "done")."""
+        while step not in self.steps:
+            ready, _, _ = select.select([self.report], [], [], STOP_TIMEOUT)
+            assert ready, f"{self.sender!r} said nothing in {STOP_TIMEOUT:.0f}s: {self.steps}"
+            assert self.read_steps(), f"{self.sender!r} ended before {step}: {self.steps}"
+
+    def read_steps(self) -> bool:
+        """Take in what the writer said (it must have said something); False at its end."""
+        chunk = os.read(self.report, 4096)
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        self.steps += [line.decode() for line in lines]
+        return bool(chunk)
+
+    def go_on(self) -> None:
+        os.write(self._go, b"g")
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        assert self.process.wait(STOP_TIMEOUT) == -signal.SIGKILL
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.report)
+        os.close(self._go)
+
+
+@pytest.fixture
+def writers() -> list[Writer]:
+    started: list[Writer] = []
+    yield started
+    for writer in started:
+        writer.close()
+
+
+LEADER_STEPS = [step for step in GROUP_COMMIT_STEPS
+                if step.split("_", 1)[1] in ("leading", "synced", "recorded")]
+
+
+@pytest.mark.parametrize("step", LEADER_STEPS)
+def test_a_leader_killed_at_each_step_leaves_the_waiting_writers_whole(
+        queue: Path, writers: list[Writer], step: str) -> None:
+    """The leader holds the round's lock at each of these steps: two writers finish their
+    files meanwhile and wait on it. Killed, it frees the lock; one of them leads, both
+    finish with their whole message, and the leader's message is there only if it had
+    linked todo/N (whole then too)."""
+    leader = Writer(queue, "leader", stop_at=step)
+    writers.append(leader)
+    leader.wait_for(step)
+    others = [Writer(queue, f"waiter{n}") for n in range(2)]
+    writers.extend(others)
+    for other in others:
+        other.wait_for("files_waiting")
+    leader.kill()
+    for other in others:
+        other.wait_for("done")
+        assert other.process.wait(STOP_TIMEOUT) == 0
+    # one of the waiters led the next round; the other was covered by it or led its own
+    assert any("files_leading" in other.steps for other in others)
+    expected = [other.sender for other in others]
+    if step.startswith("todo_"):
+        expected.append(leader.sender)
+    assert_committed(queue, expected)
+
+
+def _stopped_at(writers: list[Writer], phase: str) -> tuple[Writer, Writer]:
+    """The one of two writers that stopped leading a round of this phase (holding its
+    lock) and the other, once that one waits on it (its writes then predate the round)."""
+    first, second = writers
+    while True:
+        for leader, other in ((first, second), (second, first)):
+            if f"{phase}_leading" in leader.steps and f"{phase}_waiting" in other.steps:
+                return leader, other
+        ready, _, _ = select.select([first.report, second.report], [], [], STOP_TIMEOUT)
+        assert ready, f"no round led: {first.steps} {second.steps}"
+        for writer in (first, second):
+            if writer.report in ready:
+                writer.read_steps()
+
+
+@pytest.mark.parametrize("step", [f"{phase}_{at}" for phase in ("files", "todo")
+                                  for at in ("waiting", "covered")])
+def test_a_writer_killed_on_a_round_leaves_the_others_whole(
+        queue: Path, writers: list[Writer], step: str) -> None:
+    """Two writers: one leads a round (files, or todo after both linked todo/N) and stops
+    there holding the lock; the other is killed while it waits on that round, or once the
+    round covered it. The leader goes on and finishes whole; the killed one's message is
+    there (whole) only if it had linked todo/N."""
+    phase = step.split("_")[0]
+    stops = f"{phase}_leading,{phase}_covered"
+    if phase == "todo":
+        stops += ",todo_linked"  # both out of their files rounds before a todo round
+    pair = [Writer(queue, f"writer{n}", stop_at=stops) for n in range(2)]
+    writers.extend(pair)
+    if phase == "todo":
+        for writer in pair:
+            writer.wait_for("todo_linked")
+        for writer in pair:
+            writer.go_on()
+    leader, victim = _stopped_at(pair, phase)
+    if step.endswith("_waiting"):
+        victim.kill()
+        leader.go_on()
+    else:
+        leader.go_on()  # its round starts now, after the victim's writes: it covers them
+        victim.wait_for(step)
+        victim.kill()
+    leader.wait_for("done")
+    assert leader.process.wait(STOP_TIMEOUT) == 0
+    expected = [leader.sender] + ([victim.sender] if phase == "todo" else [])
+    assert_committed(queue, expected)
 
 
 # -- the same at the system call, without the callback ----------------------------------------

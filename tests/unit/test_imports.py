@@ -38,6 +38,7 @@ PENDING: dict[str, set[str]] = {
     "filters.dk": {"filters.keys", "filters.mailstream"},  # one header parser for both
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
                      "qmqpd.proxy"},  # the PROXY header, read before rules and limits
+    "qmqpd.queue": {"qmqpd.commit"},  # the shared commit rounds of COMMIT_MODE=syncfs
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -45,6 +46,7 @@ PENDING_PACKAGES: dict[str, set[str]] = {
 # Modules the card does not list yet, with what they may import.
 PENDING_MODULES: dict[str, set[str]] = {
     "filters.mailstream": set(),  # streaming header parser shared by dk and dkim: stdlib
+    "qmqpd.commit": set(),  # group commit rounds (flock + syncfs) of one queue: stdlib
 }
 
 
