@@ -227,6 +227,11 @@ class Queue:
             _step(EXIT_WRITE, "write envelope", _write_all, intd_fd, envelope)
             self._reached("envelope_written")
             if self._group is not None:
+                if self.fsync:
+                    # Each writer writes its own pages, all at once: the round that
+                    # covers them then has only names and inodes left to write.
+                    _start_writeback(mess_fd, SYNC_FILE_RANGE_WRITE_AND_WAIT)
+                    _start_writeback(intd_fd, SYNC_FILE_RANGE_WRITE_AND_WAIT)
                 self._round(EXIT_FSYNC, "files")
             else:
                 self._sync_files(mess_fd, intd_fd, os.path.dirname(mess))
@@ -398,16 +403,19 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range: Callable[[int, int, int, int], int] | None = None
 _sync_file_range_loaded = False
 SYNC_FILE_RANGE_WRITE = 2
+# wait for earlier write-back, write, wait for this one: the pages are written (no flush)
+SYNC_FILE_RANGE_WRITE_AND_WAIT = 7
 
 
-def _start_writeback(fd: int) -> None:
-    """Start writing the file's pages now (no wait); errors surface at its fdatasync."""
+def _start_writeback(fd: int, flags: int = SYNC_FILE_RANGE_WRITE) -> None:
+    """Start writing the file's pages now (no wait, or with flags = WRITE_AND_WAIT until
+    they are written); errors surface at its fdatasync, or at the round's syncfs."""
     global _sync_file_range, _sync_file_range_loaded
     if not _sync_file_range_loaded:
         _sync_file_range = _load_sync_file_range()
         _sync_file_range_loaded = True
     if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, 0, 0, flags)
 
 
 # (exit code, what, function, argument) of one sync
