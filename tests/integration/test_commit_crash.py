@@ -324,20 +324,27 @@ needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace
 
 
 @needs_strace
-@pytest.mark.parametrize(("syscall", "nth", "committed"), [
-    ("link", 1, False),             # pid name → mess/N
-    ("sync_file_range", 1, False),  # both files written, no sync yet
-    ("fdatasync", 1, False),        # the file syncs, running in their threads
-    ("link", 2, False),             # everything synced, todo/N not yet linked
-    ("fsync", 2, True),             # todo/N linked, todo/ not yet synced
+@pytest.mark.parametrize(("mode", "syscall", "nth", "committed"), [
+    ("each", "link", 1, False),             # pid name → mess/N
+    ("each", "sync_file_range", 1, False),  # both files written, no sync yet
+    ("each", "fdatasync", 1, False),        # the file syncs, running in their threads
+    ("each", "link", 2, False),             # everything synced, todo/N not yet linked
+    ("each", "fsync", 2, True),             # todo/N linked, todo/ not yet synced
+    ("syncfs", "sync_file_range", 1, False),  # the message's pages being written back
+    ("syncfs", "syncfs", 1, False),         # the files round
+    ("syncfs", "fsync", 1, False),          # the files round's flush
+    ("syncfs", "link", 2, False),           # files durable, todo/N not yet linked
+    ("syncfs", "syncfs", 2, True),          # todo/N linked, its round not yet run
+    ("syncfs", "fsync", 2, True),           # the todo round's flush
 ])
-def test_sigkill_at_a_system_call(queue: Path, syscall: str, nth: int, committed: bool) -> None:
+def test_sigkill_at_a_system_call(queue: Path, mode: str, syscall: str, nth: int,
+                                  committed: bool) -> None:
     """strace delivers SIGKILL on entry to the nth call (per thread), before it runs."""
     read_end, write_end = os.pipe()
     process = subprocess.Popen(
         ["strace", "-f", "-qq", "-o", os.devnull,
          "-e", f"inject={syscall}:signal=SIGKILL:when={nth}",
-         *_writer_command(queue, "none", write_end, queue.parent / "body")],
+         *_writer_command(queue, "none", write_end, queue.parent / "body", mode)],
         pass_fds=(write_end,))
     os.close(write_end)
     try:
@@ -392,3 +399,29 @@ def test_every_sync_finishes_before_the_todo_link(queue: Path, tmp_path: Path) -
     assert returned("fsync", f"/mess/{message.qid % SPLIT}>") < todo_link
     assert returned("link", f"/{mess}\"") < returned("sync_file_range", f"/intd/{qid}>")
     assert returned("fsync", "/todo>") > todo_link
+
+
+@needs_strace
+def test_a_round_finishes_before_the_todo_link_and_another_after_it(queue: Path,
+                                                                   tmp_path: Path) -> None:
+    """strace -f of one syncfs-mode write: syncfs of the queue's filesystem and fsync of
+    the queue directory return before link(intd/N, todo/N); a second pair starts after
+    the link and returns before the writer says it is done."""
+    trace = tmp_path / "trace"
+    read_end, write_end = os.pipe()
+    subprocess.run(
+        ["strace", "-f", "-y", "-qq", "-o", str(trace),
+         "-e", "trace=syncfs,fsync,link,write",
+         *_writer_command(queue, "none", write_end, queue.parent / "body", "syncfs")],
+        pass_fds=(write_end,), check=True, timeout=STOP_TIMEOUT)
+    os.close(write_end)
+    os.close(read_end)
+    [message] = read_like_qmail_send(queue)
+    lines = [line.split(None, 1)[1] for line in trace.read_text().splitlines()]
+    calls = [(index, line) for index, line in enumerate(lines)
+             if line.startswith(("syncfs(", "fsync(")) or f"/todo/{message.qid}" in line
+             or (line.startswith("write(") and "done" in line)]
+    kinds = [line.split("(")[0] for _index, line in calls]
+    assert kinds == ["syncfs", "fsync", "link", "syncfs", "fsync", "write"], calls
+    assert all(line.endswith("= 0") for _index, line in calls[:5]), calls
+    assert all(f"{queue}>" in line for _index, line in calls[:5] if "sync" in line), calls
