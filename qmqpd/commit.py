@@ -187,6 +187,7 @@ class GroupCommit:
         self._open()
         prefix = f"{phase}_" if phase else ""
         self._reached(prefix + "waiting")
+        waited_for = 0
         while True:
             fcntl.flock(self._record_fd, fcntl.LOCK_EX)
             try:
@@ -195,8 +196,11 @@ class GroupCommit:
                     raise CommitError("a commit round covering this message failed")
                 if last.good > since:
                     wait_on = -1
-                elif last.running and not self._abandoned(last):
+                elif last.running and (last.running != waited_for or
+                                       not self._abandoned(last)):
+                    # (still running after a wait on it: its leader may be gone)
                     wait_on = self._round_fds[last.running % 2]
+                    waited_for = last.running
                 else:
                     number = last.number + 1
                     wait_on = self._round_fds[number % 2]

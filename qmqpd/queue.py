@@ -166,6 +166,7 @@ class Queue:
                        and (fsync or syncdir) else None)
         # Directories fsynced per message, opened once (a worker serves many messages).
         self._dir_fds: dict[str, int] = {}
+        self._euid, self._euid_pid = -1, 0
 
     # -- names ------------------------------------------------------------------------
     def mess_name(self, qid: int) -> str:
@@ -358,7 +359,9 @@ class Queue:
         """0644 whatever the umask; owned like the queue when running as root."""
         if stat.S_IMODE(info.st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)
-        if os.geteuid() == 0:
+        if self._euid_pid != _pid:  # once per process: a worker's user is set before
+            self._euid, self._euid_pid = os.geteuid(), _pid
+        if self._euid == 0:
             uid, gid = self._queue_owner()
             if (info.st_uid, info.st_gid) != (uid, gid):
                 os.fchown(fd, uid, gid)
