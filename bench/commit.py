@@ -55,6 +55,7 @@ from qmqpd.message import Message, MessageData  # noqa: E402
 from qmqpd.queue import Queue, create_queue  # noqa: E402
 
 SPLIT = 23
+LINKS_PER_FILE = 20_000
 
 RECEIVED = b"Received: from unknown (127.0.0.1)\n  by bench with QMQP; 1 Jan 2026 00:00:00 -0000\n"
 
@@ -99,17 +100,20 @@ def empty_queue(queue: Path) -> None:
 def drain(queue: Path, count: int) -> None:
     """Make mess/<n>/, intd/ and todo/ hold count entries each, then remove them all: the
     directories keep the size they grew to (hard links of one file: names, not inodes)."""
-    source = queue / "pid" / "drain"
-    source.write_bytes(b"")
     names = [(queue / "mess" / str(n % SPLIT) / str(n), queue / "intd" / str(n),
               queue / "todo" / str(n)) for n in range(1, count + 1)]
-    for group in names:
+    sources = []
+    for index, group in enumerate(names):
+        if index % LINKS_PER_FILE == 0:  # ext4 allows 65000 links to one inode
+            sources.append(queue / "pid" / f"drain{len(sources)}")
+            sources[-1].write_bytes(b"")
         for name in group:
-            os.link(source, name)
+            os.link(sources[-1], name)
     for group in names:
         for name in group:
             os.unlink(name)
-    source.unlink()
+    for source in sources:
+        source.unlink()
     os.sync()
 
 
@@ -191,7 +195,9 @@ def loop_filesystem(parent: Path, kind: str, size: str = "2G") -> Iterator[Path]
         mount.mkdir()
         subprocess.run(["truncate", "-s", size, str(image)], check=True)
         features = ["-O", "^has_journal"] if kind == "ext4-nojournal" else []
-        subprocess.run(["mkfs.ext4", "-q", "-F", *features, str(image)], check=True)
+        # inode tables and journal zeroed now, not by a kernel thread during the runs
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        *features, str(image)], check=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
         try:
             yield mount
