@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -425,3 +426,90 @@ def test_a_round_finishes_before_the_todo_link_and_another_after_it(queue: Path,
     assert kinds == ["syncfs", "fsync", "link", "syncfs", "fsync", "write"], calls
     assert all(line.endswith("= 0") for _index, line in calls[:5]), calls
     assert all(f"{queue}>" in line for _index, line in calls[:5] if "sync" in line), calls
+
+
+# -- many writers, killed at random ----------------------------------------------------------
+STRESS = textwrap.dedent("""\
+    import os, sys
+    from qmqpd.message import Message, MessageData
+    from qmqpd.queue import Queue
+
+    queue, report, name = sys.argv[1], int(sys.argv[2]), sys.argv[4]
+    body = open(sys.argv[3], "rb").read()
+    writer = Queue(queue, commit_mode="syncfs")
+    for number in range(10**6):
+        sender = f"{name}.{number}@example.org".encode()
+        writer.write(Message(sender, %r, MessageData(data=body)))
+        os.write(report, sender + b"\\n")  # acknowledged: a K would go out now
+""") % (RECIPIENTS,)
+
+
+def test_writers_killed_at_random_lose_no_acknowledged_message(queue: Path) -> None:
+    """Six syncfs writers in a loop; every few milliseconds one that is writing (it has
+    acknowledged a message) is killed (SIGKILL) wherever it is, and replaced, for a few
+    seconds: every message a writer acknowledged is in the queue whole, nothing committed
+    is half-written, and the writers left go on (no round is left held)."""
+    import random
+
+    pending: dict[int, bytes] = {}  # report pipe -> unfinished line
+    processes: dict[int, subprocess.Popen[bytes]] = {}
+    writing: set[int] = set()  # report pipes of writers that acknowledged a message
+    acknowledged: list[bytes] = []
+    started = killed = 0
+
+    def start() -> None:
+        nonlocal started
+        read_end, write_end = os.pipe()
+        processes[read_end] = subprocess.Popen(
+            [sys.executable, "-c", STRESS, str(queue), str(write_end),
+             str(queue.parent / "body"), f"w{started}"], pass_fds=(write_end,))
+        os.close(write_end)
+        pending[read_end] = b""
+        started += 1
+
+    def collect(read_end: int) -> bytes:
+        chunk = os.read(read_end, 65536)
+        *lines, pending[read_end] = (pending[read_end] + chunk).split(b"\n")
+        acknowledged.extend(lines)
+        if lines:
+            writing.add(read_end)
+        return chunk
+
+    def stop(read_end: int) -> None:
+        processes.pop(read_end).kill()
+        while collect(read_end):  # what it said before it died counts
+            pass
+        os.close(read_end)
+        writing.discard(read_end)
+
+    chooser = random.Random(18)
+    try:
+        for _ in range(6):
+            start()
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select(list(processes), [], [], chooser.uniform(0.005, 0.03))
+            for read_end in ready:
+                collect(read_end)
+            if writing:
+                stop(chooser.choice(sorted(writing)))
+                killed += 1
+                start()
+        # the writers left must still get their messages through: no round left held
+        before = len(acknowledged)
+        progress = time.monotonic() + STOP_TIMEOUT
+        while len(acknowledged) < before + 12 and time.monotonic() < progress:
+            ready, _, _ = select.select(list(processes), [], [], 1.0)
+            for read_end in ready:
+                collect(read_end)
+        assert len(acknowledged) >= before + 12, "the writers stopped making progress"
+    finally:
+        for read_end in list(processes):
+            stop(read_end)
+    assert killed >= 10, f"only {killed} writers were killed while writing"
+    committed = {message.sender: message for message in read_like_qmail_send(queue)}
+    for message in committed.values():
+        assert message.recipients == RECIPIENTS
+        assert message.message == BODY, f"{message.sender!r} committed half-written"
+    lost = [sender for sender in acknowledged if sender not in committed]
+    assert not lost, f"acknowledged but not in the queue: {lost[:5]}"
