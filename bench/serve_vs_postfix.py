@@ -171,6 +171,16 @@ def busy_seconds(stat_line: str) -> float:
     return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
 
 
+def device_flushes(path: Path) -> int | None:
+    """Flush requests completed by the device holding path (field 16 of its block stat,
+    Linux 5.5 and later); None where there is no such count."""
+    name = os.path.basename(mount_of(path)[0])
+    try:
+        return int(Path(f"/sys/class/block/{name}/stat").read_text().split()[15])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def machine_busy_seconds() -> float:
     with open("/proc/stat") as handle:
         return busy_seconds(handle.readline())
@@ -624,6 +634,9 @@ class RunResult:
     machine_cpu: float
     client_errors: list[str] = field(default_factory=list)
     samples: list[float] = field(default_factory=list, repr=False)
+    # cache flushes the queue's device completed during the run (every writer's, not only
+    # the server's: a figure only on a device the run has to itself, e.g. a loop image)
+    flushes: int | None = None
 
 
 def run_qmqp_source(port: int, messages: int, sessions: int, length: int,
@@ -677,6 +690,7 @@ def measure(target: Target, messages: int, sessions: int, length: int, warmup: i
     accepted_before = stable_count(target.accepted)  # qmqpd logs after it answers
     cpu_before = target.cpu_seconds()
     machine_before = machine_busy_seconds()
+    flushes_before = device_flushes(target.root)
     progress = Progress(f"{target.name} s={sessions}", messages)
     probe = LatencyProbe(target.port, length, probe_pause)
     with profile() if profile else contextlib.nullcontext():
@@ -689,6 +703,7 @@ def measure(target: Target, messages: int, sessions: int, length: int, warmup: i
             progress.finish()
     cpu_after = target.cpu_seconds()
     machine_cpu = machine_busy_seconds() - machine_before
+    flushes_after = device_flushes(target.root)
     target.settle()
     accepted_after = stable_count(target.accepted)
     accepted = None
@@ -704,7 +719,9 @@ def measure(target: Target, messages: int, sessions: int, length: int, warmup: i
         server_cpu=(cpu_after - cpu_before) if cpu_before is not None and cpu_after is not None
         else None,
         client_cpu=client_cpu, machine_cpu=machine_cpu, client_errors=errors[:5],
-        samples=samples)
+        samples=samples,
+        flushes=(flushes_after - flushes_before if flushes_before is not None
+                 and flushes_after is not None else None))
 
 
 # -- sync system calls per message ----------------------------------------------------------
@@ -939,13 +956,16 @@ def summarise_runs(rows: list[RunResult]) -> dict[str, float | None]:
                                      if row.server_cpu is not None]),
         "client_ms_per_msg": median([row.client_cpu * 1000 / row.messages for row in rows]),
         "machine_ms_per_msg": median([row.machine_cpu * 1000 / row.messages for row in rows]),
+        "flushes_per_msg": median([row.flushes / row.messages for row in rows
+                                   if row.flushes is not None]),
     }
 
 
 def print_table(results: list[RunResult], sessions: list[int]) -> None:
     print("\n| sessions | server | msgs/s (median) | runs msgs/s | p50 ms | p99 ms | probes "
-          "| server CPU ms/msg | client CPU ms/msg | machine CPU ms/msg | vs Postfix |")
-    print("| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| server CPU ms/msg | client CPU ms/msg | machine CPU ms/msg | device flushes/msg "
+          "| vs Postfix |")
+    print("| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for count in sessions:
         names = list(dict.fromkeys(row.target for row in results if row.sessions == count))
         summaries = {name: summarise_runs([row for row in results
@@ -961,7 +981,8 @@ def print_table(results: list[RunResult], sessions: list[int]) -> None:
                   f"| {fmt(summary['p99_ms'])} | {summary['probes']} "
                   f"| {fmt(summary['server_ms_per_msg'], 2)} "
                   f"| {fmt(summary['client_ms_per_msg'], 2)} "
-                  f"| {fmt(summary['machine_ms_per_msg'], 2)} | {ratio} |")
+                  f"| {fmt(summary['machine_ms_per_msg'], 2)} "
+                  f"| {fmt(summary['flushes_per_msg'], 2)} | {ratio} |")
 
 
 def _mib(values: list[int]) -> str:

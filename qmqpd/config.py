@@ -338,6 +338,20 @@ SETTINGS: dict[str, Setting] = {
            "fdatasync message and envelope before the commit"),
         _s("USE_SYNCDIR", _parse_bool, True, "1/0, yes/no, on/off; empty = off",
            "also fsync the mess/ and todo/ directories after the links, so K means durable"),
+        _s("COMMIT_MODE", _choice("each", "syncfs"), "each", "each or syncfs",
+           "how the syncs of USE_FSYNC/USE_SYNCDIR are made; either way K comes only after "
+           "mess/N, intd/N and todo/N with their names are on stable storage, and todo/N "
+           "is linked only once the files are. each: every message makes its own "
+           "fdatasync of both files and fsync of mess/N's directory, then of todo/ "
+           "(qmail-queue's order, any POSIX system); concurrent messages share a cache "
+           "flush only where the kernel merges them (a journal commit, a flush already "
+           "queued). syncfs: concurrent sessions share them — one session at a time runs "
+           "syncfs of the queue's filesystem and an fsync of the queue directory for "
+           "every session waiting, twice per message (files, then todo/N), so the cache "
+           "flushes per message fall as sessions rise; it writes back whatever else is "
+           "dirty on that filesystem too, so use it where the queue has a filesystem of "
+           "its own; needs Linux 5.8 or later (syncfs reports write-back errors) and every "
+           "writer of the queue on this machine"),
         _s("MIN_FREE", _int_parser(0), 0, "bytes, 0 = no check",
            "refuse with Z when the queue filesystem has less free space"),
         _s("QMAILQUEUE", _str, "", "path of a qmail-queue style program, optionally with args",

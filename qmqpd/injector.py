@@ -22,6 +22,7 @@ from qmqpd.queue import (
     Queue,
     QueueError,
     QueueSetupError,
+    commit_unsupported,
     detect_layout,
     envelope_records,
     free_bytes,
@@ -81,6 +82,8 @@ def check_config(config: Config, writer: Writer | None = None) -> list[ConfigErr
         return [missing]
     writer = writer or Writer.current()
     found: list[ConfigError] = []
+    if (reason := commit_unsupported(config.commit_mode)) is not None:
+        found.append(problem("COMMIT_MODE", config.source("COMMIT_MODE"), reason))
     for path in queue_paths(config):
         reason = _check_queue(config, path, writer)
         if reason is not None:
@@ -153,7 +156,8 @@ class Route(NamedTuple):
         paths = queue_paths(config)
         queues = tuple(
             Queue(path, split=config.split, todo_layout=config.todo_layout,
-                  fsync=config.use_fsync, syncdir=config.use_syncdir)
+                  fsync=config.use_fsync, syncdir=config.use_syncdir,
+                  commit_mode=config.commit_mode)
             for path in paths)
         return cls((), queues, "", backlog.Watch.from_config(config, paths))
 

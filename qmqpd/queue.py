@@ -16,6 +16,13 @@ Order of a write (COMMIT_STEPS): pid file, link to mess/N, unlink the pid name, 
 bytes, intd/N and its envelope; then the syncs of both files and of mess/N's directory,
 issued together; then the todo/N link (the commit point) and the fsync of todo/. A K is
 sent only after that last fsync.
+
+Commit modes (COMMIT_MODE): "each" makes every message durable with its own syncs, as
+above. "syncfs" shares them (GROUP_COMMIT_STEPS): once its files are written, a writer
+waits for a commit round of qmqpd/commit.py that started after its last write (one
+syncfs of the queue's filesystem for every writer waiting), then links todo/N and waits
+for a round again. Either way mess/N, intd/N and todo/N with their names are on stable
+storage before write() returns, and todo/N is linked only once the files are.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from qmqpd.commit import ROUND_STEPS, CommitError, GroupCommit, unsupported
 from qmqpd.message import FrozenRecord, Record
 
 if TYPE_CHECKING:
@@ -57,14 +65,29 @@ EXIT_PID_FILE = 70
 EXIT_ENVELOPE = 91
 
 LAYOUTS = ("flat", "split")
+COMMIT_MODES = ("each", "syncfs")
 
 # The steps of Queue.write in order, as passed to on_step: after "todo_linked" the message
 # is committed (qmail-send may take it); before it, the writer removes what it made.
 COMMIT_STEPS = ("pid_created", "mess_linked", "pid_unlinked", "message_written",
                 "intd_created", "envelope_written", "files_syncing", "files_synced",
                 "todo_linked", "todo_synced")
+# The same with COMMIT_MODE=syncfs: a writer waits for a round twice (files, then todo/N),
+# and is either covered by another writer's round or leads one (see qmqpd/commit.py).
+GROUP_COMMIT_STEPS = (COMMIT_STEPS[:6] + tuple(f"files_{step}" for step in ROUND_STEPS)
+                      + ("todo_linked",) + tuple(f"todo_{step}" for step in ROUND_STEPS))
 
 _sequence = itertools.count(1)
+# This process's pid, kept current over fork: no getpid call per message.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class QueueError(Exception):
@@ -106,6 +129,11 @@ def envelope_bytes(sender: bytes, recipients: list[bytes], uid: int, pid: int) -
     return b"u%d\0p%d\0" % (uid, pid) + records
 
 
+def commit_unsupported(mode: str) -> str | None:
+    """Why this system cannot commit in this COMMIT_MODE, or None when it can."""
+    return unsupported() if mode == "syncfs" else None
+
+
 def _check_layout(todo_layout: str, split: int) -> None:
     if todo_layout not in LAYOUTS:
         raise ValueError(f"todo_layout must be one of {LAYOUTS}, not {todo_layout!r}")
@@ -118,17 +146,27 @@ class Queue:
 
     def __init__(self, path: str, split: int = 23, todo_layout: str = "flat",
                  fsync: bool = True, syncdir: bool = True,
-                 on_step: Callable[[str], None] | None = None) -> None:
+                 on_step: Callable[[str], None] | None = None,
+                 commit_mode: str = "each") -> None:
         _check_layout(todo_layout, split)
+        if commit_mode not in COMMIT_MODES:
+            raise ValueError(f"commit_mode must be one of {COMMIT_MODES}, not {commit_mode!r}")
         self.path = path
         self.split = split
         self.todo_layout = todo_layout
         self.fsync = fsync
         self.syncdir = syncdir
+        self.commit_mode = commit_mode
         # Called with the name of each commit step once it is done (the crash test stops
-        # the writer there); see COMMIT_STEPS.
+        # the writer there); see COMMIT_STEPS and GROUP_COMMIT_STEPS.
         self.on_step = on_step
         self._owner: tuple[int, int] | None = None
+        # syncfs mode: the shared rounds, when there is anything to sync at all
+        self._group = (GroupCommit(path, on_step) if commit_mode == "syncfs"
+                       and (fsync or syncdir) else None)
+        # Directories fsynced per message, opened once (a worker serves many messages).
+        self._dir_fds: dict[str, int] = {}
+        self._euid, self._euid_pid = -1, 0
 
     # -- names ------------------------------------------------------------------------
     def mess_name(self, qid: int) -> str:
@@ -149,7 +187,7 @@ class Queue:
     def write(self, message: Message, uid: int | None = None) -> int:
         """Queue one message; returns its id N. Raises QueueError, leaving nothing behind."""
         envelope = envelope_bytes(message.sender, message.recipients,
-                                  os.getuid() if uid is None else uid, os.getpid())
+                                  os.getuid() if uid is None else uid, _pid)
         made: list[str] = []
         try:
             qid = self._write_files(message, envelope, made)
@@ -189,8 +227,16 @@ class Queue:
             self._reached("intd_created")
             _step(EXIT_WRITE, "write envelope", _write_all, intd_fd, envelope)
             self._reached("envelope_written")
-            self._sync_files(mess_fd, intd_fd, os.path.dirname(mess))
-            self._reached("files_synced")
+            if self._group is not None:
+                if self.fsync:
+                    # Each writer writes its own pages, all at once: the round that
+                    # covers them then has only names and inodes left to write.
+                    _start_writeback(mess_fd, SYNC_FILE_RANGE_WRITE_AND_WAIT)
+                    _start_writeback(intd_fd, SYNC_FILE_RANGE_WRITE_AND_WAIT)
+                self._round(EXIT_FSYNC, "files")
+            else:
+                self._sync_files(mess_fd, intd_fd, os.path.dirname(mess))
+                self._reached("files_synced")
         finally:
             os.close(mess_fd)
             if intd_fd >= 0:
@@ -200,7 +246,7 @@ class Queue:
     def _create_pid_file(self) -> tuple[int, str]:
         pid_dir = os.path.join(self.path, "pid")
         for _ in range(PID_ATTEMPTS):
-            name = os.path.join(pid_dir, f"{os.getpid()}.{int(time.time())}.{next(_sequence)}")
+            name = os.path.join(pid_dir, f"{_pid}.{int(time.time())}.{next(_sequence)}")
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                              FILE_MODE)
@@ -242,8 +288,32 @@ class Queue:
             jobs += [(EXIT_FSYNC, "fdatasync message", os.fdatasync, mess_fd),
                      (EXIT_FSYNC, "fdatasync envelope", os.fdatasync, intd_fd)]
         if self.syncdir:
-            jobs.append((EXIT_SYNCDIR, f"fsync directory {mess_dir}", _fsync_dir, mess_dir))
+            jobs.append((EXIT_SYNCDIR, f"fsync directory {mess_dir}", os.fsync,
+                         self._dir_fd(mess_dir)))
         _run_together(jobs, lambda: self._reached("files_syncing"))
+
+    def _dir_fd(self, directory: str) -> int:
+        """A descriptor of a queue directory, opened on first use and kept."""
+        fd = self._dir_fds.get(directory)
+        if fd is None:
+            try:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise QueueError(EXIT_SYNCDIR, f"open directory {directory}: "
+                                 f"{exc.strerror}") from None
+            self._dir_fds[directory] = fd
+        return fd
+
+    def _round(self, code: int, phase: str) -> None:
+        """Wait for a shared commit round that covers every write made so far."""
+        assert self._group is not None
+        since = time.monotonic_ns()
+        try:
+            self._group.durable(since, phase)
+        except OSError as exc:
+            raise QueueError(code, f"commit round ({phase}): {exc.strerror or exc}") from None
+        except CommitError as exc:
+            raise QueueError(code, f"commit round ({phase}): {exc}") from None
 
     def _commit(self, qid: int, made: list[str]) -> None:
         todo = self.todo_name(qid)
@@ -251,11 +321,16 @@ class Queue:
         written = list(made)
         made.clear()  # committed: from here on nothing may be removed behind todo/N
         self._reached("todo_linked")
-        if not self.syncdir:
+        if not self.syncdir and self._group is None:
             return
         try:
-            directory = os.path.dirname(todo)
-            _step(EXIT_SYNCDIR, f"fsync directory {directory}", _fsync_dir, directory)
+            if self._group is not None:
+                self._round(EXIT_SYNCDIR, "todo")
+            else:
+                directory = os.path.dirname(todo)
+                _step(EXIT_SYNCDIR, f"fsync directory {directory}", os.fsync,
+                      self._dir_fd(directory))
+                self._reached("todo_synced")
         except QueueError:
             # The link is visible but not durable: take it back so the client retries.
             try:
@@ -264,7 +339,6 @@ class Queue:
                 return  # qmail-send already took the message over; it is queued
             made.extend(written)
             raise
-        self._reached("todo_synced")
 
     def trigger(self) -> None:
         """Wake qmail-send; with no reader the open fails, which is fine."""
@@ -285,7 +359,9 @@ class Queue:
         """0644 whatever the umask; owned like the queue when running as root."""
         if stat.S_IMODE(info.st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)
-        if os.geteuid() == 0:
+        if self._euid_pid != _pid:  # once per process: a worker's user is set before
+            self._euid, self._euid_pid = os.geteuid(), _pid
+        if self._euid == 0:
             uid, gid = self._queue_owner()
             if (info.st_uid, info.st_gid) != (uid, gid):
                 os.fchown(fd, uid, gid)
@@ -315,14 +391,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     import ctypes  # on the first sync only: most of a millisecond of a session's start
 
@@ -338,16 +406,19 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range: Callable[[int, int, int, int], int] | None = None
 _sync_file_range_loaded = False
 SYNC_FILE_RANGE_WRITE = 2
+# wait for earlier write-back, write, wait for this one: the pages are written (no flush)
+SYNC_FILE_RANGE_WRITE_AND_WAIT = 7
 
 
-def _start_writeback(fd: int) -> None:
-    """Start writing the file's pages now (no wait); errors surface at its fdatasync."""
+def _start_writeback(fd: int, flags: int = SYNC_FILE_RANGE_WRITE) -> None:
+    """Start writing the file's pages now (no wait, or with flags = WRITE_AND_WAIT until
+    they are written); errors surface at its fdatasync, or at the round's syncfs."""
     global _sync_file_range, _sync_file_range_loaded
     if not _sync_file_range_loaded:
         _sync_file_range = _load_sync_file_range()
         _sync_file_range_loaded = True
     if _sync_file_range is not None:
-        _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+        _sync_file_range(fd, 0, 0, flags)
 
 
 # (exit code, what, function, argument) of one sync
@@ -414,9 +485,9 @@ _pool_pid = 0
 def _sync_pool() -> _SyncThreads:
     """Two threads per process, made on first use (a forked worker makes its own)."""
     global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():
+    if _pool is None or _pool_pid != _pid:
         _pool = _SyncThreads(2)
-        _pool_pid = os.getpid()
+        _pool_pid = _pid
     return _pool
 
 

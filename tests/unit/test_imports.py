@@ -45,6 +45,7 @@ PENDING: dict[str, set[str]] = {
     "qmqpd.injector": {"qmqpd.backlog"},
     "qmqpd.metrics": {"qmqpd.backlog"},
     "qmqpd.status": {"qmqpd.backlog"},
+    "qmqpd.queue": {"qmqpd.commit"},  # the shared commit rounds of COMMIT_MODE=syncfs
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -60,6 +61,7 @@ PENDING_MODULES: dict[str, set[str]] = {
     "qmqpd.backlog": set(),  # planned (the card's next step): per-queue backlog, stdlib
     # serve's and check's checks of the whole server; the plan checks as the service user
     "qmqpd.preflight": {"qmqpd.procctl", "qmqpd.proxy"},
+    "qmqpd.commit": set(),  # group commit rounds (flock + syncfs) of one queue: stdlib
 }
 
 

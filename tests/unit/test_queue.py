@@ -7,18 +7,22 @@ import resource
 import signal
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qmqpd import commit
 from qmqpd.message import Message, MessageData
 from qmqpd.queue import (
+    GROUP_COMMIT_STEPS,
     Queue,
     QueueError,
     QueueOwners,
     QueueSetupError,
+    commit_unsupported,
     create_queue,
     envelope_bytes,
     free_bytes,
@@ -406,3 +410,64 @@ def test_envelope_rejects_nul_in_address() -> None:
     with pytest.raises(QueueError) as caught:
         envelope_bytes(b"a\0b", [], 0, 1)
     assert caught.value.exit_code == 91
+
+
+# -- COMMIT_MODE=syncfs: the shared rounds ---------------------------------------------
+
+def _steps_of(queue_dir: Path, message: Message | None = None) -> tuple[int, list[str]]:
+    steps: list[str] = []
+    queue = Queue(str(queue_dir), commit_mode="syncfs", on_step=steps.append)
+    return queue.write(message or make_message()), steps
+
+
+def test_syncfs_mode_writes_the_same_queue(queue_dir: Path) -> None:
+    message = make_message(recipients=[b"b@example.net", b"c@example.com"])
+    qid, steps = _steps_of(queue_dir, message)
+    assert (queue_dir / "mess" / str(qid % 23) / str(qid)).read_bytes() == RECEIVED + BODY
+    assert (queue_dir / "todo" / str(qid)).read_bytes() == (
+        b"u%d\0p%d\0Fa@example.org\0Tb@example.net\0Tc@example.com\0"
+        % (os.getuid(), os.getpid()))
+    assert os.listdir(queue_dir / "pid") == []
+    # a lone writer leads both of its rounds: files first, todo/N linked only after
+    assert steps == [step for step in GROUP_COMMIT_STEPS if not step.endswith("_covered")]
+    assert (queue_dir / "lock" / "qmqpd-commit").is_file()
+
+
+def _record(queue_dir: Path, boot: bytes, good: int, failed: int) -> None:
+    (queue_dir / "lock" / "qmqpd-commit").write_bytes(
+        commit._RECORD.pack(boot, good, failed, 0, 0, 0, 0, 0))
+
+
+def test_a_failed_round_fails_every_writer_it_covered(queue_dir: Path) -> None:
+    """The record says a round that started after this writer's writes failed: its files
+    may be lost, so it fails (Z) and takes them back, whatever rounds come after."""
+    _record(queue_dir, commit._boot_id(), good=0, failed=time.monotonic_ns() + 10**15)
+    with pytest.raises(QueueError) as caught:
+        Queue(str(queue_dir), commit_mode="syncfs").write(make_message())
+    assert caught.value.exit_code == 64
+    assert "failed" in caught.value.reason
+    assert_nothing_written(queue_dir)
+
+
+def test_a_round_of_an_earlier_boot_covers_nothing(queue_dir: Path) -> None:
+    """Clocks start again at boot: a record from another boot, however late its round
+    looks, does not cover a write of this one; the writer leads its own rounds."""
+    _record(queue_dir, b"\x01" * 16, good=time.monotonic_ns() + 10**15, failed=0)
+    _qid, steps = _steps_of(queue_dir)
+    assert "files_leading" in steps and "todo_leading" in steps
+    assert "files_covered" not in steps
+
+
+def test_a_round_marked_running_without_its_leader_is_taken_over(queue_dir: Path) -> None:
+    """A leader killed mid-round leaves the record saying its round runs; its lock is
+    free, so the next writer leads instead of waiting for ever."""
+    (queue_dir / "lock" / "qmqpd-commit").write_bytes(
+        commit._RECORD.pack(commit._boot_id(), 0, 0, 0, 0, 7, 7, 0))
+    _qid, steps = _steps_of(queue_dir)
+    assert "files_leading" in steps
+
+
+def test_commit_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="commit_mode"):
+        Queue("/nonexistent", commit_mode="sometimes")
+    assert commit_unsupported("each") is None
