@@ -94,6 +94,7 @@ def test_dkim_both_sides_sign_verifiably(tmp_path: Path) -> None:
     for label in LABELS["dkim"]:
         assert data["check"][label] == ["DKIM example.com default pass (pass)"] * 2
     assert "check (before the runs):" in result.stdout
+    assert data["rsa_sign_ms"] > 0 and "RSA-2048 signature alone" in result.stdout
 
 
 def test_virus_both_sides_scan_with_one_clamd(tmp_path: Path) -> None:
