@@ -56,10 +56,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(1, str(ROOT))  # tests.clamd: the suite's private clamd
-
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # tests.clamd: the suite's private clamd
+# serve_vs_postfix sits beside this file. Its directory is on the path only while it is
+# imported: bench/dkim.py would stand in for dkimpy's `dkim` in an importer's process.
+sys.path.insert(0, str(BENCH_DIR))
 from serve_vs_postfix import (  # noqa: E402
     POSTFIX,
     START_TIMEOUT,
@@ -86,6 +89,7 @@ from serve_vs_postfix import (  # noqa: E402
     version_of,
 )
 
+sys.path.remove(str(BENCH_DIR))
 from tests.clamd import Clamd, eicar  # noqa: E402
 
 VERIFIER = ROOT / "tests" / "peers" / "dkim-verify.pl"

@@ -6,15 +6,19 @@ by both), the figures are printed, and everything it started is gone afterwards.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import signal
+import socketserver
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -28,10 +32,90 @@ PEERS = {"dkim": "/usr/sbin/opendkim", "virus": "/usr/sbin/clamav-milter"}
 LABELS = {"dkim": ("qmqpd (DKIM stage)", "Postfix + OpenDKIM"),
           "virus": ("qmqpd (virus stage)", "Postfix + clamav-milter")}
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark runs Postfix, which needs root"),
-    needs_postfix,
-]
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="the benchmark runs Postfix, which needs root")
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("filter_vs_milter", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["filter_vs_milter"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+# -- its pieces -------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [2048, 20480])
+def test_messages_are_distinct_in_body_and_of_the_asked_length(length: int) -> None:
+    messages = bench.Messages(length)
+    made = [messages.make() for _ in range(200)]
+    assert {len(message) for message in made} == {length}
+    bodies = {message.partition(b"\n\n")[2] for message in made}
+    assert len(bodies) == len(made)  # clamd's clean cache never answers for one of them
+    assert made[0].startswith(b"From: <bench@example.com>\n")
+    again = bench.Messages(length).make()  # another bench run: still another message
+    assert again not in made
+
+
+def test_reply_status_waits_for_the_whole_netstring() -> None:
+    assert bench.reply_status(b"") is None
+    assert bench.reply_status(b"3:Kok") is None
+    assert bench.reply_status(b"3:Kok,") == "K"
+    assert bench.reply_status(b"26:Zqq temporary problem here,") == "Z"
+    assert bench.reply_status(b"HTTP/1.0 400 Bad") == "?"
+
+
+def test_dns_record_joins_the_zone_line_strings() -> None:
+    line = 'sel._domainkey.example.com. IN TXT ( "v=DKIM1; k=rsa; p=QUJD" "REVG" )'
+    assert bench.dns_record(line) == "v=DKIM1; k=rsa; p=QUJDREVG"
+    with pytest.raises(bench.BenchError):
+        bench.dns_record('x IN TXT ( "v=DKIM1; k=ed25519; p=QUJD" )')
+
+
+class _Answering(socketserver.BaseRequestHandler):
+    """Reads one whole QMQP request, answers K, or Z when the message says `refuse`."""
+
+    def handle(self) -> None:
+        data = b""
+        while b":" not in data:
+            data += self.request.recv(65536)
+        length, _, rest = data.partition(b":")
+        while len(rest) < int(length) + 1:
+            rest += self.request.recv(65536)
+        answer = b"Zrefused" if b"refuse" in rest else b"Kqueued"
+        self.request.sendall(b"%d:%s," % (len(answer), answer))
+
+
+def test_drive_times_every_answered_message_over_its_sessions() -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Answering)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        messages = bench.Messages(20480)
+        sent = []
+
+        def make() -> bytes:
+            extra = b"refuse\n" if len(sent) % 5 == 4 else b""
+            sent.append(messages.request(extra))
+            return sent[-1]
+
+        load = bench.drive(server.server_address[1], 50, 7, make)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(sent) == 50
+    assert load.answers == {"K": 40, "Z": 10}
+    assert len(load.latencies) == 40 and min(load.latencies) > 0
+    assert load.errors and load.errors[0].startswith("Z")
+    assert load.seconds > 0
+
+
+# -- end to end (root, Postfix, the milters) ---------------------------------------------------
 
 
 def _need_peer(case: str) -> None:
@@ -86,6 +170,8 @@ def _assert_runs_and_figures(case: str, result: subprocess.CompletedProcess[str]
         assert pid and process_gone(pid, 10.0), f"{name} (pid {pid}) still running"
 
 
+@needs_root
+@needs_postfix
 def test_dkim_both_sides_sign_verifiably(tmp_path: Path) -> None:
     result, data = _run("dkim", tmp_path)
     _assert_runs_and_figures("dkim", result, data)
@@ -97,6 +183,8 @@ def test_dkim_both_sides_sign_verifiably(tmp_path: Path) -> None:
     assert data["rsa_sign_ms"] > 0 and "RSA-2048 signature alone" in result.stdout
 
 
+@needs_root
+@needs_postfix
 def test_virus_both_sides_scan_with_one_clamd(tmp_path: Path) -> None:
     result, data = _run("virus", tmp_path, "-l", "4096")
     _assert_runs_and_figures("virus", result, data)
@@ -107,6 +195,8 @@ def test_virus_both_sides_scan_with_one_clamd(tmp_path: Path) -> None:
         assert eicar.startswith("EICAR answered D"), eicar
 
 
+@needs_root
+@needs_postfix
 def test_interrupt_stops_every_process(tmp_path: Path) -> None:
     """Ctrl-C during a timed run: clamd, clamav-milter, qmqpd and Postfix are stopped and
     the temporary directory is gone."""
