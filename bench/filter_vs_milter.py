@@ -32,7 +32,8 @@ scanner's clean mark and an EICAR message must be refused by both.
 Everything runs on 127.0.0.1 in a temporary directory and is stopped by PID (Postfix with
 `postfix -c DIR stop`), also on Ctrl-C or error. Must run as root (Postfix).
 
-    .venv/bin/python bench/filter_vs_milter.py --case dkim -l 2048 -m 2000 --repeat 3
+    .venv/bin/python bench/filter_vs_milter.py --case dkim|virus [-l 2048|20480] [-m 2000]
+        [--repeat 3] [-s 1,8,32] [--max-load 1.0] [--json FILE]
 """
 
 from __future__ import annotations
