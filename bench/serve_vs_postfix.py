@@ -454,6 +454,9 @@ class QmqpdTarget(Target):
 
 class PostfixTarget(Target):
     name = "postfix"
+    # Lines a subclass adds to main.cf / master.cf (e.g. a milter and the services it needs).
+    main_cf_extra = ""
+    master_cf_extra = ""
 
     def __init__(self, root: Path, qmqpd_options: str = "") -> None:
         """qmqpd_options: master.cf arguments of the QMQP service, e.g. `-o max_use=1`."""
@@ -477,10 +480,10 @@ class PostfixTarget(Target):
         shutil.chown(self.data, user="postfix")
         (self.conf / "main.cf").write_text(POSTFIX_MAIN_CF.format(
             queue=self.queue, data=self.data, daemons=POSTFIX_DAEMONS, root=self.root,
-            maillog=self.maillog))
+            maillog=self.maillog) + self.main_cf_extra)
         (self.conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(
             port=self.port, qmqpd_options=f" {self.qmqpd_options}" if self.qmqpd_options
-            else ""))
+            else "") + self.master_cf_extra)
         self.started = True
         result = self._postfix("start")
         if result.returncode != 0:

@@ -10,6 +10,8 @@ DEBIAN_PACKAGES=(
   clamav-daemon        # a real clamd for the virus stage (own test database, no freshclam)
   libmail-dkim-perl    # independent DKIM / DomainKeys verifier
   opendkim-tools       # independent ed25519 DKIM verifier
+  opendkim             # the DKIM milter Postfix is benchmarked with (bench/filter_vs_milter.py)
+  clamav-milter        # the virus milter Postfix is benchmarked with (same bench)
   daemontools          # supervise, svc, multilog for the service tests
   runit                # runsv, sv
   haproxy              # a real load balancer sending the PROXY protocol (cluster tests)
