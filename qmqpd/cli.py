@@ -36,19 +36,39 @@ def _fail(message: str, code: int = 111) -> int:
     return code
 
 
-def _embedded(args: argparse.Namespace) -> dict[str, object] | None:
-    """Embedded defaults apply without --config; the queue only if none is named in env."""
+def _embedded(args: argparse.Namespace,
+              envdir: dict[str, config_mod.EnvdirEntry]) -> dict[str, object] | None:
+    """Embedded defaults apply without --config; the queue only if neither the process
+    environment nor the envdir names one."""
     if args.config:
         return None
     defaults = dict(EMBEDDED_DEFAULTS)
-    if any(os.environ.get(name) for name in ("QUEUEDIR", "QUEUE_BASE", "QMAILQUEUE")):
+    names = ("QUEUEDIR", "QUEUE_BASE", "QMAILQUEUE")
+    if (any(os.environ.get(name) for name in names)
+            or any(envdir.get(name, (None, ""))[0] for name in names)):
         del defaults["QUEUEDIR"]
     return defaults
 
 
 def _load(args: argparse.Namespace, embedded: bool = False) -> config_mod.Config:
+    """The settings as `serve` reads them: embedded defaults (without --config), the
+    config file, the process environment, then the --envdir (read again on every call, so
+    a HUP sees the files as they are now)."""
+    envdir_path = getattr(args, "envdir", None)
+    envdir = config_mod.read_envdir(envdir_path) if envdir_path else {}
     return config_mod.load(args.config, os.environ,
-                           defaults=_embedded(args) if embedded else None)
+                           defaults=_embedded(args, envdir) if embedded else None,
+                           envdir=envdir)
+
+
+def _ignored_note() -> str | None:
+    """One line naming the settings the process environment has and that are ignored."""
+    ignored = config_mod.ignored_in_environment(os.environ)
+    if not ignored:
+        return None
+    names = ", ".join(ignored)
+    return (f"{names} in the process environment ignored (a login shell or sudo sets "
+            f"them); set {names} in the config file or the envdir")
 
 
 def cmd_session(args: argparse.Namespace) -> int:
@@ -118,10 +138,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from qmqpd.filters import pipeline
 
     cfg = _load(args, embedded=True)
+    note = _ignored_note()
+    if note:
+        from qmqpd import log
+
+        log.warning(note)
     if _creates_embedded_queue(cfg):
         queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
 
     def reload() -> config_mod.Config:
+        # the config file and the envdir as they are now: HUP applies variables/ edits
         return _load(args, embedded=True)
 
     pipeline.preload()  # workers share the stage modules instead of each importing them
@@ -131,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """`qmqpd check`: the validation of start and HUP, each problem on its own line."""
     cfg = _load(args, embedded=True)
+    note = _ignored_note()
+    if note:
+        print(f"qmqpd check: note: {note}", file=sys.stderr)
     book, problems = plan_all(cfg)
     if _creates_embedded_queue(cfg):  # as serve would: not a problem, said as a note
         problems = [p for p in problems if p.setting != "QUEUEDIR"]
@@ -251,6 +280,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     cfg = _load(args, embedded=args.embedded)
     for name, value in cfg.as_dict().items():
         print(f"{name}={value!r}  # {cfg.source(name)}")
+    note = _ignored_note()
+    if note:
+        print(f"qmqpd config: note: {note}", file=sys.stderr)
     _book, problems = plan_all(cfg)
     for found in problems:
         print(f"qmqpd config: warning: {found}", file=sys.stderr)
@@ -265,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML config file (keys are setting names in lower case)")
+        p.add_argument("--envdir", metavar="DIR",
+                       help="read settings from DIR like daemontools' envdir (one file per "
+                       "setting; `serve` reads it again on every HUP)")
         return p
 
     with_config(sub.add_parser("serve", help="run the prefork server")).set_defaults(func=cmd_serve)
@@ -328,11 +363,11 @@ def _session_fast_path(argv: list[str]) -> SimpleNamespace | None:
         return None
     rest = argv[1:]
     if not rest:
-        return SimpleNamespace(func=cmd_session, config=None)
+        return SimpleNamespace(func=cmd_session, config=None, envdir=None)
     if len(rest) == 2 and rest[0] == "--config" and not rest[1].startswith("-"):
-        return SimpleNamespace(func=cmd_session, config=rest[1])
+        return SimpleNamespace(func=cmd_session, config=rest[1], envdir=None)
     if len(rest) == 1 and rest[0].startswith("--config=") and len(rest[0]) > 9:
-        return SimpleNamespace(func=cmd_session, config=rest[0][9:])
+        return SimpleNamespace(func=cmd_session, config=rest[0][9:], envdir=None)
     return None  # anything else (--help, mistakes): the parser explains
 
 

@@ -1,13 +1,16 @@
 """One frozen Config built from one key table.
 
 Every setting has one name: its environment variable (IndiMail's name where one exists) and,
-in lower case, its key in the TOML file. Precedence: rule env > process env > config file >
-built-in default. A bad value stops startup naming the key, where it came from, and what is
-allowed.
+in lower case, its key in the TOML file. Precedence: rule env > envdir (`--envdir`, read
+like daemontools' envdir) > process env > config file > built-in default. A setting whose
+name a login shell or sudo sets for its own purposes (USER, and GROUP beside it) is never
+taken from the process environment. A bad value stops startup naming the key, where it
+came from, and what is allowed. Called by cli, service and the plan; touches no sockets.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -28,6 +31,26 @@ def problem(setting: str, source: str, reason: str) -> ConfigError:
     """The one shape of a validation problem: `NAME (key) from SOURCE: reason`."""
     key = SETTINGS[setting].key if setting in SETTINGS else setting.lower()
     return ConfigError(f"{setting} ({key}) from {source}: {reason}", setting, source)
+
+
+# Variables a login shell, su or sudo set for their own purposes: a setting of the same
+# name is never read from the process environment (a root shell's $USER must not become
+# the service's user). GROUP goes with USER.
+SHELL_VARIABLES = frozenset({
+    "USER", "LOGNAME", "HOME", "PATH", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "MAIL",
+    "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "DISPLAY", "EDITOR", "VISUAL", "PAGER", "GROUP",
+})
+SHELL_PREFIXES = ("LC_", "SUDO_", "XDG_", "SSH_")
+
+
+def from_shell(name: str) -> bool:
+    """True for a name a setting must never take from the process environment."""
+    return name in SHELL_VARIABLES or name.startswith(SHELL_PREFIXES)
+
+
+def ignored_in_environment(environ: Mapping[str, str]) -> list[str]:
+    """Setting names present in the process environment and ignored there."""
+    return [name for name in SETTINGS if from_shell(name) and name in environ]
 
 
 TRUE_WORDS = frozenset({"1", "yes", "true", "on"})
@@ -222,8 +245,16 @@ SETTINGS: dict[str, Setting] = {
            "addresses `qmqpd serve` listens on", "master"),
         _s("PORT", _int_parser(0, 65535), 6280, "a port number 0-65535",
            "TCP port to listen on", "master"),
-        _s("USER", _str, "", "a user name or uid", "drop to this user after binding", "master"),
-        _s("GROUP", _str, "", "a group name or gid", "drop to this group after binding", "master"),
+        _s("USER", _str, "", "a user name or uid",
+           "drop to this user after binding; read from the config file or the envdir, "
+           "never from the process environment (a login shell or sudo sets $USER)", "master"),
+        _s("GROUP", _str, "", "a group name or gid, or a comma list of them",
+           "drop to this group after binding; like USER, never from the process "
+           "environment", "master"),
+        _s("ALLOW_ROOT", _parse_bool, False, "1/0, yes/no, on/off; empty = off",
+           "started as root with USER unset, `qmqpd serve` and `qmqpd check` refuse "
+           "(exit 111) unless this is on: a server that stays root does so on purpose",
+           "master"),
         _s("RULES", _str, "", "path of a tcprules cdb (`qmqpd rules compile` makes it)",
            "client access rules; unset = loopback only", "master"),
         _s("MAXDAEMONS", _int_parser(1, 100000), 75, "an integer >= 1",
@@ -459,20 +490,62 @@ def read_file(path: str) -> dict[str, Any]:
     return out
 
 
+# One envdir entry: the value (None = the file is empty: unset) and its source label.
+EnvdirEntry = tuple["str | None", str]
+
+
+def read_envdir(path: str) -> dict[str, EnvdirEntry]:
+    """A directory read as daemontools' envdir reads it: each file's name is a variable,
+    its first line the value (NULs become newlines, trailing blanks and tabs dropped);
+    an empty file unsets the variable; names starting with a dot are skipped. Only names
+    of settings are kept; each carries `envdir DIR/NAME` as its source."""
+    where = os.path.abspath(path)
+    try:
+        names = sorted(os.listdir(where))
+    except OSError as exc:
+        raise ConfigError(f"envdir {where}: cannot read: {exc.strerror}") from None
+    out: dict[str, EnvdirEntry] = {}
+    for name in names:
+        if name.startswith(".") or name not in SETTINGS:
+            continue
+        file = os.path.join(where, name)
+        try:
+            with open(file, "rb") as handle:
+                data = handle.read(1 << 16)
+        except IsADirectoryError:
+            continue
+        except OSError as exc:
+            raise problem(name, f"envdir {file}", f"cannot read: {exc.strerror}") from None
+        if not data:
+            out[name] = (None, f"envdir {file}")
+            continue
+        line = data.split(b"\n", 1)[0].replace(b"\0", b"\n").rstrip(b" \t")
+        out[name] = (line.decode("utf-8", "surrogateescape"), f"envdir {file}")
+    return out
+
+
 def load(config_file: str | None = None, environ: Mapping[str, str] | None = None,
-         defaults: Mapping[str, Any] | None = None) -> Config:
-    """Built-in defaults, then `defaults` (an embedded profile), the file, the environment."""
+         defaults: Mapping[str, Any] | None = None,
+         envdir: str | Mapping[str, EnvdirEntry] | None = None) -> Config:
+    """Built-in defaults, then `defaults` (an embedded profile), the file, the process
+    environment (never for USER/GROUP: see SHELL_VARIABLES), then the envdir (a path, or
+    entries as read_envdir returns them): an empty envdir file unsets the variable."""
     values: dict[str, Any] = {name: s.default for name, s in SETTINGS.items()}
     sources: dict[str, str] = {}
-    layers: list[tuple[Mapping[str, Any], str]] = []
+    entries = read_envdir(envdir) if isinstance(envdir, str) else dict(envdir or {})
+    process = {k: v for k, v in (environ or {}).items()
+               if k in SETTINGS and not from_shell(k)
+               and not (k in entries and entries[k][0] is None)}
+    layers: list[tuple[Mapping[str, Any], str | None]] = []
     if defaults:
         layers.append((defaults, "embedded defaults"))
     if config_file:
         layers.append((read_file(config_file), f"config file {config_file}"))
-    if environ:
-        layers.append(({k: v for k, v in environ.items() if k in SETTINGS}, "environment"))
-    for layer, source in layers:
+    layers.append((process, "environment"))
+    layers.append(({k: v for k, (v, _src) in entries.items() if v is not None}, None))
+    for layer, label in layers:
         for name, raw in layer.items():
+            source = label or entries[name][1]
             values[name] = _parse(SETTINGS[name], raw, source)
             sources[name] = source
     return Config(values, sources)
@@ -494,8 +567,9 @@ def sample_toml() -> str:
     """A commented config file listing every setting with its default (conf/qmqpd.toml)."""
     lines = [
         "# qmqpd configuration (TOML). Every key is a setting name in lower case; the same",
-        "# setting can come from the environment under its upper-case name. Precedence:",
-        "# rule env > process env > this file > built-in default. Uncomment to change.",
+        "# setting can come from an envdir (--envdir) or the environment under its upper-case",
+        "# name (USER and GROUP: never from the process environment). Precedence: rule env >",
+        "# envdir > process env > this file > built-in default. Uncomment to change.",
     ]
     group = None
     for setting in SETTINGS.values():
@@ -516,8 +590,11 @@ def settings_markdown() -> str:
         "a test fails when this file and the table disagree. Environment variable = the name;",
         "TOML key (`--config`) = the name in lower case. A tcprules rule sets MAXPERIP and the",
         "session settings (all but the master group) for one client",
-        "(`10.1.2.:allow,NAME=\"value\"`). Precedence: rule env > process env > config file >",
-        "default.",
+        "(`10.1.2.:allow,NAME=\"value\"`). Precedence: rule env > envdir (`--envdir DIR`, one",
+        "file per setting, read like daemontools' envdir at start and on every HUP) >",
+        "process env > config file > default. USER and GROUP are never read from the process",
+        "environment (a login shell or sudo sets `$USER`): put them in the config file or the",
+        "envdir; `qmqpd config` and `qmqpd check` say when the environment has them.",
     ]
     group = None
     for setting in SETTINGS.values():

@@ -1,9 +1,11 @@
 """`qmqpd service`: supervised service directories and systemd units, like `svctool --qmqp`.
 
-A daemontools/runit service is `run` (envdir ./variables, then `qmqpd serve`), a
-`variables/` envdir holding one file per setting, `log/run` (multilog), `.options` (the
-command line that made it) and a `down` file unless asked to start it. The systemd unit
-carries the same settings as Environment= lines.
+A daemontools/runit service is `run` (`qmqpd serve --envdir ./variables`: the server reads
+its settings itself, at start and on every HUP), a `variables/` envdir holding one file per
+setting, `log/run` (multilog), `.options` (the command line that made it) and a `down` file
+unless asked to start it. The systemd unit carries the same settings as Environment= lines
+(USER and GROUP as User=/Group=). Called by `qmqpd service`; never touches a running
+server except to stop it on --rmsvc.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def settings_from_options(opts: argparse.Namespace) -> dict[str, str]:
         "LOCALIP": opts.localip,
         "CONTROLDIR": cntrldir,
         "RULES": opts.rules or os.path.join(cntrldir, "tcp.qmqp.cdb"),
-        # One status file per service, read by `envdir variables qmqpd status`.
+        # One status file per service, read by `qmqpd status --envdir variables`.
         "STATUS_FILE": f"/run/{_service_name(opts)}/status.json",
     }
     optional = {
@@ -157,7 +159,8 @@ def validate(values: Mapping[str, str]) -> None:
     if unknown:
         raise ServiceError("unknown settings: " + ", ".join(unknown))
     try:
-        config_mod.load(environ=dict(values))
+        config_mod.load(envdir={name: (value, f"variables/{name}")
+                                for name, value in values.items()})
     except config_mod.ConfigError as error:
         raise ServiceError(str(error)) from None
 
@@ -198,7 +201,6 @@ def create_service(opts: argparse.Namespace, argv: Sequence[str]) -> Path:
     logdir = opts.logdir or os.path.join(DEFAULT_LOG_BASE, name)
     runit = opts.supervisor == "runit"
     tools = {
-        "envdir": shutil.which("envdir") or "envdir",
         "chpst": shutil.which("chpst") or "chpst",
         "multilog": shutil.which("multilog") or "multilog",
     }
@@ -252,9 +254,15 @@ def systemd_unit(opts: argparse.Namespace) -> str:
     values = settings_from_options(opts)
     validate(values)
     writable = sorted({values.get("QUEUEDIR") or values["QUEUE_BASE"]})
+    # USER and GROUP are never read from the process environment (systemd's User= sets
+    # $USER itself): systemd starts the server as that user, with the one capability it
+    # needs to bind a low port.
+    identity = _systemd_identity(values.get("USER", ""), values.get("GROUP", ""))
     environment = "\n".join(
         f'Environment="{key}={value}"' for key, value in values.items()
+        if key not in ("USER", "GROUP")
     )
+    environment = "\n".join(filter(None, (identity, environment)))
     caps = ("CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID CAP_CHOWN "
             "CAP_FOWNER CAP_DAC_OVERRIDE CAP_KILL")
     return _render(
@@ -266,6 +274,21 @@ def systemd_unit(opts: argparse.Namespace) -> str:
         writable=" ".join(writable),
         capabilities=caps,
     )
+
+
+def _systemd_identity(user: str, group: str) -> str:
+    """User=/Group= (and SupplementaryGroups= for a GROUP list) of the unit."""
+    lines = []
+    if user:
+        lines.append(f"User={user}")
+    groups = [g.strip() for g in group.split(",") if g.strip()]
+    if groups:
+        lines.append(f"Group={groups[0]}")
+    if groups[1:]:
+        lines.append("SupplementaryGroups=" + " ".join(groups[1:]))
+    if lines:
+        lines.append("AmbientCapabilities=CAP_NET_BIND_SERVICE")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
