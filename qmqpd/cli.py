@@ -289,10 +289,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qmqpd")
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse  # not on `qmqpd session`'s path (see _session_fast_path)
 
     parser = argparse.ArgumentParser(prog="qmqpd", description="filtering QMQP server")
+    parser.add_argument("--version", action="version", version=f"qmqpd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

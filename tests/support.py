@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +15,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
 
 from qmqpd.netstring import encode
 
@@ -27,12 +33,72 @@ def command(name: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(field) for field in handle.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_ports = random.SystemRandom()  # not the global `random`: hypothesis seeds that one
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        if host == "::":  # free for a dual-stack listener: on IPv4 addresses as well
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing is bound to now, for a server the test starts next. It is drawn at
+    random below the kernel's ephemeral range: every outgoing connection on the machine (and
+    a load test opens thousands) takes its local port from that range, so a port the kernel
+    handed out as "free" there is soon taken by someone's client. Probed without
+    SO_REUSEADDR, so a port with connections in TIME_WAIT is not chosen. Still only free
+    *now*: start servers through start_on_free_port, which retries a clash."""
+    low = _ephemeral_range()[0]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _attempt in range(1000):
+        port = _ports.randrange(10000, max(low, 10001))
+        with socket.socket(family) as sock:
+            if host == "::":  # free for a dual-stack listener: on IPv4 addresses as well
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                sock.bind((host, port))
+            except OSError as error:
+                if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise
+            return port
+    raise RuntimeError(f"no free port on {host} in 1000 tries")
+
+
+class PortTaken(Exception):
+    """A server could not bind the port it was given: someone took it after free_port."""
+
+
+# What servers say when their port is taken: Python/qmqpd ("[Errno 98] Address already in
+# use"), djb's tcpserver ("unable to bind: address already used"), clamd, haproxy
+# ("cannot bind socket"), Go programs such as prometheus ("bind: address already in use").
+PORT_CLASH = re.compile(r"address already in use|address already used|cannot bind socket"
+                        r"|EADDRINUSE", re.IGNORECASE)
+
+
+def port_clash(text: str) -> bool:
+    """True when a server's output says its port was taken."""
+    return PORT_CLASH.search(text) is not None
+
+
+T = TypeVar("T")
+
+
+def start_on_free_port(start: Callable[[int], T], host: str = "127.0.0.1",
+                       attempts: int = 10) -> T:
+    """Start a server on a free port and return what start(port) returns; start raises
+    PortTaken when the server lost the port to another process (tell with port_clash on
+    its output), and it is started again on a fresh port. Any other error is the test's."""
+    for _attempt in range(attempts):
+        try:
+            return start(free_port(host))
+        except PortTaken:
+            continue
+    raise AssertionError(f"the port was taken {attempts} times in a row on {host}")
 
 
 def request(message: bytes, sender: bytes, recipients: list[bytes]) -> bytes:
@@ -71,6 +137,32 @@ def need(program: str) -> str:
     return path
 
 
+POSTFIX_TOOLS = ("/usr/sbin/qmqp-source", "/usr/sbin/qmqp-sink", "/usr/sbin/postfix")
+
+
+def postfix_missing() -> str:
+    """Why Debian's postfix (qmqp-source, qmqp-sink, postfix) cannot be used here, or "".
+    tests/install-and-run.sh leaves postfix out on a host with another mail system, as it
+    would replace it, and says so in QMQPD_TEST_NO_POSTFIX."""
+    if all(os.access(tool, os.X_OK) for tool in POSTFIX_TOOLS):
+        return ""
+    return os.environ.get("QMQPD_TEST_NO_POSTFIX") or (
+        "Debian's postfix (qmqp-source, qmqp-sink) is not installed: run "
+        "tests/install-and-run.sh")
+
+
+# for tests and modules that need Postfix's tools
+needs_postfix = pytest.mark.skipif(bool(postfix_missing()), reason=postfix_missing() or "-")
+
+
+def need_postfix(tool: str = "/usr/sbin/qmqp-source") -> str:
+    """The path of one of Postfix's tools; the test skips, saying why, without them."""
+    why = postfix_missing()
+    if why:
+        pytest.skip(why)
+    return tool
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10) -> None:
     stop = time.monotonic() + seconds
     while time.monotonic() < stop:
@@ -93,22 +185,42 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, seconds: flo
             proc.wait(seconds)
 
 
+def _log_since(log: Path, mark: int) -> str:
+    with open(log, "rb") as handle:
+        handle.seek(mark)
+        return handle.read().decode(errors="replace")
+
+
 class TcpServerSession:
     """Debian's ucspi-tcp tcpserver running `qmqpd session` on loopback."""
 
     def __init__(self, env: dict[str, str], log: Path, host: str = "127.0.0.1",
                  rules_cdb: str | None = None, limit: int = 40) -> None:
         self.host = host
-        self.port = free_port(host)
         self.log = log
-        argv = [need("tcpserver"), "-v", "-H", "-R", "-l", "qmqpd.test", "-c", str(limit)]
-        if rules_cdb:
-            argv += ["-x", rules_cdb]
-        argv += [host, str(self.port), *command("qmqpd"), "session"]
-        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
         self._log_file = open(log, "ab")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(argv, env=full_env, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+
+        def start(port: int) -> subprocess.Popen[bytes]:
+            argv = [need("tcpserver"), "-v", "-H", "-R", "-l", "qmqpd.test", "-c", str(limit)]
+            if rules_cdb:
+                argv += ["-x", rules_cdb]
+            argv += [host, str(port), *command("qmqpd"), "session"]
+            mark = log.stat().st_size
+            proc = subprocess.Popen(argv, env=full_env, stdout=self._log_file,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            # -v: tcpserver says "status: 0/N" once it is bound, "unable to bind" if not
+            wait_until(lambda: proc.poll() is not None or "status:" in _log_since(log, mark),
+                       what="tcpserver to bind")
+            if proc.poll() is not None:
+                text = _log_since(log, mark)
+                if port_clash(text):
+                    raise PortTaken(text)
+                raise RuntimeError(f"tcpserver exited {proc.returncode}: {text}")
+            self.port = port
+            return proc
+
+        self.proc = start_on_free_port(start, host)
         wait_for_port(self.port, host)
 
     def stop(self) -> None:

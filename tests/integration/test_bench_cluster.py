@@ -16,15 +16,14 @@ from types import ModuleType
 import pytest
 
 from tests.integration.test_cluster import PROXY_IN_CLUSTER_TESTS
-from tests.support import process_gone
+from tests.support import needs_postfix, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "cluster.py"
 PATHS = ("direct to 1 node", "haproxy to 1 node", "haproxy to 3 nodes")
 
-pytestmark = pytest.mark.skipif(
-    not all(os.access(tool, os.X_OK) for tool in ("/usr/sbin/haproxy", "/usr/sbin/qmqp-source")),
-    reason="Debian's haproxy and postfix (qmqp-source) are not installed")
+pytestmark = [needs_postfix, pytest.mark.skipif(
+    not os.access("/usr/sbin/haproxy", os.X_OK), reason="Debian's haproxy is not installed")]
 
 
 def _bench() -> ModuleType:

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import interrupt_when, process_gone
+from tests.support import interrupt_when, needs_postfix, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "serve_vs_postfix.py"
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark runs Postfix, which needs root"),
-    pytest.mark.skipif(not all(os.access(tool, os.X_OK) for tool in (
-        "/usr/sbin/qmqp-source", "/usr/sbin/qmqp-sink", "/usr/sbin/postfix")),
-        reason="Debian's postfix is not installed"),
+    needs_postfix,
 ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import interrupt_when, process_gone
+from tests.support import interrupt_when, needs_postfix, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "session_startup.py"
@@ -27,9 +27,9 @@ FIGURES = re.compile(r"^(?P<name>.+?)\s+answer median\s+(?P<answer>[\d.]+) ms p9
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the peers include Postfix, which needs root"),
+    needs_postfix,
     pytest.mark.skipif(not all(os.access(tool, os.X_OK) for tool in (
-        "/usr/bin/tcpserver", "/usr/bin/tcprules", "/usr/sbin/postfix")),
-        reason="Debian's ucspi-tcp or postfix is not installed"),
+        "/usr/bin/tcpserver", "/usr/bin/tcprules")), reason="Debian's ucspi-tcp is not installed"),
 ]
 
 

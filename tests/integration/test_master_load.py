@@ -39,7 +39,7 @@ from tests.integration.test_master import (
     tcprules,
     wait_until,
 )
-from tests.support import process_title, request
+from tests.support import needs_postfix, process_title, request
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # A fresh client is served within this (the figure the design promises; on loopback it
@@ -113,8 +113,7 @@ def final_status(server: Server) -> dict[str, object]:
 
 
 # ---- exact accounting -----------------------------------------------------------------
-@pytest.mark.skipif(not os.access(QMQP_SOURCE, os.X_OK), reason="Postfix's qmqp-source "
-                    "is not installed")
+@needs_postfix
 @pytest.mark.parametrize("sessions", [8, 32])
 def test_qmqp_source_at_its_maxperip_gets_only_k(server_factory: Callable[..., Server],  # noqa: F811
                                                 tmp_path: Path, sessions: int) -> None:

@@ -8,13 +8,22 @@ import resource
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qmqpd.client import Result, Server, blast, send
-from tests.support import command, free_port, need, stop_process, wait_for_port
+from tests.support import (
+    PortTaken,
+    command,
+    free_port,
+    need_postfix,
+    start_on_free_port,
+    stop_process,
+    wait_for_port,
+)
 
 MESSAGE = b"From: a@example.org\nSubject: qmqpc test\n\nhello\n"
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,12 +128,20 @@ def peer(peers: list[QmqpPeer], answer: bytes | str | None) -> QmqpPeer:
 
 @pytest.fixture
 def qmqp_sink() -> Iterator[Server]:
-    port = free_port()
-    proc = subprocess.Popen([need("/usr/sbin/qmqp-sink"), "-4", f"127.0.0.1:{port}", "10"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
+    sink = need_postfix("/usr/sbin/qmqp-sink")
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], int]:
+        proc = subprocess.Popen([sink, "-4", f"127.0.0.1:{port}", "10"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         wait_for_port(port)
+        time.sleep(0.2)  # qmqp-sink exits at once when it cannot bind (another holds it)
+        if proc.poll() is not None:
+            raise PortTaken(f"qmqp-sink exited {proc.returncode} on port {port}")
+        return proc, port
+
+    proc, port = start_on_free_port(start)
+    try:
         yield Server("127.0.0.1", port)
     finally:
         stop_process(proc)

@@ -23,7 +23,7 @@ from tests.support import (
     command,
     exchange,
     free_port,
-    need,
+    need_postfix,
     request,
 )
 
@@ -125,8 +125,8 @@ def test_qmqp_source_1000_messages_byte_exact(server, queue: Path) -> None:
     proxy = RecordingProxy(session.port)
     try:
         run = subprocess.run(
-            [need("/usr/sbin/qmqp-source"), "-m", "1000", "-s", "4", "-l", "2048", "-r", "2",
-             "-f", "sender@source.example", "-t", "rcpt@dest.example",
+            [need_postfix("/usr/sbin/qmqp-source"), "-m", "1000", "-s", "4", "-l", "2048",
+             "-r", "2", "-f", "sender@source.example", "-t", "rcpt@dest.example",
              f"127.0.0.1:{proxy.port}"],
             capture_output=True, timeout=600,
         )
