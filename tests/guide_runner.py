@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ OVERLAID = ("/etc", "/var", "/run", "/opt", "/usr", "/srv", "/root", "/home", "/
 LOGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY = "ready"
 
-FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+# A fenced block, also indented under a list item (its lines lose that indentation).
+FENCE = re.compile(r"^( {0,3})```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.M | re.S)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,10 @@ class Block:
 def fenced_blocks(text: str) -> list[Block]:
     blocks = []
     for match in FENCE.finditer(text):
-        words = match.group(1).split()
-        blocks.append(Block(words[0] if words else "", tuple(words[1:]), match.group(2),
+        indent, info, body = match.groups()
+        words = info.split()
+        body = "".join(line.removeprefix(indent) for line in body.splitlines(keepends=True))
+        blocks.append(Block(words[0] if words else "", tuple(words[1:]), body,
                             text.count("\n", 0, match.start()) + 1))
     return blocks
 
@@ -72,6 +76,26 @@ def login_env(user: str = "root", home: str = "/root", **extra: str) -> dict[str
     """The environment of a login shell of `user` (USER and LOGNAME set, as login does)."""
     return {"PATH": LOGIN_PATH, "HOME": home, "USER": user, "LOGNAME": user,
             "SHELL": "/bin/bash", "LANG": "C.UTF-8", **extra}
+
+
+@dataclass
+class Background:
+    """A script started in the namespace and left running: its nsenter process, its PID
+    inside the namespace, the file its output goes to."""
+
+    proc: subprocess.Popen[bytes]
+    output: Path
+    pid: int = 0
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """End it if it still runs (the namespace's end would as well) and drop its file."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.output.unlink(missing_ok=True)
 
 
 class Namespace:
@@ -133,11 +157,13 @@ class Namespace:
     def command(self, script: str, env: Mapping[str, str], cwd: str = "/",
                 user: str | None = None) -> list[str]:
         """argv of `bash -euo pipefail -c script` in the namespaces, in a clean env."""
-        enter = [need("nsenter"), "--target", str(self.pid), "--mount", "--net", "--pid",
-                 f"--wd={cwd}", "--"]
+        # The working directory is set inside (env -C): nsenter's --wd opens it before it
+        # enters the mount namespace, which would be the host's directory, not the overlay.
+        enter = [need("nsenter"), "--target", str(self.pid), "--mount", "--net", "--pid", "--"]
         drop = ([need("setpriv"), f"--reuid={user}", f"--regid={user}", "--init-groups"]
                 if user else [])
-        return [*enter, *drop, "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()),
+        return [*enter, *drop, "/usr/bin/env", "-i", f"--chdir={cwd}",
+                *(f"{k}={v}" for k, v in env.items()),
                 "/bin/bash", "-euo", "pipefail", "-c", script]
 
     def run(self, script: str, env: Mapping[str, str] | None = None, cwd: str = "/",
@@ -151,19 +177,24 @@ class Namespace:
         return done.stdout
 
     def start(self, script: str, env: Mapping[str, str], cwd: str = "/",
-              user: str | None = None) -> tuple[subprocess.Popen[str], int]:
-        """Start a script that keeps running (a server in the foreground); returns the
-        process and its PID inside the namespace (the script execs, so the PID stays)."""
-        wrapped = "echo $$ >&2; exec /bin/bash -euo pipefail -c " + shlex.quote(script)
-        proc = subprocess.Popen(self.command(wrapped, env, cwd, user), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stderr is not None
-        ready, _, _ = select.select([proc.stderr], [], [], 30)
-        first = proc.stderr.readline().strip() if ready else ""
-        if not first.isdigit():
-            proc.kill()
-            raise RuntimeError(f"could not start {script!r}: {first!r}")
-        return proc, int(first)
+              user: str | None = None) -> Background:
+        """Start a script that keeps running (a server in the foreground), its stdout and
+        stderr into a file; the script execs, so its PID inside the namespace stays."""
+        wrapped = "echo pid=$$; exec /bin/bash -euo pipefail -c " + shlex.quote(script)
+        with tempfile.NamedTemporaryFile(prefix="qmqpd-ns-out-", delete=False) as output:
+            proc = subprocess.Popen(self.command(wrapped, env, cwd, user),
+                                    stdin=subprocess.DEVNULL, stdout=output,
+                                    stderr=subprocess.STDOUT)
+        started = Background(proc, Path(output.name))
+        deadline = time.monotonic() + 30
+        while not (first := started.text().partition("\n")[0]).startswith("pid="):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                output = started.text()
+                started.stop()
+                raise RuntimeError(f"could not start {script!r}: {output!r}")
+            time.sleep(0.1)
+        started.pid = int(first[4:])
+        return started
 
     def kill(self, pid: int, sig: signal.Signals = signal.SIGTERM) -> None:
         """Signal a process by its PID inside the namespace."""
@@ -179,20 +210,30 @@ def offline_pip(wheels: str) -> dict[str, str]:
             "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
-def build_wheelhouse(project: Path, dest: Path) -> Path:
-    """Wheels of the project's declared dependencies and build requirements (not of the
-    project: the documents install it from its source), fetched outside the namespace."""
-    import tomllib
+_WHEELHOUSE: list[Path] = []
 
-    meta = tomllib.loads((project / "pyproject.toml").read_text())
-    wanted = [*meta["project"]["dependencies"], *meta["build-system"]["requires"], "wheel"]
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
-                           "--disable-pip-version-check", "--wheel-dir", str(dest), *wanted],
-                          capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"pip wheel failed: {done.stderr[-2000:]}")
-    dest.chmod(0o755)  # read by the ordinary user of the README's quick start
-    return dest
+
+def wheelhouse(project: Path) -> str:
+    """A directory of wheels of the project's declared dependencies and build requirements
+    (not of the project: the documents install it from its source), fetched once per test
+    run outside the namespace, readable by every user, removed at exit."""
+    if not _WHEELHOUSE:
+        import atexit
+        import tomllib
+
+        where = Path(tempfile.mkdtemp(prefix="qmqpd-wheels-"))
+        atexit.register(shutil.rmtree, where, True)
+        where.chmod(0o755)
+        meta = tomllib.loads((project / "pyproject.toml").read_text())
+        wanted = [*meta["project"]["dependencies"], *meta["build-system"]["requires"], "wheel"]
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
+                               "--disable-pip-version-check", "--wheel-dir", str(where),
+                               *wanted], capture_output=True, text=True, timeout=600,
+                              check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip wheel failed: {done.stderr[-2000:]}")
+        _WHEELHOUSE.append(where)
+    return str(_WHEELHOUSE[0])
 
 
 def need(program: str) -> str:

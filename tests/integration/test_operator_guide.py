@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,10 +42,10 @@ from tests.guide_runner import (
     OVERLAID,
     Block,
     Namespace,
-    build_wheelhouse,
     login_env,
     offline_pip,
     shell_blocks,
+    wheelhouse,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,14 +79,10 @@ def test_guide_has_no_unfenced_commands() -> None:
 
 
 @pytest.fixture(scope="module")
-def wheels() -> Iterator[str]:
+def wheels() -> str:
     if os.geteuid() != 0:
         pytest.skip("the guide runs as root, in namespaces only root may create")
-    where = Path(tempfile.mkdtemp(prefix="qmqpd-wheels-"))
-    try:
-        yield str(build_wheelhouse(ROOT, where / "wheels"))
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
+    return wheelhouse(ROOT)
 
 
 class Operator:
@@ -142,6 +137,7 @@ class Operator:
 
 def test_operator_guide_as_written(wheels: str) -> None:
     host_files = {path: Path(path).read_bytes() for path in HOST_FILES if Path(path).exists()}
+    checkout = checkout_state()
     started = time.monotonic()
     with Namespace(addresses=ADDRESSES, overlaid=(*OVERLAID, str(ROOT))) as ns:
         operator = Operator(ns, wheels)
@@ -159,6 +155,13 @@ def test_operator_guide_as_written(wheels: str) -> None:
     assert time.monotonic() - started < 240
     for path, text in host_files.items():
         assert Path(path).read_bytes() == text, f"{path} changed on the host"
+    assert checkout_state() == checkout, "the guide's `pip install .` wrote into the checkout"
+
+
+def checkout_state() -> str:
+    """Every changed, new and ignored path of the checkout (build/ would show here)."""
+    return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--ignored"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
 
 
 def check_users(op: Operator) -> None:
