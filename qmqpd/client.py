@@ -1,4 +1,4 @@
-"""QMQP client: ``qmqpc``, a qmail-queue drop-in with qmqpservers failover, and a load generator.
+"""QMQP client: ``qmqpc``, a qmail-queue drop-in with qmqpservers failover.
 
 One request per connection: a single outer netstring holding the message, the envelope
 sender and every recipient as inner netstrings. The answer is one netstring whose first
@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -405,28 +404,6 @@ _NO_ANSWER = {
     EXIT_CONNECT_REFUSED: "connection to every QMQP server failed",
     EXIT_SESSION: "no QMQP server answered",
 }
-
-
-# ---------------------------------------------------------------------------- load generator
-
-
-def blast(servers: list[Server], message: bytes, sender: bytes, recipients: list[bytes],
-          count: int, concurrency: int, timeout: float = 60) -> list[tuple[float, str]]:
-    """Send ``count`` copies with at most ``concurrency`` in flight.
-
-    Returns (latency in seconds, status) per message in submission order; status is
-    K, Z or D, or ``E<exit code>`` when there was no answer.
-    """
-    if count < 0 or concurrency < 1:
-        raise ValueError("count must be >= 0 and concurrency >= 1")
-
-    def one(_: int) -> tuple[float, str]:
-        started = time.monotonic()
-        result = send(message, sender, recipients, servers, timeout=timeout)
-        return time.monotonic() - started, result.status or f"E{result.exit_code}"
-
-    with ThreadPoolExecutor(max_workers=min(concurrency, max(count, 1))) as pool:
-        return list(pool.map(one, range(count)))
 
 
 # ---------------------------------------------------------------------------- qmail-queue mode

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import PortTaken, free_port, port_clash
 
 SIGNATURE = "Eicar-Test-Signature"
 STREAM_MAX_LENGTH = 2 << 20  # small on purpose: the size-limit tests cross it
@@ -42,7 +42,9 @@ class Clamd:
             raise RuntimeError("clamd is not installed: apt-get install clamav-daemon "
                                "(run .ci/run, it installs the test peers)")
         self.binary = binary
-        self._write_files(stream_max_length, temporary_directory or base)
+        self.stream_max_length = stream_max_length
+        self.temporary_directory = temporary_directory or base
+        self._write_files(stream_max_length, self.temporary_directory)
 
     def _write_files(self, stream_max_length: int, temporary_directory: Path) -> None:
         db = self.base / "db"
@@ -71,11 +73,27 @@ class Clamd:
         return f"127.0.0.1:{self.port}"
 
     def start(self, seconds: float = 30) -> Clamd:
+        """Start clamd and wait for PING; a TCP port another process took since free_port
+        chose it means a fresh port (the conf is rewritten), not a failure."""
+        for _attempt in range(10):
+            try:
+                return self._start(seconds)
+            except PortTaken:
+                self.port = free_port()
+                self._write_files(self.stream_max_length, self.temporary_directory)
+        raise AssertionError(f"clamd lost its port 10 times in a row: {self.log()[-2000:]}")
+
+    def _start(self, seconds: float) -> Clamd:
+        mark = len(self.log())
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         stop = time.monotonic() + seconds
         while time.monotonic() < stop:
+            said = self.log()[mark:]
+            if port_clash(said):  # clamd goes on without its TCP socket: not ours to use
+                self.stop()
+                raise PortTaken(said)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"clamd exited with {self.proc.returncode}: {self.log()}")
             if self.ping():

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support import command, free_port, stop_process, toml_text, wait_until
+from tests.support import command, free_port, port_clash, stop_process, toml_text, wait_until
 
 # Settings a developer's environment might hold: the test's config file must decide.
 _SETTING_ENV = ("LOCALIP", "PORT", "MAXPERIP", "MAXDAEMONS", "PREFORK", "RULES", "SOFT_MEM",
@@ -91,6 +91,8 @@ class ServeProcess:
         values: dict[str, object] = {"port": self.port, "queuedir": str(queue),
                                      "status_file": str(self.status_path)}
         values.update(settings)
+        self.values = values
+        self.settings_given = set(settings)
         self.config_path.write_text(toml_text(values))
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -119,8 +121,12 @@ class ServeProcess:
             if self.proc.poll() is None:
                 self.starts += 1
                 return self
-            if time.monotonic() > stop or "Address already in use" not in self.log()[mark:]:
+            if time.monotonic() > stop or not port_clash(self.log()[mark:]):
                 raise AssertionError(f"qmqpd serve did not start:\n{self.log()[mark:]}")
+            if self.starts == 0 and "port" not in self.settings_given:
+                # never served: another process took the port since free_port chose it
+                self.port = self.values["port"] = free_port()
+                self.config_path.write_text(toml_text(self.values))
             time.sleep(0.1)
 
     def _wait_listening(self, proc: subprocess.Popen[bytes], mark: int, seconds: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +45,28 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 _ports = random.SystemRandom()  # not the global `random`: hypothesis seeds that one
+# Test runs side by side on one machine hand each port out once per period: a port is
+# taken by creating PORTS_DIR/<port>.<period> (O_EXCL), so two runs never get the same port
+# between one's probe and its server's bind.
+PORTS_DIR = Path(tempfile.gettempdir()) / "qmqpd-test-ports"
+PORT_PERIOD = 300
+
+
+def _reserve(port: int) -> bool:
+    period = int(time.time() // PORT_PERIOD)
+    try:
+        PORTS_DIR.mkdir(mode=0o1777, exist_ok=True)
+        os.close(os.open(PORTS_DIR / f"{port}.{period}", os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    except OSError:  # no usable temp dir: the probe and the retries still hold
+        return True
+    if _ports.random() < 0.01:  # now and then, forget the periods that are over
+        for old in PORTS_DIR.iterdir():
+            if not old.name.endswith(f".{period}") and not old.name.endswith(f".{period - 1}"):
+                with contextlib.suppress(OSError):
+                    old.unlink()
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,8 +74,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     random below the kernel's ephemeral range: every outgoing connection on the machine (and
     a load test opens thousands) takes its local port from that range, so a port the kernel
     handed out as "free" there is soon taken by someone's client. Probed without
-    SO_REUSEADDR, so a port with connections in TIME_WAIT is not chosen. Still only free
-    *now*: start servers through start_on_free_port, which retries a clash."""
+    SO_REUSEADDR, so a port with connections in TIME_WAIT is not chosen, and reserved for
+    this run (_reserve). Still only free *now* for other programs: start servers through
+    start_on_free_port, which retries a clash."""
     low = _ephemeral_range()[0]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _attempt in range(1000):
@@ -65,6 +90,7 @@ def free_port(host: str = "127.0.0.1") -> int:
                 if error.errno in (errno.EADDRINUSE, errno.EACCES):
                     continue
                 raise
+        if _reserve(port):
             return port
     raise RuntimeError(f"no free port on {host} in 1000 tries")
 
@@ -189,6 +215,20 @@ def _log_since(log: Path, mark: int) -> str:
     with open(log, "rb") as handle:
         handle.seek(mark)
         return handle.read().decode(errors="replace")
+
+
+def wait_listening(proc: subprocess.Popen, said: Callable[[], str], seconds: float = 30,
+                   ready: str = "event=listen") -> None:
+    """Wait until a server we started says ready (qmqpd serve: its listen event); PortTaken
+    when it exited because its port was taken, AssertionError with its output for any
+    other exit. said() returns what this start of the server has written so far."""
+    wait_until(lambda: ready in said() or proc.poll() is not None, seconds,
+               what=f"{ready!r} from the server")
+    if proc.poll() is not None:
+        text = said()
+        if port_clash(text):
+            raise PortTaken(text)
+        raise AssertionError(f"the server exited {proc.returncode}:\n{text}")
 
 
 class TcpServerSession:

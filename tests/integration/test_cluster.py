@@ -36,7 +36,16 @@ import pytest
 
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
-from tests.support import free_port, read_reply, request, stop_process, wait_until
+from tests.support import (
+    PortTaken,
+    free_port,
+    port_clash,
+    read_reply,
+    request,
+    stop_process,
+    wait_listening,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CONFIG = ROOT / "packaging" / "haproxy" / "qmqpd.cfg"
@@ -74,6 +83,10 @@ class Node:
         create_queue(str(self.queue))
         (self.dir / "tcp.qmqp").write_text(RULES)
         compile_rules(str(self.dir / "tcp.qmqp"), str(self.dir / "tcp.qmqp.cdb"))
+        self.write_config()
+        self.started = False
+
+    def write_config(self) -> None:
         settings = {"localip": self.address, "port": self.port, "queuedir": str(self.queue),
                     "rules": str(self.dir / "tcp.qmqp.cdb"), "use_fsync": "0",
                     "use_syncdir": "0", "prefork": "3", "maxdaemons": "20",
@@ -93,17 +106,27 @@ class Node:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self) -> Node:
+        """Start (or restart after kill) and wait for the listen event. On the first start a
+        port another process took since free_port chose it means a fresh port."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qmqpd", "serve", "--config",
-                 str(self.dir / "qmqpd.toml")], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=log, env=env, cwd=self.dir)
-        proc = self.proc
-        wait_until(lambda: proc.poll() is not None or _listening(self.address, self.port),
-                   what=f"node {self.address} to listen")
-        assert self.proc.poll() is None, self.log()
-        return self
+        for _attempt in range(10):
+            mark = len(self.log())
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "qmqpd", "serve", "--config",
+                     str(self.dir / "qmqpd.toml")], stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, env=env, cwd=self.dir)
+            try:
+                wait_listening(self.proc, lambda mark=mark: self.log()[mark:])
+            except PortTaken:
+                if self.started:
+                    raise
+                self.port = free_port(self.address)
+                self.write_config()
+                continue
+            self.started = True
+            return self
+        raise AssertionError(f"node {self.address}: its port was taken 10 times in a row")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -123,14 +146,6 @@ class Node:
                 if match:
                     found.add(match.group(1).decode())
         return found
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -164,14 +179,22 @@ class Balancer:
                **{f"QMQPD_NODE{n}": f"{node.address}:{node.port}"
                   for n, node in enumerate(self.nodes, 1)}}
         self.log_path = self.tmp / f"haproxy-{self.address}.log"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=env, cwd=self.tmp)
-        wait_until(lambda: self.proc.poll() is not None or self.up() == len(self.nodes),
-                   seconds=30, what=f"HAProxy {self.address} to see every node up")
-        assert self.proc.poll() is None, self.log_path.read_text()
-        return self
+        for _attempt in range(10):
+            with open(self.log_path, "ab") as log:
+                mark = log.tell()
+                self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)],
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                             env=env, cwd=self.tmp)
+            wait_until(lambda: self.proc.poll() is not None or self.up() == len(self.nodes),
+                       seconds=30, what=f"HAProxy {self.address} to see every node up")
+            if self.proc.poll() is None:
+                return self
+            said = self.log_path.read_bytes()[mark:].decode(errors="replace")
+            assert port_clash(said), said
+            # another process took the port since free_port chose it: a fresh one
+            self.port = free_port(self.address)
+            env["QMQP_BIND"] = f"{self.address}:{self.port}"
+        raise AssertionError(f"HAProxy {self.address}: its port was taken 10 times in a row")
 
     def server_states(self) -> dict[str, str]:
         """node name -> UP/DOWN/... from HAProxy's stats socket."""

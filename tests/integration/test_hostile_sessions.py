@@ -27,7 +27,15 @@ import pytest
 from qmqpd.config import SETTINGS
 from qmqpd.netstring import encode
 from qmqpd.queue import create_queue, list_messages
-from tests.support import command, free_port, read_reply, request, toml_text, wait_until
+from tests.support import (
+    command,
+    read_reply,
+    request,
+    start_on_free_port,
+    toml_text,
+    wait_listening,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"Subject: test\n\nhello\n"
@@ -54,24 +62,27 @@ class Serve:
     """`qmqpd serve --config FILE` with its own queue, log and port; stopped by PID."""
 
     def __init__(self, tmp: Path, **settings: object) -> None:
-        self.port = free_port()
         self.queue = tmp / "queue"
         create_queue(str(self.queue))
         self.log_path = tmp / "serve.log"
         config = tmp / "qmqpd.toml"
-        values: dict[str, object] = {
-            "port": self.port, "queuedir": str(self.queue), "use_fsync": False,
-            "use_syncdir": False, "status_file": str(tmp / "status.json"), **settings}
-        config.write_text(toml_text(values))
         env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
         env["PYTHONPATH"] = str(ROOT)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "qmqpd", "serve", "--config", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=tmp)
-        wait_until(lambda: "event=listen" in self.log() or self.proc.poll() is not None,
-                   what="the listen event")
-        assert self.proc.poll() is None, self.log()
+
+        def start(port: int) -> subprocess.Popen[bytes]:
+            self.port = port
+            config.write_text(toml_text({
+                "port": port, "queuedir": str(self.queue), "use_fsync": False,
+                "use_syncdir": False, "status_file": str(tmp / "status.json"), **settings}))
+            mark = len(self.log())
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "qmqpd", "serve", "--config", str(config)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=tmp)
+            wait_listening(proc, lambda: self.log()[mark:])
+            return proc
+
+        self.proc = start_on_free_port(start)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

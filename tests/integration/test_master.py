@@ -22,7 +22,15 @@ import pytest
 
 from qmqpd.master import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
-from tests.support import free_port, process_title, read_reply, request, toml_text, wait_until
+from tests.support import (
+    free_port,
+    port_clash,
+    process_title,
+    read_reply,
+    request,
+    toml_text,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOO_MANY = b"43:Ztoo many connections from your IP (#4.3.2),"
@@ -75,17 +83,17 @@ class Server:
     def start(self, argv: list[str] | None = None) -> Server:
         """Start and wait for the listen event. A port taken by another process since
         free_port chose it (the machine is shared) means a fresh port, not a failure."""
-        for _attempt in range(3):
+        for _attempt in range(10):
             mark = len(self.log())
             try:
                 return self._start(argv)
             except AssertionError:
-                if "Address already in use" not in self.log()[mark:]:
+                if not port_clash(self.log()[mark:]):
                     raise
                 self.port = free_port(self.probe_host)
                 self.settings["port"] = self.port
                 self.write_config(self.settings)
-        raise AssertionError("no free port in three attempts")
+        raise AssertionError(f"the port was taken 10 times in a row:\n{self.log()[-2000:]}")
 
     def _start(self, argv: list[str] | None) -> Server:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process keeps it

@@ -22,7 +22,13 @@ import pytest
 from qmqpd import metrics
 from qmqpd.rules import compile_rules
 from tests.integration.test_master import Server, begin, deliver, is_ok, wait_until
-from tests.support import free_port, stop_process
+from tests.support import (
+    PortTaken,
+    port_clash,
+    start_on_free_port,
+    stop_process,
+    wait_listening,
+)
 from tests.unit.test_metrics import promtool_check, samples
 
 RULES = """\
@@ -38,10 +44,19 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, int]]:
     """A server with METRICS on; (server, metrics port)."""
     (tmp_path / "tcp.qmqp").write_text(RULES)
     compile_rules(str(tmp_path / "tcp.qmqp"), str(tmp_path / "tcp.qmqp.cdb"))
-    metrics_port = free_port()
-    started = Server(tmp_path, rules=str(tmp_path / "tcp.qmqp.cdb"), prefork=2,
-                     metrics=f"127.0.0.1:{metrics_port}")
-    yield started.start(), metrics_port
+
+    def start(metrics_port: int) -> Server:
+        server = Server(tmp_path, rules=str(tmp_path / "tcp.qmqp.cdb"), prefork=2,
+                        metrics=f"127.0.0.1:{metrics_port}")
+        try:
+            return server.start()
+        except AssertionError:  # Server.start retries its PORT; METRICS's is ours to retry
+            if port_clash(server.log()):
+                raise PortTaken(server.log()) from None
+            raise
+
+    started = start_on_free_port(start)
+    yield started, int(started.settings["metrics"].rsplit(":", 1)[1])  # type: ignore[union-attr]
     started.stop()
 
 
@@ -128,16 +143,28 @@ def test_a_real_prometheus_scrapes_the_master(served: tuple[Server, int], tmp_pa
     server, port = served
     for _ in range(4):
         assert is_ok(deliver(server.port, "127.0.0.2"))
-    web = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: qmqpd\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{port}']\n")
     log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp_path)
+
+    def start(web: int) -> tuple[subprocess.Popen[bytes], int]:
+        mark = log.tell()
+        proc = subprocess.Popen(
+            [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{web}"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp_path)
+        wait_listening(proc, lambda: (tmp_path / "prometheus.log").read_text()[mark:],
+                       seconds=90, ready="Listening on")
+        return proc, web
+
+    try:
+        proc, web = start_on_free_port(start)
+    except BaseException:
+        log.close()
+        raise
     query = urllib.parse.quote('qmqpd_answers_total{answer="K"}')
 
     def accepted() -> float | None:

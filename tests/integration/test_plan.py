@@ -26,7 +26,18 @@ import pytest
 from qmqpd.filters import keys
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
-from tests.support import command, exchange, free_port, request, stop_process, toml_text, wait_until
+from tests.support import (
+    PortTaken,
+    command,
+    exchange,
+    free_port,
+    port_clash,
+    request,
+    start_on_free_port,
+    stop_process,
+    toml_text,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"From: a@example.org\nTo: b@example.net\nSubject: plan\n\nhello\n"
@@ -92,9 +103,12 @@ def queuedir_missing(w: World) -> tuple[dict[str, object], str]:
 
 
 def queue_not_writable_by_user(w: World) -> tuple[dict[str, object], str]:
+    # create_queue gives the queue to the qmail users where they exist, else to root
+    owner = os.stat(w.open_queue)
     return {"queuedir": str(w.open_queue), "user": "nobody"}, (
         "USER (user) from config file {config}: user nobody (uid 65534) cannot write queue "
-        f"{w.open_queue}: {w.open_queue} is owned by uid 0 gid 0 mode 750")
+        f"{w.open_queue}: {w.open_queue} is owned by uid {owner.st_uid} gid {owner.st_gid} "
+        f"mode {owner.st_mode & 0o7777:o}")
 
 
 def no_queue(w: World) -> tuple[dict[str, object], str]:
@@ -285,19 +299,30 @@ class Running:
 
     def __init__(self, world: World, tmp: Path, **settings: object) -> None:
         self.config = tmp / "running.toml"
-        self.good = {**world.base(), **settings}
-        self.port = int(self.good["port"])  # type: ignore[call-overload]
-        self.config.write_text(toml_text(self.good))
         self.log_path = tmp / "running.log"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*command("qmqpd"), "serve", "--config", str(self.config)], env=clean_env(),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp)
-        wait_until(lambda: "event=listen" in self.log() or self.proc.poll() is not None,
-                   what="the listen event")
-        assert self.proc.poll() is None, self.log()
+
+        def start(port: int) -> subprocess.Popen[bytes]:
+            self.good = {**world.base(), **settings, "port": port}
+            self.port = port
+            self.config.write_text(toml_text(self.good))
+            mark = len(self.log())
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [*command("qmqpd"), "serve", "--config", str(self.config)],
+                    env=clean_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp)
+            wait_until(lambda: "event=listen" in self.log()[mark:] or proc.poll() is not None,
+                       what="the listen event")
+            if proc.poll() is not None:
+                if port_clash(self.log()[mark:]):
+                    raise PortTaken(self.log()[mark:])
+                raise AssertionError(self.log())
+            return proc
+
+        self.proc = start_on_free_port(start)
 
     def log(self) -> str:
+        if not self.log_path.exists():
+            return ""
         return unescaped(self.log_path.read_text(errors="replace"))
 
     def hup_with(self, settings: dict[str, object]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.client import Result, Server, blast, send
+from qmqpd.client import Result, Server, send
 from tests.support import (
     PortTaken,
     command,
@@ -316,18 +316,6 @@ def test_large_message_streams_from_a_file(peers: list[QmqpPeer], tmp_path: Path
         result = send(file, b"s", [b"r"], [server.server], timeout=5)
     assert result.exit_code == 0
     assert decode_request(server.requests[0]) == (body, b"s", [b"r"])
-
-
-def test_blast_against_qmqp_sink(qmqp_sink: Server) -> None:
-    results = blast([qmqp_sink], MESSAGE, b"a@example.org", [b"b@example.org"],
-                    count=20, concurrency=4)
-    assert [status for _, status in results] == ["K"] * 20
-    assert all(latency >= 0 for latency, _ in results)
-
-
-def test_blast_reports_failures(refused: Server) -> None:
-    results = blast([refused], MESSAGE, b"a", [b"b"], count=3, concurrency=2)
-    assert [status for _, status in results] == ["E73"] * 3
 
 
 # ---------------------------------------------------------------------------- console script

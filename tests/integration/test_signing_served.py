@@ -27,11 +27,11 @@ from qmqpd.queue import list_messages
 from tests.dnsstub import DnsStub, opendkim_in_namespace
 from tests.support import (
     exchange,
-    free_port,
     need,
     request,
+    start_on_free_port,
     stop_process,
-    wait_for_port,
+    wait_listening,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -343,19 +343,25 @@ def test_rule_env_signs_for_one_client_only(tmp_path: Path, queue: Path, control
     with open(rules_text, "rb") as text:
         subprocess.run([need("tcprules"), str(rules_cdb), str(tmp_path / "rules.tmp")],
                        stdin=text, check=True, timeout=30)
-    port = free_port()
     config = tmp_path / "qmqpd.toml"
-    config.write_text(f'port = {port}\nqueuedir = "{queue}"\ncontroldir = "{control}"\n'
-                      f'rules = "{rules_cdb}"\nuse_fsync = false\nuse_syncdir = false\n'
-                      "prefork = 2\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DK", "DKIM"))}
     env["PYTHONPATH"] = str(ROOT)
-    with open(tmp_path / "serve.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config",
-                                 str(config)], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, env=env, cwd=tmp_path)
+    log_path = tmp_path / "serve.log"
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], int]:
+        config.write_text(f'port = {port}\nqueuedir = "{queue}"\ncontroldir = "{control}"\n'
+                          f'rules = "{rules_cdb}"\nuse_fsync = false\nuse_syncdir = false\n'
+                          "prefork = 2\n")
+        with open(log_path, "ab") as log:
+            mark = log.tell()
+            proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config",
+                                     str(config)], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, env=env, cwd=tmp_path)
+        wait_listening(proc, lambda: log_path.read_bytes()[mark:].decode(errors="replace"))
+        return proc, port
+
+    proc, port = start_on_free_port(start)
     try:
-        wait_for_port(port)
         assert send(port, source="127.0.0.2").startswith(b"K")
         assert send(port, source="127.0.0.1").startswith(b"K")
     finally:

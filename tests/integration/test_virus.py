@@ -28,10 +28,11 @@ from tests.clamd import SIGNATURE, Clamd, eicar
 from tests.support import (
     TcpServerSession,
     exchange,
-    free_port,
     need,
     request,
+    start_on_free_port,
     stop_process,
+    wait_listening,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,25 +106,26 @@ class Serve:
     """`qmqpd serve --config FILE` with settings as TOML strings (every setting parses text)."""
 
     def __init__(self, tmp: Path, queue: Path, settings: dict[str, str]) -> None:
-        self.port = free_port()
-        self.log_path = tmp / f"serve-{self.port}.log"
-        config = tmp / f"qmqpd-{self.port}.toml"
-        base = {"PORT": str(self.port), "QUEUEDIR": str(queue), "USE_FSYNC": "0",
-                "USE_SYNCDIR": "0", "PREFORK": "2", "STATUS_FILE": str(tmp / "status.json"),
-                **settings}
-        config.write_text("".join(f'{k.lower()} = "{v}"\n' for k, v in base.items()))
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("QHPSI", "CLAMD", "REJECTVIRUS", "VIRUSFORWARD"))}
         env["PYTHONPATH"] = str(ROOT)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config",
-                                          str(config)], stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, env=env, cwd=tmp)
-        stop = time.monotonic() + 20
-        while "event=listen" not in self.log():
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < stop, f"qmqpd serve did not listen: {self.log()}"
-            time.sleep(0.02)
+
+        def start(port: int) -> subprocess.Popen[bytes]:
+            self.port = port
+            self.log_path = tmp / f"serve-{port}.log"
+            config = tmp / f"qmqpd-{port}.toml"
+            base = {"PORT": str(port), "QUEUEDIR": str(queue), "USE_FSYNC": "0",
+                    "USE_SYNCDIR": "0", "PREFORK": "2", "STATUS_FILE": str(tmp / "status.json"),
+                    **settings}
+            config.write_text("".join(f'{k.lower()} = "{v}"\n' for k, v in base.items()))
+            with open(self.log_path, "ab") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config",
+                                         str(config)], stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=log, env=env, cwd=tmp)
+            wait_listening(proc, self.log, seconds=20)
+            return proc
+
+        self.proc = start_on_free_port(start)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

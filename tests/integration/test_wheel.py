@@ -31,14 +31,12 @@ from qmqpd.queue import create_queue, list_messages
 from tests.clamd import Clamd, eicar
 from tests.dnsstub import DnsStub
 from tests.support import (
-    PortTaken,
     exchange,
     need,
-    port_clash,
     request,
     start_on_free_port,
     stop_process,
-    wait_until,
+    wait_listening,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,15 +253,8 @@ def start_serve(venv: Path, tmp_path: Path, env: dict[str, str]) -> tuple[
                 env=clean_env(PORT=str(port), LOCALIP="127.0.0.1", PREFORK="1",
                               STATUS_FILE=str(tmp_path / "status.json"), **env))
 
-        def said() -> str:
-            return log_path.read_bytes()[mark:].decode(errors="replace")
-
-        wait_until(lambda: "event=listen" in said() or server.poll() is not None,
-                   seconds=60, what="qmqpd serve to listen")
-        if server.poll() is not None:
-            if port_clash(said()):
-                raise PortTaken(said())
-            raise AssertionError(f"qmqpd serve exited {server.returncode}:\n{said()}")
+        wait_listening(server, lambda: log_path.read_bytes()[mark:].decode(errors="replace"),
+                       seconds=60)
         return server, port
 
     return start_on_free_port(start)
@@ -351,3 +342,35 @@ def test_installed_wheel_writes_services(venv: Path, tmp_path: Path) -> None:
     run([str(qmqpd), "service", "create", "--qmqp=6280", f"--queuedir={queue}",
          f"--systemd={unit}"], cwd=tmp_path, env=clean_env())
     assert f"ExecStart={qmqpd} serve" in unit.read_text()
+
+
+def test_run_local_serves_from_a_fresh_copy(tmp_path: Path) -> None:
+    """The README's first command on a copy of the tree with no venv: it makes one,
+    installs the project with its declared dependencies and serves on the embedded
+    defaults (PORT from the environment, so parallel runs do not collide)."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
+    log_path = tmp_path / "run-local.log"
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], int]:
+        mark = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            server = subprocess.Popen(
+                ["bash", "packaging/run-local.sh"], cwd=source, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, env=clean_env(PORT=str(port)))
+        try:
+            wait_listening(server, lambda: log_path.read_bytes()[mark:].decode(
+                errors="replace"), seconds=300)
+        except BaseException:
+            stop_process(server)
+            raise
+        return server, port
+
+    server, port = start_on_free_port(start)
+    try:
+        sent = exchange(port, request(MESSAGE, b"joe@example.org", [b"rcpt@example.net"]))
+    finally:
+        stop_process(server)
+    assert answer_of(sent).startswith(b"K"), (sent, log_path.read_text())
+    assert len(queued(source / "var" / "queue")) == 1
+    assert server.returncode == 0, log_path.read_text()
