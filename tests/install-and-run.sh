@@ -15,6 +15,7 @@ DEBIAN_PACKAGES=(
   haproxy              # a real load balancer sending the PROXY protocol (cluster tests)
   prometheus           # promtool and a real Prometheus scraping /metrics
   mandoc               # mandoc -Tlint checks the man pages
+  socat                # the operator guide's HAProxy `show stat` over the stats socket
 )
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
