@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -253,7 +254,7 @@ def check_balancer(op: Operator) -> None:
         assert time.monotonic() < deadline, stat
         time.sleep(0.5)
         stat = op.sh("echo 'show stat' | socat stdio /run/haproxy/admin.sock | cut -d, -f1,2,18")
-    op.sh(f"printf 'From: me@example.org\\nSubject: via\\n\\nx\\n' | {ROOT}/.venv/bin/python -c '"
+    op.sh(f"printf 'From: me@example.org\\nSubject: via\\n\\nx\\n' | {sys.executable} -c '"
           "import sys; from tests.support import exchange, request; "
           "answer = exchange(628, request(sys.stdin.buffer.read(), b\"me@example.org\", "
           "[b\"you@example.net\"]), host=\"10.1.0.20\", source=\"10.1.2.7\"); "
