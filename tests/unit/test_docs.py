@@ -87,3 +87,19 @@ def test_one_control_layout_everywhere() -> None:
                 f"{name}: {match.group(0)} is not in the one control layout")
         bare = re.findall(r"(?<![\w./-])/service\b", text)
         assert not bare, f"{name}: /service (Debian's svscan looks in /etc/service)"
+
+
+def test_every_command_block_that_is_not_run_says_why() -> None:
+    """A `sh norun` block is one the document tests do not run: the paragraph before it
+    says so and why, so a reader knows which commands were not tried."""
+    from tests.guide_runner import fenced_blocks
+
+    for doc in ("README.md", "docs/operator-guide.md"):
+        text = (ROOT / doc).read_text()
+        lines = text.splitlines()
+        for block in fenced_blocks(text):
+            assert block.language in ("sh", "text", "yaml", "haproxy"), (doc, block.line)
+            if "norun" in block.flags:
+                before = " ".join(lines[max(0, block.line - 5):block.line - 1]).lower()
+                assert "not run" in before or "does not run" in before, (
+                    f"{doc}:{block.line}: say before the block why it is not run")
