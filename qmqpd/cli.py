@@ -16,6 +16,7 @@ from qmqpd import config as config_mod
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
 
     from qmqpd.injector import Writer
     from qmqpd.plan import PlanBook
@@ -111,20 +112,81 @@ def plan_all(cfg: config_mod.Config) -> tuple[PlanBook | None, list[config_mod.C
             envs = rules.rule_envs(cfg.rules)
         except rules.RulesError as error:
             problems.append(config_mod.problem("RULES", cfg.source("RULES"), str(error)))
+    problems += _process_problems(cfg)
     if writer is None:
         return None, problems
     book, found = plan.check_all(cfg, envs, writer, cfg.rules, stamp)
     return book, problems + found
 
 
+def _process_problems(cfg: config_mod.Config) -> list[config_mod.ConfigError]:
+    """What the master and its workers need of this process, tested where they run: a
+    SOFT_MEM a worker can live in (measured), a status directory the master can write."""
+    from qmqpd import procctl
+
+    found = []
+    if cfg.soft_mem:
+        floor = procctl.memory_floor()
+        if cfg.soft_mem < floor:
+            found.append(config_mod.problem(
+                "SOFT_MEM", cfg.source("SOFT_MEM"),
+                f"{cfg.soft_mem} bytes is below what a worker needs ({floor} bytes measured: "
+                f"its modules, {procctl.WORKER_THREADS} threads and a session's buffers); "
+                f"set it to {floor} or more, or 0 for no cap"))
+    if cfg.status_file:
+        directory = os.path.dirname(os.path.abspath(cfg.status_file))
+        if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+            found.append(config_mod.problem(
+                "STATUS_FILE", cfg.source("STATUS_FILE"),
+                f"user {os.geteuid()} cannot write {directory}: give it to the service's "
+                f"user or name another STATUS_FILE"))
+    return found
+
+
 def planner(cfg: config_mod.Config) -> PlanBook:
-    """The plans of cfg, or PlanError listing every problem (the master's planner)."""
+    """The plans of cfg, or PlanError listing every problem (the master's planner, at
+    start, on HUP and when the rules cdb changes); warnings are logged."""
+    from qmqpd import log
     from qmqpd.plan import PlanError
 
     book, problems = plan_all(cfg)
     if problems or book is None:
         raise PlanError(problems)
+    for warning in book.warnings:
+        log.warning(warning)
     return book
+
+
+def _preloaded() -> None:
+    """Every module the check needs and a worker has, loaded as `serve` loads them before
+    it drops privileges (the interpreter's own files may be out of the user's reach) and
+    forks (what the SOFT_MEM floor is measured with)."""
+    import glob  # noqa: F401  (keys under a `%` path)
+    import json  # noqa: F401  (the child's report)
+
+    from qmqpd import injector, master, plan, rules, worker  # noqa: F401
+    from qmqpd.filters import keys, pipeline  # noqa: F401
+
+    pipeline.preload()
+
+
+def _checked_as_user(cfg: config_mod.Config) -> tuple[int | None, list[config_mod.ConfigError],
+                                                       list[str]]:
+    book, problems = plan_all(cfg)
+    return (None if book is None else len(book)), problems, list(book.warnings if book else [])
+
+
+def validate(cfg: config_mod.Config) -> tuple[int | None, list[config_mod.ConfigError],
+                                              list[str]]:
+    """`qmqpd check`: what `serve` checks before it binds, then the plans as the service's
+    user (a forked child that drops to USER/GROUP as the master does)."""
+    from qmqpd import preflight
+
+    problems = preflight.server_problems(cfg)
+    _preloaded()
+    plans, found, warnings = preflight.as_service_user(cfg, _checked_as_user)
+    seen = {str(p) for p in problems}
+    return plans, problems + [p for p in found if str(p) not in seen], warnings
 
 
 def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
@@ -134,15 +196,22 @@ def _creates_embedded_queue(cfg: config_mod.Config) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qmqpd import master, queue, worker
-    from qmqpd.filters import pipeline
+    from qmqpd import log, master, queue, worker
 
-    cfg = _load(args, embedded=True)
+    try:
+        cfg = _load(args, embedded=True)
+    except config_mod.ConfigError as error:
+        log.error("cannot start", error=str(error))
+        return 111
     note = _ignored_note()
     if note:
-        from qmqpd import log
-
         log.warning(note)
+    from qmqpd import preflight
+
+    refused = preflight.server_problems(cfg)
+    if refused:
+        log.error("cannot start", error="; ".join(str(p) for p in refused))
+        return 111
     if _creates_embedded_queue(cfg):
         queue.create_queue(cfg.queuedir, split=cfg.split, todo_layout=cfg.todo_layout)
 
@@ -150,26 +219,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the config file and the envdir as they are now: HUP applies variables/ edits
         return _load(args, embedded=True)
 
-    pipeline.preload()  # workers share the stage modules instead of each importing them
+    # Everything the plans and workers use, loaded before the privilege drop (the
+    # interpreter's files may be out of the user's reach) and shared by the workers.
+    _preloaded()
     return master.run(cfg, worker.worker_main, reload, planner)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """`qmqpd check`: the validation of start and HUP, each problem on its own line."""
-    cfg = _load(args, embedded=True)
+    try:
+        cfg = _load(args, embedded=True)
+    except config_mod.ConfigError as error:
+        print(f"qmqpd check: {error}", file=sys.stderr)
+        return _fail("1 problem(s); `qmqpd serve` would refuse to start")
     note = _ignored_note()
     if note:
         print(f"qmqpd check: note: {note}", file=sys.stderr)
-    book, problems = plan_all(cfg)
+    plans, problems, warnings = validate(cfg)
     if _creates_embedded_queue(cfg):  # as serve would: not a problem, said as a note
         problems = [p for p in problems if p.setting != "QUEUEDIR"]
         print(f"note: `qmqpd serve` creates the queue {cfg.queuedir} (embedded defaults)")
+    for warning in warnings:
+        print(f"qmqpd check: warning: {warning}", file=sys.stderr)
     for found in problems:
         print(f"qmqpd check: {found}", file=sys.stderr)
-    if problems or book is None:
-        return _fail(f"{len(problems)} problem(s); `qmqpd serve` would refuse to start", 1)
+    if problems or plans is None:
+        return _fail(f"{len(problems)} problem(s); `qmqpd serve` would refuse to start")
     rules = f", {cfg.rules}" if cfg.rules else ""
-    print(f"ok: {len(book)} session plan(s) from {args.config or 'built-in defaults'}{rules}")
+    where = " + ".join(filter(None, (args.config, args.envdir))) or "built-in defaults"
+    print(f"ok: {plans} session plan(s) from {where}{rules}")
     return 0
 
 
@@ -255,7 +333,25 @@ def _stat_line(path: str, stats: QueueStats) -> str:
 def cmd_service(args: argparse.Namespace) -> int:
     from qmqpd import service
 
-    return service.main(args.options)
+    return service.main(args.options, checker=_check_service)
+
+
+def _check_service(directory: Path, _values: object) -> tuple[list[config_mod.ConfigError],
+                                                               list[str]]:
+    """A service just written, checked as `serve --envdir ./variables` will read it: from
+    its directory, with supervise's clean environment (nothing from this shell)."""
+    args = SimpleNamespace(config=None, envdir=str(directory / "variables"))
+    here = os.getcwd()
+    os.chdir(directory)
+    try:
+        envdir = config_mod.read_envdir(args.envdir)
+        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir), envdir=envdir)  # type: ignore[arg-type]
+        _plans, problems, warnings = validate(cfg)
+    except config_mod.ConfigError as error:
+        return [error], []
+    finally:
+        os.chdir(here)
+    return problems, warnings
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -107,10 +107,14 @@ def _list_items(raw: Any) -> list[str]:
 
 
 def _address_list(raw: Any) -> tuple[str, ...]:
-    """LOCALIP: one or more addresses, comma or space separated; `0` = all IPv4."""
+    """LOCALIP: one or more IP addresses, comma or space separated; `0` = all IPv4."""
+    import ipaddress  # only when set: a session's start-up does not load it
+
     out = ["0.0.0.0" if item == "0" else item for item in _list_items(raw) if item]
     if not out:
         raise ValueError
+    for item in out:
+        ipaddress.ip_address(item)  # ValueError for 999.1.1.1 or a host name
     return tuple(out)
 
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
-from qmqpd.config import SETTINGS, Config, ConfigError
+from qmqpd.config import SETTINGS, Config, ConfigError, problem
 from qmqpd.filters import pipeline
 from qmqpd.injector import Route, Writer, check_config
 
@@ -84,6 +84,7 @@ class PlanBook:
         self._failed: dict[EnvKey, PlanError] = {}
         self.rules = rules
         self._seen = stamp
+        self.warnings: list[str] = []  # what may fail later; serve logs, check prints
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -127,9 +128,13 @@ class PlanBook:
 def check_all(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]], writer: Writer,
               rules: str = "", stamp: Stamp = None) -> tuple[PlanBook, list[ConfigError]]:
     """Plan the base settings and every rule env; the book and every problem found
-    (each once, in the order found)."""
+    (each once, in the order found). Beyond what a plan needs, each distinct setting is
+    checked against what it would meet: MIN_FREE against the queue's filesystem, every
+    key under a `%` path, clamd (a warning: the operator may start it later), kept in
+    the book's `warnings`."""
     plans: dict[EnvKey, SessionPlan] = {}
     problems: dict[str, ConfigError] = {}
+    warnings: dict[str, None] = {}
     todo: list[tuple[str, RuleEnv]] = [("", {})]
     todo += list(rule_envs)
     for rule_key, env in todo:
@@ -142,11 +147,17 @@ def check_all(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]], writer: 
             problems.setdefault(str(error), error)
             continue
         plan, found = make_plan(merged, writer)
+        found += _min_free_problems(merged)
+        if plan is not None:
+            found += _keys_under_domains(merged, plan.stages)
+            warnings.update(dict.fromkeys(_clamd_warnings(merged)))
         for error in found:
             problems.setdefault(str(error), error)
-        if plan is not None:
+        if plan is not None and not found:
             plans[key] = plan
-    return PlanBook(config, writer, plans, rules, stamp), list(problems.values())
+    book = PlanBook(config, writer, plans, rules, stamp)
+    book.warnings = list(warnings)
+    return book, list(problems.values())
 
 
 def build_book(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]] = (),
@@ -156,3 +167,94 @@ def build_book(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]] = (),
     if problems:
         raise PlanError(problems)
     return book
+
+
+def _min_free_problems(config: Config) -> list[ConfigError]:
+    """MIN_FREE above a queue filesystem's whole size: every message would get Z."""
+    if not config.min_free or config.qmailqueue.strip():
+        return []
+    from qmqpd.injector import queue_paths
+
+    found = []
+    for path in queue_paths(config):
+        try:
+            info = os.statvfs(path)
+        except OSError:
+            continue  # a missing queue is reported by the queue check
+        total = info.f_blocks * info.f_frsize
+        if config.min_free > total:
+            found.append(problem("MIN_FREE", config.source("MIN_FREE"),
+                                 f"{config.min_free} bytes, but the filesystem of {path} "
+                                 f"holds {total} bytes in all: every message would get Z"))
+    return found
+
+
+def _keys_under_domains(config: Config, stages: Iterable[Stage]) -> list[ConfigError]:
+    """Each key that exists under a `%` path must be usable by this process (the service's
+    user): otherwise that domain's mail would get Z for as long as it lasts."""
+    import glob
+
+    found = []
+    for stage in stages:
+        # the pipeline's own list of (setting, key pattern) per signing stage
+        for setting, pattern, _rsa in pipeline._key_patterns(stage, config):
+            if "%" not in pattern:
+                continue  # checked by the pipeline itself
+            from qmqpd.filters import keys
+
+            where = glob.escape(keys.under(config.controldir, pattern)).replace("%", "*")
+            for path in sorted(glob.glob(where)):
+                if os.path.isdir(path):
+                    continue
+                try:
+                    keys.load_private_key(path)
+                except keys.KeyProblem as error:
+                    found.append(problem(setting, config.source(setting),
+                                         f"key file {error}: mail of that domain would get "
+                                         f"Z until it is fixed"))
+    return found
+
+
+def _clamd_warnings(config: Config) -> list[str]:
+    """QHPSI on and clamd not answering PING: every message gets Z until it answers."""
+    if not config.qhpsi:
+        return []
+    target = config.clamd_tcp or config.clamd_socket
+    reason = clamd_ping(config.clamd_tcp, config.clamd_socket, min(config.clamd_timeout, 3.0))
+    if reason is None:
+        return []
+    return [f"QHPSI (qhpsi) from {config.source('QHPSI')}: clamd at {target} does not answer "
+            f"({reason}); every message gets Z until it does"
+            + ("" if not config.qhpsi_pass_on_error else
+               " (QHPSI_PASS_ON_ERROR: queued unscanned instead)")]
+
+
+def clamd_ping(tcp: str, unix: str, timeout: float) -> str | None:
+    """None when clamd answers PING with PONG, else why not."""
+    import socket
+
+    try:
+        if tcp:
+            host, _colon, port = tcp.rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(unix)
+            except OSError:
+                sock.close()
+                raise
+        with sock:
+            sock.sendall(b"zPING\0")
+            answer = b""
+            while b"\0" not in answer and len(answer) < 64:
+                block = sock.recv(64)
+                if not block:
+                    break
+                answer += block
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    if not answer.startswith(b"PONG"):
+        return f"answered {answer[:32]!r} to PING"
+    return None

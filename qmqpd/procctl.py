@@ -1,4 +1,8 @@
-"""Process control: privilege drop, resource limits, titles, dying with the parent."""
+"""Process control: privilege drop, resource limits, titles, dying with the parent.
+
+Called by the master, the workers and `qmqpd check` (which drops to the service's user in
+a child to test file access as that user); it never opens files or sockets of its own.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ def drop_privileges(user: str = "", group: str = "") -> None:
     if not user and not group:
         return
     uid, primary, gids, _name = identity(user, group)
+    if _already(uid, primary, gids):
+        return  # started as that user (e.g. by systemd's User=): nothing to drop
     try:
         os.setgroups(gids)
         if primary >= 0:
@@ -76,6 +82,15 @@ def drop_privileges(user: str = "", group: str = "") -> None:
                         f"{error.strerror}") from None
     if uid > 0 and _can_regain_root():
         raise ProcError("privilege drop did not stick: root can be regained")
+
+
+def _already(uid: int, primary: int, gids: list[int]) -> bool:
+    """True when this process already has exactly that identity and is not root."""
+    if os.geteuid() == 0 or uid not in (-1, os.geteuid()):
+        return False
+    if primary >= 0 and primary != os.getegid():
+        return False
+    return not gids or set(gids) <= {os.getegid(), *os.getgroups()}
 
 
 def _can_regain_root() -> bool:
@@ -99,6 +114,73 @@ def set_memory_limit(max_bytes: int) -> None:
         return
     for limit in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
         _lower_soft(limit, max_bytes)
+
+
+# Above the measured need: a session's smallest buffers (a message body is spooled to disk
+# above 1 MiB). Bigger messages need more: a cap near the floor answers them Z.
+SESSION_HEADROOM = 4 << 20
+# Threads a worker starts: the queue writer's two sync threads.
+WORKER_THREADS = 2
+M_ARENA_MAX = -8  # mallopt(3)
+_floor_cache: dict[int, int] = {}
+
+
+def memory_floor(threads: int = WORKER_THREADS, headroom: int = SESSION_HEADROOM) -> int:
+    """The smallest SOFT_MEM (RLIMIT_AS) a worker forked from this process can serve in:
+    measured, not guessed. A forked child starts `threads` threads (each with its stack)
+    and reports its address-space size (VmSize); the floor is that plus `headroom`,
+    rounded up to 8 MiB. glibc's per-thread arenas are left out of the measure (the child
+    sets M_ARENA_MAX to 1): under a cap a thread whose arena does not fit uses the main
+    one. Call it where workers are forked from (every module imported)."""
+    if threads not in _floor_cache:
+        _floor_cache[threads] = _measure(threads)
+    need = _floor_cache[threads] + headroom
+    # In 8 MiB steps: `qmqpd check` measures in its own process, the master in its own
+    # (about a MiB apart), and both must name the same floor.
+    return ((need + (8 << 20) - 1) >> 23) << 23
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _measure(threads: int) -> int:
+    """VmSize of a forked child once its threads run."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            import threading
+
+            libc_name = ctypes.util.find_library("c")
+            if libc_name:
+                ctypes.CDLL(libc_name).mallopt(M_ARENA_MAX, 1)
+            done = threading.Event()
+            running = threading.Barrier(threads + 1)
+
+            def thread_main() -> None:
+                running.wait()
+                done.wait()
+
+            for _ in range(threads):
+                threading.Thread(target=thread_main, daemon=True).start()
+            running.wait(10)
+            os.write(write_end, str(_vm_size()).encode())
+            done.set()
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    stack = 8 << 20 if stack == resource.RLIM_INFINITY else stack
+    return int(text) if text.strip() else _vm_size() + threads * stack
 
 
 def set_title(title: str) -> None:

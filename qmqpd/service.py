@@ -18,7 +18,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from string import Template
@@ -242,12 +242,53 @@ def _log_owner(user: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def remove_service(opts: argparse.Namespace) -> Path:
+def remove_service(opts: argparse.Namespace, wait: float = 90.0) -> Path:
+    """Stop the server, then its logger, wait for both supervisors to exit, then remove
+    the directory (svctool's order). It is first renamed to a dot name, which svscan
+    skips, so svscan does not start it again meanwhile."""
     service = Path(opts.servicedir) / _service_name(opts)
     if not service.is_dir():
         raise ServiceError(f"no service at {service}")
-    shutil.rmtree(service)
+    hidden = service.with_name(f".{service.name}.removing")
+    os.rename(service, hidden)
+    try:
+        for path in (hidden, hidden / "log"):
+            if _supervised(path):
+                _control(path, b"dx")  # down, then exit: daemontools supervise and runsv
+                _wait_gone(path, wait)
+    except BaseException:
+        os.rename(hidden, service)
+        raise
+    shutil.rmtree(hidden)
     return service
+
+
+def _supervised(path: Path) -> bool:
+    """True while a supervise (or runsv) runs for path: it holds supervise/ok open."""
+    try:
+        fd = os.open(path / "supervise" / "ok", os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _control(path: Path, commands: bytes) -> None:
+    fd = os.open(path / "supervise" / "control", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, commands)
+    finally:
+        os.close(fd)
+
+
+def _wait_gone(path: Path, wait: float) -> None:
+    import time
+
+    deadline = time.monotonic() + wait
+    while _supervised(path):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"{path}: still supervised after {wait:.0f}s; not removed")
+        time.sleep(0.1)
 
 
 def systemd_unit(opts: argparse.Namespace) -> str:
@@ -291,7 +332,60 @@ def _systemd_identity(user: str, group: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
+# What `qmqpd check` finds in a written service: (problems, warnings).
+Checker = Callable[[Path, Mapping[str, str]], tuple[list[config_mod.ConfigError], list[str]]]
+
+
+def fix_for(error: config_mod.ConfigError, values: Mapping[str, str]) -> str:
+    """The command that fixes a problem of a service just written, when one is known."""
+    text = str(error)
+    setting = error.setting
+    if setting in ("QUEUEDIR", "QUEUE_BASE", "SPLIT") or "cannot write queue" in text:
+        return "qmqpd queue create " + " ".join(shlex.quote(p) for p in _queues(values))
+    if setting == "RULES":
+        cdb = values.get("RULES", "")
+        source = cdb[:-4] if cdb.endswith(".cdb") else cdb + ".txt"
+        return f"qmqpd rules compile {shlex.quote(source)} {shlex.quote(cdb)}"
+    if setting == "USER" and "no such user" in text:
+        group = values.get("GROUP", "").split(",")[0]
+        return ("useradd --system --no-create-home --shell /usr/sbin/nologin "
+                + (f"--gid {shlex.quote(group)} " if group else "")
+                + shlex.quote(values.get("USER", "")))
+    if setting == "GROUP" and "no such group" in text:
+        return "groupadd --system " + shlex.quote(values.get("GROUP", "").split(",")[0])
+    if setting == "USER" and "started as root" in text:
+        return "qmqpd service create ... --user=qmailq --group=qmail (or --set=ALLOW_ROOT=1)"
+    if setting in ("DKIMSIGN", "DKSIGN", "DKIMKEY", "DKKEY") and "does not exist" in text:
+        return "qmqpd dkim keygen --domain DOMAIN --selector SELECTOR" + (
+            f" --user {shlex.quote(values['USER'])}" if values.get("USER") else "")
+    return ""
+
+
+def _queues(values: Mapping[str, str]) -> list[str]:
+    if values.get("QUEUEDIR"):
+        return [values["QUEUEDIR"]]
+    start = int(values.get("QUEUE_START", "1"))
+    count = int(values.get("QUEUE_COUNT", "1"))
+    return [os.path.join(values["QUEUE_BASE"], f"queue{n}") for n in range(start, start + count)]
+
+
+def report(service: Path, values: Mapping[str, str], checker: Checker) -> int:
+    """Check the service as `serve` will read it; each problem with its fix. 0 = fine."""
+    problems, warnings = checker(service, values)
+    for warning in warnings:
+        print(f"qmqpd service: warning: {warning}", file=sys.stderr)
+    for found in problems:
+        fix = fix_for(found, values)
+        print(f"qmqpd service: {found}" + (f"\n  fix: {fix}" if fix else ""), file=sys.stderr)
+    if problems:
+        print(f"qmqpd service: {service} written, but `qmqpd serve` would refuse to start "
+              f"({len(problems)} problem(s)); fix them, then `qmqpd check --envdir "
+              f"{service / 'variables'}`", file=sys.stderr)
+        return 111
+    return 0
+
+
+def main(argv: Sequence[str], checker: Checker | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
         if opts.rmsvc:
@@ -304,6 +398,8 @@ def main(argv: Sequence[str]) -> int:
             service = create_service(opts, argv)
             state = "up" if opts.up else "down (remove the down file or `svc -u` to start)"
             print(f"created {service}, {state}")
+            if checker is not None:
+                return report(service, settings_from_options(opts), checker)
     except (ServiceError, OSError) as error:
         print(f"qmqpd service: {error}", file=sys.stderr)
         return 100

@@ -126,7 +126,7 @@ def write_atomic(path: str, data: dict[str, Any]) -> None:
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, text.encode("utf-8"))
         finally:

@@ -60,6 +60,7 @@ def create(tmp_path: Path, base: Path, control: Path, port: int, supervisor: str
         *SEED_OPTIONS, f"--cntrldir={control}", f"--logdir={tmp_path / 'log'}",
         f"--supervisor={supervisor}", "--up", "--virus-filter", "--dkimverify",
         "--set=PREFORK=2", f"--set=STATUS_FILE={tmp_path / 'status.json'}",
+        "--set=ALLOW_ROOT=1",  # the suite may run as root; no service user here
     )
     assert "created" in result.stdout
     service = services / f"qmqpd.{port}"
@@ -77,8 +78,13 @@ def create(tmp_path: Path, base: Path, control: Path, port: int, supervisor: str
 def test_down_file_and_rmsvc(tmp_path: Path, layout) -> None:
     base, _ = layout
     services = tmp_path / "service"
-    qmqpd("service", "create", "--qmqp=7628", f"--servicedir={services}", f"--qbase={base}",
-          *SEED_OPTIONS, f"--logdir={tmp_path / 'log'}")
+    # No rules cdb under the default control directory: written, and the problem said
+    created = qmqpd("service", "create", "--qmqp=7628", f"--servicedir={services}",
+                    f"--qbase={base}", *SEED_OPTIONS, f"--logdir={tmp_path / 'log'}",
+                    "--cntrldir=/nonexistent/qmqpd", check=False)
+    assert created.returncode == 111, created.stderr
+    assert ("fix: qmqpd rules compile /nonexistent/qmqpd/tcp.qmqp "
+            "/nonexistent/qmqpd/tcp.qmqp.cdb") in created.stderr
     service = services / "qmqpd.7628"
     assert (service / "down").exists()
     assert os.access(service / "run", os.X_OK) and os.access(service / "log" / "run", os.X_OK)
@@ -178,7 +184,7 @@ def test_systemd_unit(tmp_path: Path, layout) -> None:
     # Run the unit's own command line with its own environment under the unit's main
     # confinement, rebuilt by hand (no systemd here): the whole filesystem read-only except
     # ReadWritePaths (ProtectSystem=strict), and no new privileges (NoNewPrivileges=yes).
-    env = {"PATH": os.environ["PATH"]}
+    env = {"PATH": os.environ["PATH"], "ALLOW_ROOT": "1"}  # no User= in this unit
     for line in unit.splitlines():
         if line.startswith("Environment="):
             key, _, value = line.removeprefix("Environment=").strip('"').partition("=")

@@ -2,7 +2,7 @@
 sessions held open from one IP, a stage verdict, and the master's exit.
 
 127.0.0.x source addresses stand for different clients; the rules give them different
-settings (MIN_FREE far above any disk for a Z, DKIM verification for a stage verdict).
+settings (a QMAILQUEUE that fails for a Z, DKIM verification for a stage verdict).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tests.integration.test_master import ROOT, Server, begin, connect, deliver,
 from tests.support import read_reply, request
 
 RULES = """\
-127.0.0.3:allow,MIN_FREE="999999999999999999"
+127.0.0.3:allow,QMAILQUEUE="/bin/false"
 127.0.0.5:allow,DKIMVERIFY="",DNS_SERVERS="127.0.0.1:9"
 127.0.0.6:deny
 127.:allow

@@ -38,6 +38,7 @@ PENDING: dict[str, set[str]] = {
     "filters.dk": {"filters.keys", "filters.mailstream"},  # one header parser for both
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
                      "qmqpd.proxy"},  # the PROXY header, read before rules and limits
+    "qmqpd.plan": {"filters.keys"},  # every key under a `%` path, tried as the service user
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -45,6 +46,8 @@ PENDING_PACKAGES: dict[str, set[str]] = {
 # Modules the card does not list yet, with what they may import.
 PENDING_MODULES: dict[str, set[str]] = {
     "filters.mailstream": set(),  # streaming header parser shared by dk and dkim: stdlib
+    # serve's and check's checks of the whole server; the plan checks as the service user
+    "qmqpd.preflight": {"qmqpd.procctl", "qmqpd.proxy"},
 }
 
 
