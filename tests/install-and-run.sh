@@ -15,6 +15,7 @@ DEBIAN_PACKAGES=(
   haproxy              # a real load balancer sending the PROXY protocol (cluster tests)
   prometheus           # promtool and a real Prometheus scraping /metrics
   mandoc               # mandoc -Tlint checks the man pages
+  man-db               # man -w: which qmqpd(8) a reader gets
   socat                # the operator guide's HAProxy `show stat` over the stats socket
 )
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the integration tests: free ports, raw QMQP requests, real processes."""
+"""Helpers shared by the integration tests: ports (drawn, reserved, a clash retried), raw QMQP
+requests, real processes, whether Debian's postfix may be used."""
 
 from __future__ import annotations
 

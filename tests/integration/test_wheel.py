@@ -142,6 +142,11 @@ def test_license_and_man_pages_travel_with_the_wheel(dist: Path, venv: Path) -> 
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     for page in ("man8/qmqpd.8", "man1/qmqpc.1"):
         assert (venv / "share" / "man" / page).is_file(), page
+    # man-db looks in ../share/man beside each PATH entry, so the venv's page comes before
+    # Postfix's qmqpd.8postfix: the unit's Documentation=man:qmqpd(8) opens ours
+    found = run([need("man"), "-w", "8", "qmqpd"],
+                env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin"}).stdout.strip()
+    assert found == str(venv / "share" / "man" / "man8" / "qmqpd.8"), found
 
 
 def test_man_pages_lint_clean_and_name_every_subcommand() -> None:
@@ -184,9 +189,10 @@ def test_every_module_imports_and_pip_check_is_clean(dist: Path, venv: Path,
     assert "No broken requirements found" in checked.stdout
 
 
-def test_version(venv: Path) -> None:
+def test_version(dist: Path, venv: Path) -> None:
+    version = wheel_of(dist).name.split("-")[1]  # qmqpd-VERSION-py3-none-any.whl
     shown = run([str(venv / "bin" / "qmqpd"), "--version"], env=clean_env()).stdout
-    assert shown.strip() == "qmqpd 0.1.0"
+    assert shown.strip() == f"qmqpd {version}"
 
 
 # --- serve, check, config and session with every stage on ----------------------------------
