@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from qmqpd.queue import create_queue, list_messages
+from qmqpd.rules import compile_rules
 from tests.clamd import Clamd, eicar
 from tests.dnsstub import DnsStub
 from tests.support import (
@@ -339,16 +340,20 @@ def test_installed_wheel_writes_services(venv: Path, tmp_path: Path) -> None:
     qmqpd = venv / "bin" / "qmqpd"
     queue = tmp_path / "queue"
     create_queue(str(queue))
+    # what `service create` checks the written service against: rules, and who runs it
+    (tmp_path / "tcp.qmqp").write_text("127.:allow\n")
+    compile_rules(str(tmp_path / "tcp.qmqp"), str(tmp_path / "tcp.qmqp.cdb"))
+    checked = [f"--rules={tmp_path / 'tcp.qmqp.cdb'}", "--set=ALLOW_ROOT=1"]
     run([str(qmqpd), "service", "create", "--qmqp=6280", f"--queuedir={queue}",
          f"--servicedir={tmp_path / 'service'}", f"--logdir={tmp_path / 'log'}",
-         "--localip=127.0.0.1"], cwd=tmp_path, env=clean_env())
+         "--localip=127.0.0.1", *checked], cwd=tmp_path, env=clean_env())
     run_script = (tmp_path / "service" / "qmqpd.6280" / "run").read_text()
     assert f"{qmqpd} serve" in run_script
     assert (tmp_path / "service" / "qmqpd.6280" / "variables" / "QUEUEDIR").read_text() \
         == f"{queue}\n"
     unit = tmp_path / "qmqpd.service"
     run([str(qmqpd), "service", "create", "--qmqp=6280", f"--queuedir={queue}",
-         f"--systemd={unit}"], cwd=tmp_path, env=clean_env())
+         f"--systemd={unit}", *checked], cwd=tmp_path, env=clean_env())
     assert f"ExecStart={qmqpd} serve" in unit.read_text()
 
 
