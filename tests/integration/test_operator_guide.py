@@ -152,6 +152,7 @@ def test_operator_guide_as_written(wheels: str) -> None:
         for block in shell_blocks(GUIDE.read_text()):
             if "--rmsvc" in block.body:
                 check_balancer(operator)
+                check_key_checked_as_service_user(operator)
             operator.run(block)
         check_users(operator)
         check_deploy(operator)
@@ -278,6 +279,15 @@ def check_balancer(op: Operator) -> None:
           "[b\"you@example.net\"]), host=\"10.1.0.20\", source=\"10.1.2.7\"); "
           "assert b\":K\" in answer, answer'")
     assert re.search(r"event=session .*ip=10\.1\.2\.7 .*answer=\"Kok", op.log()), op.log()
+
+
+def check_key_checked_as_service_user(op: Operator) -> None:
+    """The guide says `qmqpd check` reports a key the service's user cannot read (root
+    can: the check reads it as qmailq)."""
+    key = "/etc/qmqpd/domainkeys/example.org/s2026"
+    done = op.ns.run(f"chmod 0 {key}; qmqpd check --envdir {SERVICE}/variables "
+                     f"&& echo exit=0 || echo exit=$?; chmod 600 {key}", op.env, cwd="/")
+    assert "exit=111" in done.stdout and key in done.stderr, (done.stdout, done.stderr)
 
 
 def check_removed(op: Operator) -> None:
