@@ -1,12 +1,13 @@
 """README.md's quick start run as written, on a fresh copy of the repository, by an
-ordinary user, with the block runner of the operator guide's test (tests/guide_runner.py):
-its `sh` blocks unchanged and in order, in private mount, network and PID namespaces, so
-the port it names (127.0.0.1:6280) is free and nothing reaches the host.
+ordinary user and by root, with the block runner of the operator guide's test
+(tests/guide_runner.py): its `sh` blocks unchanged and in order, in private mount, network
+and PID namespaces, so the port it names (127.0.0.1:6280) is free and nothing reaches the
+host.
 
 What differs from a developer's machine, and why:
 - the copy holds the repository's files as a clone of the tree would (tracked files and
-  new files not ignored, as they are in the working tree; no .venv, no var/), owned by an
-  ordinary user `dev` made in the namespace, in /home/dev/qmqpd;
+  new files not ignored, as they are in the working tree; no .venv, no var/), in the home
+  of the user who runs it: `dev`, an ordinary user made in the namespace, or root;
 - pip has no network there: the blocks' environment points it at a directory of the
   dependencies' wheels, fetched by the test first (PIP_NO_INDEX, PIP_FIND_LINKS);
 - the `sh serves` block (the server in the foreground) is started and left running; the
@@ -40,7 +41,8 @@ from tests.guide_runner import (
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
-CLONE = "/home/dev/qmqpd"
+# who runs the quick start -> (home, clone)
+USERS = {"dev": ("/home/dev", "/home/dev/qmqpd"), "root": ("/root", "/root/qmqpd")}
 
 
 def test_readme_blocks_are_found() -> None:
@@ -74,21 +76,24 @@ def tree() -> Iterator[Path]:
     shutil.rmtree(where, ignore_errors=True)
 
 
-def test_readme_quick_start_as_written(wheels: str, tree: Path) -> None:
+@pytest.mark.parametrize("user", sorted(USERS))
+def test_readme_quick_start_as_written(wheels: str, tree: Path, user: str) -> None:
+    home, clone = USERS[user]
     with Namespace(svscan=False) as ns:
-        setup = ns.run(f"useradd -m -s /bin/bash dev && mkdir {CLONE} && tar -xf {tree} -C "
-                       f"{CLONE} && chown -R dev: {CLONE}")
+        setup = ns.run(f"id -u {user} >/dev/null 2>&1 || useradd -m -s /bin/bash {user}; "
+                       f"mkdir {clone} && tar -xf {tree} -C {clone} && chown -R {user}: {clone}")
         assert setup.returncode == 0, setup.stderr
-        env = login_env("dev", "/home/dev", **offline_pip(wheels))
+        env = login_env(user, home, **offline_pip(wheels))
+        who = None if user == "root" else user
         server: Background | None = None
         outputs = []
         try:
             for block in shell_blocks(README.read_text()):
                 if "serves" in block.flags:
-                    server = ns.start(block.body, env, cwd=CLONE, user="dev")
+                    server = ns.start(block.body, env, cwd=clone, user=who)
                     wait_listening(ns, server)
                     continue
-                done = ns.run(block.body, env, cwd=CLONE, user="dev", timeout=120)
+                done = ns.run(block.body, env, cwd=clone, user=who, timeout=120)
                 assert done.returncode == 0, (
                     f"README.md:{block.line}: the block failed (exit {done.returncode}):\n"
                     f"{block.body}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
