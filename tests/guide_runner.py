@@ -8,8 +8,9 @@ each directory in OVERLAID gets an overlay whose writable layer is on a tmpfs, s
 created, queues, services, units and installs land in memory and vanish with the
 namespace; /etc/service starts empty and a real `svscanboot` supervises it, as Debian's
 daemontools-run does; loopback is the only network, with the addresses the document
-uses added to it. Called by tests/integration/test_operator_guide.py and test_readme.py;
-run as a script it is the namespace's first process (`inside`).
+uses added to it. Called by tests/integration/test_operator_guide.py and test_readme.py
+(and tests/unit/test_docs.py for the blocks); run as a script it is the namespace's first
+process (`inside`).
 Never touches the host's files, network or processes: the kernel ends every process of the
 namespace when its first process exits, which it does when the test closes its stdin.
 """

@@ -18,11 +18,14 @@ No text is substituted. What differs from an operator's Debian host, and why:
   `svc -h` a new `event=reload` (a failed reload fails the test);
 - `sh norun` blocks are not run (the guide says why before each).
 
-After the blocks the test checks what each recipe promised: the message queued by the
-server running as qmailq; the reload applying MAXPERIP; keys owned by the service user;
-the signed message verified by Mail::DKIM (tests/peers/dkim-verify.pl) with the record
-keygen printed; the metrics scraped; the unit accepted by systemd-analyze; the real
-client's address carried through HAProxy; the removed service stopped.
+Every block must exit 0. After the blocks the test checks what each recipe promised: the
+qmail users made in the namespace and not on the host; the messages queued by the server
+running as qmailq; the reload applying MAXPERIP; keys 0600 in 0750 directories owned by the
+service user, and `qmqpd check` reporting one that user cannot read; the signed message
+verified by Mail::DKIM (tests/peers/dkim-verify.pl) with the record keygen printed; the
+metrics scraped; the unit's user and its man page (qmqpd's, not Postfix's qmqpd(8)); node1
+UP and the absent nodes DOWN in HAProxy, and a client at 10.1.2.7 seen as 10.1.2.7 through
+it; the removed service stopped with its log; the checkout unchanged.
 """
 
 from __future__ import annotations
