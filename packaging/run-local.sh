@@ -7,7 +7,9 @@ if [ ! -x .venv/bin/qmqpd ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
-# A server on loopback with its queue in this clone: started as root, it stays root (a
-# system service names its USER instead), so the quick start works for root as well.
-if [ "$(id -u)" -eq 0 ]; then export ALLOW_ROOT="${ALLOW_ROOT:-1}"; fi
+if [ "$(id -u)" = 0 ] && [ -z "${ALLOW_ROOT:-}" ]; then
+  # serve refuses to stay root unless told so; a first look on 127.0.0.1 says so here
+  echo "run-local.sh: running as root: ALLOW_ROOT=1 (serving 127.0.0.1 only)" >&2
+  export ALLOW_ROOT=1
+fi
 exec .venv/bin/qmqpd serve "$@"

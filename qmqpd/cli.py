@@ -261,7 +261,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
             return _fail(str(error), 100)  # tcprules' exit code for bad input
         print(f"{args.cdb}: {count} keys")
         return 0
-    cdb = args.rules or _load(args).rules
+    cdb = args.rules or _load(args, embedded=True).rules
     if not cdb:
         return _fail("no rules cdb: give --rules or set RULES (without one, serve allows "
                      "loopback only)", 100)
@@ -275,7 +275,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     from qmqpd import queue
 
-    cfg = _load(args)
+    cfg = _load(args, embedded=True)  # no --config: serve's queue, ./var/queue
     from qmqpd.injector import queue_paths
 
     paths = args.dirs or queue_paths(cfg)
@@ -289,19 +289,49 @@ def cmd_queue(args: argparse.Namespace) -> int:
                 return _fail(str(error), 100)
             print(f"created {path} (owners: {owners.source})")
         return 0
-    if args.queue_command == "list":
-        for path in paths:
-            for item in queue.list_messages(path, split=cfg.split, todo_layout=cfg.todo_layout):
-                print(_listing_line(path, item))
-        return 0
     for path in paths:
-        stats = queue.stat_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
-        print(_stat_line(path, stats))
+        try:
+            layout = queue.reader_layout(path)
+            if args.queue_command == "list":
+                for item in queue.list_messages(path, split=layout.split,
+                                                todo_layout=layout.todo_layout):
+                    print(_listing_line(path, item))
+            else:
+                stats = queue.stat_queue(path, split=layout.split,
+                                         todo_layout=layout.todo_layout)
+                print(_stat_line(path, stats))
+        except queue.NotAQueue as error:
+            return _fail(str(error), 100)
+        except queue.QueueUnreadable as error:
+            return _fail(f"cannot read queue {error}")
+        except OSError as error:  # a file or directory inside the queue
+            return _fail(f"cannot read queue {path}: {error.filename}: {error.strerror}")
     return 0
 
 
+# Bytes of an envelope shown as themselves: printable UTF-8 other than the listing's own
+# separators (space between fields, comma between recipients) and the backslash.
+_SEPARATORS = frozenset(" ,\\")
+
+
 def _text(value: bytes | None) -> str:
-    return "?" if value is None else (value.decode("utf-8", "backslashreplace") or "<>")
+    """An envelope address for one listing line: control characters, separators and
+    bytes that are not UTF-8 as \\xNN, so a client cannot forge a line or send escapes."""
+    if value is None:
+        return "?"
+    if not value:
+        return "<>"
+    text = value.decode("utf-8", "surrogateescape")
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char in _SEPARATORS or not char.isprintable():
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _listing_line(path: str, item: QueuedMessage) -> str:
@@ -336,16 +366,22 @@ def cmd_service(args: argparse.Namespace) -> int:
     return service.main(args.options, checker=_check_service)
 
 
-def _check_service(directory: Path, _values: object) -> tuple[list[config_mod.ConfigError],
-                                                               list[str]]:
-    """A service just written, checked as `serve --envdir ./variables` will read it: from
-    its directory, with supervise's clean environment (nothing from this shell)."""
-    args = SimpleNamespace(config=None, envdir=str(directory / "variables"))
+def _check_service(written: Path, values: dict[str, str]) -> tuple[
+        list[config_mod.ConfigError], list[str]]:
+    """A service just written, checked as `serve` will read it, with a supervisor's clean
+    environment (nothing from this shell): a service directory from its `variables/`, in
+    it (the run script's directory); a systemd unit from its settings (its User=/Group=
+    are USER/GROUP)."""
+    args = SimpleNamespace(config=None, envdir=None)
+    if written.is_dir():
+        args.envdir = str(written / "variables")
     here = os.getcwd()
-    os.chdir(directory)
+    os.chdir(written if written.is_dir() else "/")
     try:
-        envdir = config_mod.read_envdir(args.envdir)
-        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir), envdir=envdir)  # type: ignore[arg-type]
+        envdir = (config_mod.read_envdir(args.envdir) if args.envdir else
+                  {name: (value, f"unit {written} {name}") for name, value in values.items()})
+        cfg = config_mod.load(None, {}, defaults=_embedded(args, envdir),  # type: ignore[arg-type]
+                              envdir=envdir)
         _plans, problems, warnings = validate(cfg)
     except config_mod.ConfigError as error:
         return [error], []
@@ -373,7 +409,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         sys.stdout.write(config_mod.settings_markdown())
         return 0
-    cfg = _load(args, embedded=args.embedded)
+    cfg = _load(args, embedded=True)  # the settings `serve` would run with
     for name, value in cfg.as_dict().items():
         print(f"{name}={value!r}  # {cfg.source(name)}")
     note = _ignored_note()
@@ -386,12 +422,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from importlib import metadata
+    """The installed distribution's version (package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return metadata.version("qmqpd")
-    except metadata.PackageNotFoundError:  # a checkout that was never installed
-        return "unknown"
+        return version("qmqpd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     dkim_p.set_defaults(func=cmd_dkim)
 
     cfg_p = with_config(sub.add_parser("config", help="print the effective settings"))
-    cfg_p.add_argument("--embedded", action="store_true", help="as `serve` without --config")
+    cfg_p.add_argument("--embedded", action="store_true",
+                       help="as `serve` without --config (the default; kept for scripts)")
     cfg_p.add_argument("--sample", action="store_true", help="print a commented config file")
     cfg_p.add_argument("--markdown", action="store_true", help="print the settings reference")
     cfg_p.set_defaults(func=cmd_config)

@@ -954,8 +954,9 @@ class Master:
         try:
             plans = self.planner(self.config)
         except Exception as error:
-            log.error("rules changed but cannot be used; keeping the running plans",
-                      rules=self.config.rules, error=str(error))
+            log.error("rules changed: the new allow/deny rules are in force; clients of a "
+                      "rule whose settings cannot be used get Z, the others keep their "
+                      "running settings", rules=self.config.rules, error=str(error))
             return
         self.plans = plans
         self.unusable_rules.clear()

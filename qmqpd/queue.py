@@ -685,6 +685,38 @@ def _describe(path: str, split: int, qid: int, state: str, envelope: str,
     return record
 
 
+class NotAQueue(Exception):
+    """`qmqpd queue list/stat` on a path that is no qmail queue (exit 100)."""
+
+
+class QueueUnreadable(Exception):
+    """A queue the reader may not look into (exit 111: fix the rights, try again)."""
+
+
+def reader_layout(path: str) -> Layout:
+    """The layout of a queue about to be listed or counted, read from the queue itself;
+    NotAQueue or QueueUnreadable with one line saying why."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotAQueue(f"{path}: no such directory") from None
+    except OSError as error:
+        raise QueueUnreadable(f"{path}: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotAQueue(f"{path}: not a directory")
+    for name in ("mess", "todo", "info"):
+        try:
+            os.listdir(os.path.join(path, name))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotAQueue(f"{path}: not a qmail queue (no {name}/)") from None
+        except OSError as error:
+            raise QueueUnreadable(f"{os.path.join(path, name)}: {error.strerror}") from None
+    try:
+        return detect_layout(path)
+    except QueueSetupError as error:
+        raise NotAQueue(str(error)) from None
+
+
 def list_messages(path: str, split: int = 23, todo_layout: str = "flat") -> Iterator[QueuedMessage]:
     """Every message in todo/ (state "todo") or info/ (state "queued"), by id."""
     _check_layout(todo_layout, split)

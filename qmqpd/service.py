@@ -378,9 +378,10 @@ def report(service: Path, values: Mapping[str, str], checker: Checker) -> int:
         fix = fix_for(found, values)
         print(f"qmqpd service: {found}" + (f"\n  fix: {fix}" if fix else ""), file=sys.stderr)
     if problems:
+        again = (f"`qmqpd check --envdir {service / 'variables'}`" if service.is_dir()
+                 else "`systemctl start` it")
         print(f"qmqpd service: {service} written, but `qmqpd serve` would refuse to start "
-              f"({len(problems)} problem(s)); fix them, then `qmqpd check --envdir "
-              f"{service / 'variables'}`", file=sys.stderr)
+              f"({len(problems)} problem(s)); fix them, then {again}", file=sys.stderr)
         return 111
     return 0
 
@@ -394,6 +395,8 @@ def main(argv: Sequence[str], checker: Checker | None = None) -> int:
             unit = systemd_unit(opts)
             _write(Path(opts.systemd), unit, 0o644)
             print(f"wrote {opts.systemd}")
+            if checker is not None:
+                return report(Path(opts.systemd), settings_from_options(opts), checker)
         else:
             service = create_service(opts, argv)
             state = "up" if opts.up else "down (remove the down file or `svc -u` to start)"

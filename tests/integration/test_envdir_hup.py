@@ -52,6 +52,17 @@ def test_svc_h_applies_a_changed_variable(tmp_path: Path) -> None:
                    explain=supervised.text)
         before = second_answer(port)
         assert b":K" in before[:8], before  # MAXPERIP=5: two at once are served
+        # the other commands read the service's settings the same way
+        variables = str(service / "variables")
+        for args, expected in ((("check",), "ok: 1 session plan(s)"),
+                               (("queue", "stat"), f"{tmp_path / 'queue'} todo="),
+                               (("status",), f"pid {supervised.server_pid()}, running")):
+            def shows(args: tuple[str, ...] = args, expected: str = expected) -> bool:
+                done = subprocess.run([*command("qmqpd"), *args, "--envdir", variables],
+                                      capture_output=True, text=True, timeout=60)
+                return done.returncode == 0 and expected in done.stdout
+
+            wait_until(shows, what=f"qmqpd {' '.join(args)} --envdir to show {expected!r}")
 
         (service / "variables" / "MAXPERIP").write_text("1\n")
         supervised.svc("-h")

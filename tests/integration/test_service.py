@@ -170,7 +170,7 @@ def test_systemd_unit(tmp_path: Path, layout) -> None:
     unit_file = tmp_path / "qmqpd.service"
     qmqpd("service", "create", f"--qmqp={port}", f"--qbase={base}", *SEED_OPTIONS,
           f"--cntrldir={control}", f"--systemd={unit_file}", "--set=PREFORK=1",
-          f"--set=STATUS_FILE={tmp_path / 'status.json'}")
+          f"--set=STATUS_FILE={tmp_path / 'status.json'}", "--set=ALLOW_ROOT=1")
     unit = unit_file.read_text()
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit
@@ -184,7 +184,7 @@ def test_systemd_unit(tmp_path: Path, layout) -> None:
     # Run the unit's own command line with its own environment under the unit's main
     # confinement, rebuilt by hand (no systemd here): the whole filesystem read-only except
     # ReadWritePaths (ProtectSystem=strict), and no new privileges (NoNewPrivileges=yes).
-    env = {"PATH": os.environ["PATH"], "ALLOW_ROOT": "1"}  # no User= in this unit
+    env = {"PATH": os.environ["PATH"]}
     for line in unit.splitlines():
         if line.startswith("Environment="):
             key, _, value = line.removeprefix("Environment=").strip('"').partition("=")
