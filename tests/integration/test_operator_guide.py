@@ -288,8 +288,9 @@ def check_key_checked_as_service_user(op: Operator) -> None:
     """The guide says `qmqpd check` reports a key the service's user cannot read (root
     can: the check reads it as qmailq)."""
     key = "/etc/qmqpd/domainkeys/example.org/s2026"
-    done = op.ns.run(f"chmod 0 {key}; qmqpd check --envdir {SERVICE}/variables "
-                     f"&& echo exit=0 || echo exit=$?; chmod 600 {key}", op.env, cwd="/")
+    done = op.ns.run(f"mode=$(stat -c %a {key}); chmod 0 {key}; qmqpd check --envdir "
+                     f"{SERVICE}/variables && echo exit=0 || echo exit=$?; chmod $mode {key}",
+                     op.env, cwd="/")
     assert "exit=111" in done.stdout and key in done.stderr, (done.stdout, done.stderr)
 
 
