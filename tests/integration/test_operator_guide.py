@@ -160,7 +160,7 @@ def test_operator_guide_as_written(wheels: str) -> None:
         check_users(operator)
         check_deploy(operator)
         check_limits(operator)
-        check_signing(operator, Path(tempfile.mkdtemp(prefix="qmqpd-dkim-")))
+        check_signing(operator)
         check_metrics(operator)
         check_unit(operator)
         check_removed(operator)
@@ -220,18 +220,14 @@ def published_records(keygen_output: str) -> dict[str, str]:
     return records
 
 
-def check_signing(op: Operator, tmp: Path) -> None:
+def check_signing(op: Operator) -> None:
     records = published_records(op.output("dkim keygen"))
     assert set(records) == {"s2026._domainkey.example.org", "e2026._domainkey.example.org"}
-    for selector in ("s2026", "e2026"):
-        mode = op.sh(f"stat -c '%U %G %a' /etc/qmqpd/domainkeys/example.org/{selector}")
-        assert mode.split()[0] == "qmailq" and mode.split()[2] == "600", (selector, mode)
-    directory = op.sh("stat -c '%U %a' /etc/qmqpd/domainkeys/example.org").split()
-    assert directory[0] == "qmailq" and directory[1] == "750", directory
     path = op.sh("grep -l '^Subject: signed' $(find /var/indimail/queue -path '*/mess/*' "
                  "-type f)").strip()
     message = op.ns.read_bytes(path)
     assert message.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"), message[:200]
+    tmp = Path(tempfile.mkdtemp(prefix="qmqpd-dkim-"))
     try:
         keys = tmp / "records.json"
         keys.write_text(json.dumps(records))
@@ -244,6 +240,12 @@ def check_signing(op: Operator, tmp: Path) -> None:
     assert "DKIM example.org s2026 pass (pass)" in lines, (lines, verified.stderr)
     assert "overall pass" in lines, lines
     assert "dkim=accept" in op.output("dkim=' | tail")
+    # keygen's files: the key for the service user only, its directory for that user
+    for selector in ("s2026", "e2026"):
+        mode = op.sh(f"stat -c '%U %G %a' /etc/qmqpd/domainkeys/example.org/{selector}")
+        assert mode.split()[0] == "qmailq" and mode.split()[2] == "600", (selector, mode)
+    directory = op.sh("stat -c '%U %a' /etc/qmqpd/domainkeys/example.org").split()
+    assert directory[0] == "qmailq" and directory[1] == "750", directory
 
 
 def check_metrics(op: Operator) -> None:
