@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", choices=("create",), nargs="?", default="create")
     p.add_argument("--qmqp", type=int, required=True, metavar="PORT", help="port (service name)")
-    p.add_argument("--servicedir", default="/service", help="where the service directory goes")
+    p.add_argument("--servicedir", default="/etc/service",
+                   help="where the service directory goes (Debian svscan: /etc/service)")
     p.add_argument("--servicetag", help="service name instead of qmqpd.PORT")
     p.add_argument("--qbase", help="QUEUE_BASE: directory of the queueN queues")
     p.add_argument("--qcount", type=int, help="QUEUE_COUNT")

@@ -18,6 +18,7 @@ DEBIAN_PACKAGES=(
   prometheus           # promtool and a real Prometheus scraping /metrics
   mandoc               # mandoc -Tlint checks the man pages
   man-db               # man -w: which qmqpd(8) a reader gets
+  socat                # the operator guide's HAProxy `show stat` over the stats socket
 )
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

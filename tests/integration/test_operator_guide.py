@@ -1,219 +1,305 @@
-"""The operator guide's deploy section, run as written: its ```sh deploy``` blocks in order,
-as root, under real daemontools supervise, then the message its qmqpc line sends is queued.
+"""docs/operator-guide.md run as written: each of its `sh` blocks, unchanged and in order,
+as root, in private mount, network and PID namespaces (tests/guide_runner.py), so the
+blocks use the real paths, the real port 628 and the guide's own addresses, and nothing
+they do reaches the host.
 
-The commands are the guide's text with these substitutions and nothing else:
+No text is substituted. What differs from an operator's Debian host, and why:
+- the namespace's network is loopback only, with the guide's addresses on it: 10.1.0.10
+  (the server), 10.1.0.20 (the balancer) and 10.1.2.7 (a client the test sends from);
+  10.1.0.11 and 10.1.0.12, the other servers, are absent, as servers that are down;
+- /etc, /var, /run, /opt, /usr, /srv, /root, /home, /tmp and the source checkout (the
+  blocks' working directory) are overlays whose writes go to a tmpfs: the users the guide
+  creates, /opt/qmqpd, the queues, services, logs and units vanish with the namespace;
+- pip has no network there: the blocks' environment points it at a directory of the
+  dependencies' wheels, fetched by the test first (PIP_NO_INDEX, PIP_FIND_LINKS);
+- svscanboot supervises an empty /etc/service, as Debian's daemontools-run starts it;
+- between blocks the test waits as an operator does for what the guide says to look
+  for: after `svc -u` or `svc -t` a new `event=listen` in the service's log, after
+  `svc -h` a new `event=reload` (a failed reload fails the test);
+- `sh norun` blocks are not run (the guide says why before each).
 
-- paths under a scratch root ROOT: /service, /etc/qmqpd, /var/indimail, /var/qmail and
-  /var/log become ROOT/service, ROOT/etc/qmqpd, ...;
-- the port 628 (also in the service's name qmqpd.628) becomes a free port;
-- the server address 10.1.0.10 becomes 127.0.0.1:PORT and `--localip=0` becomes
-  `--localip=127.0.0.1`, so nothing listens beyond loopback.
-
-What svscan would do between the guide's blocks, the test does by hand: once the service
-directory exists it starts `supervise` on the service and on its log, joined by a pipe.
-The qmail users the guide expects (qmailq, qmails, qmailr, qmaill; group qmail; and qmaild
-with group nofiles, qmail-qmqpd's account) are created with useradd/groupadd --system when
-missing, and removed again at the end, as is the status directory the service names
-(/run/qmqpd.PORT/, from its free port).
+Every block must exit 0. After the blocks the test checks what each recipe promised: the
+qmail users made in the namespace and not on the host; the messages queued by the server
+running as qmailq; the reload applying MAXPERIP; keys 0600 in 0750 directories owned by the
+service user, and `qmqpd check` reporting one that user cannot read; the signed message
+verified by Mail::DKIM (tests/peers/dkim-verify.pl) with the record keygen printed; the
+metrics scraped; the unit's user and its man page (qmqpd's, not Postfix's qmqpd(8)); node1
+UP and the absent nodes DOWN in HAProxy, and a client at 10.1.2.7 seen as 10.1.2.7 through
+it; the removed service stopped with its log; the checkout unchanged.
 """
 
 from __future__ import annotations
 
-import grp
+import json
 import os
-import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import BIN, free_port, need, wait_until
+from tests.guide_runner import (
+    OVERLAID,
+    Block,
+    Namespace,
+    login_env,
+    offline_pip,
+    shell_blocks,
+    wheelhouse,
+)
+from tests.support import need
 
-ROOT_DIR = Path(__file__).resolve().parents[2]
-GUIDE = ROOT_DIR / "docs" / "operator-guide.md"
-MARK = "sh deploy"
-PREFIXES = ("/service", "/etc/qmqpd", "/var/indimail", "/var/qmail", "/var/log")
-GROUPS = ("qmail", "nofiles")
-# user -> its group
-USERS = {"qmailq": "qmail", "qmails": "qmail", "qmailr": "qmail", "qmaill": "nofiles",
-         "qmaild": "nofiles"}
+ROOT = Path(__file__).resolve().parents[2]
+GUIDE = ROOT / "docs" / "operator-guide.md"
+VERIFIER = ROOT / "tests" / "peers" / "dkim-verify.pl"
+ADDRESSES = ("10.1.0.10", "10.1.0.20", "10.1.2.7")
+SERVICE = "/etc/service/qmqpd.628"
+LOG = "/var/log/qmqpd.628/current"
+USERS = ("alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails")
+HOST_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
+# What the namespace and the guide's blocks run besides qmqpd (Debian: util-linux,
+# iproute2, daemontools, haproxy, socat, systemd, curl, libmail-dkim-perl, man-db).
+PROGRAMS = ("unshare", "nsenter", "setpriv", "ip", "svscanboot", "svok", "tai64nlocal",
+            "haproxy", "socat", "systemd-analyze", "curl", "perl", "man")
+SVC = re.compile(r"^\s*svc -([uth]) (\S+)", re.M)
 
 
-def deploy_blocks(text: str) -> list[str]:
-    """The bodies of the fenced blocks whose info string is `sh deploy`, in order."""
-    return re.findall(r"^```" + re.escape(MARK) + r"\n(.*?)^```$", text, re.M | re.S)
+def test_guide_blocks_are_found() -> None:
+    blocks = shell_blocks(GUIDE.read_text())
+    assert len(blocks) >= 15
+    bodies = "\n".join(block.body for block in blocks)
+    for needed in ("useradd -r", "qmqpd service create", "svc -u", "dkim keygen", "DKIMSIGN",
+                   "systemd-analyze verify", "haproxy -D", "curl", "--rmsvc"):
+        assert needed in bodies, needed
 
 
-def rewrite(block: str, root: Path, port: int) -> str:
-    for prefix in PREFIXES:
-        # a path prefix only: /service and /service/..., not /services
-        block = re.sub(re.escape(prefix) + r"(?=[/\s'\"]|$)", str(root) + prefix, block,
-                       flags=re.M)
-    block = block.replace("10.1.0.10", f"127.0.0.1:{port}")
-    block = block.replace("--localip=0 ", "--localip=127.0.0.1 ")
-    return re.sub(r"(?<!\d)628(?!\d)", str(port), block)
+def test_guide_has_no_unfenced_commands() -> None:
+    """Commands are in fenced blocks, so none escapes the test: no indented code block."""
+    inside = False
+    for number, line in enumerate(GUIDE.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            inside = not inside
+        elif not inside:
+            assert not line.startswith("    "), f"operator-guide.md:{number}: indented code"
 
 
-@pytest.fixture
-def accounts() -> Iterator[None]:
-    """The qmail users and groups, created when missing and removed again afterwards (with
-    qmail's users present, `qmqpd queue create` run as root elsewhere gives them the queue)."""
+@pytest.fixture(scope="module")
+def wheels() -> str:
     if os.geteuid() != 0:
-        pytest.skip("the guide deploys as root (port 628, qmail users, queue owners): "
-                    "run this test as root")
-    made_users: list[str] = []
-    made_groups: list[str] = []
+        pytest.skip("the guide runs as root, in namespaces only root may create")
+    for program in PROGRAMS:
+        need(program)  # says which Debian package is missing rather than a block failing
+    return wheelhouse(ROOT)
+
+
+class Operator:
+    """Runs the guide's blocks in the namespace and keeps what each printed."""
+
+    def __init__(self, ns: Namespace, wheels: str) -> None:
+        self.ns = ns
+        self.env = login_env(**offline_pip(wheels))
+        self.done: list[tuple[Block, str]] = []
+
+    def sh(self, script: str, timeout: float = 60) -> str:
+        """A command of the test's own (a probe), not of the guide."""
+        result = self.ns.run(script, self.env, cwd=str(ROOT), timeout=timeout)
+        assert result.returncode == 0, f"probe failed: {script}\n{result.stderr}"
+        return result.stdout
+
+    def log(self) -> str:
+        return self.sh(f"cat {LOG} 2>/dev/null || true")
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log()))
+
+    def run(self, block: Block) -> None:
+        control = SVC.findall(block.body)
+        before = {"listen": self.count("event=listen"), "reload": self.count("event=reload")}
+        result = self.ns.run(block.body, self.env, cwd=str(ROOT), timeout=180)
+        assert result.returncode == 0, (
+            f"operator-guide.md:{block.line}: the block failed (exit {result.returncode}):\n"
+            f"{block.body}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n"
+            f"service log:\n{self.log()[-3000:]}")
+        self.done.append((block, result.stdout))
+        for action, _ in control:
+            event = "reload" if action == "h" else "listen"
+            self.wait_for(event, before[event])
+
+    def wait_for(self, event: str, before: int, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            log = self.log()
+            assert "reload failed" not in log, log[-3000:]
+            if len(re.findall(f"event={event}", log)) > before:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"no new event={event} in {LOG}:\n{self.log()[-3000:]}")
+
+    def output(self, marker: str) -> str:
+        """What the one block containing `marker` printed."""
+        found = [out for block, out in self.done if marker in block.body]
+        assert len(found) == 1, f"{len(found)} blocks contain {marker!r}"
+        return found[0]
+
+
+def test_operator_guide_as_written(wheels: str) -> None:
+    host_users = users_on_host()
+    checkout = checkout_state()
+    started = time.monotonic()
+    with Namespace(addresses=ADDRESSES, overlaid=(*OVERLAID, str(ROOT))) as ns:
+        operator = Operator(ns, wheels)
+        for block in shell_blocks(GUIDE.read_text()):
+            if "--rmsvc" in block.body:
+                check_balancer(operator)
+                check_key_checked_as_service_user(operator)
+            operator.run(block)
+        check_users(operator)
+        check_deploy(operator)
+        check_limits(operator)
+        check_signing(operator)
+        check_metrics(operator)
+        check_unit(operator)
+        check_removed(operator)
+    assert time.monotonic() - started < 240
+    assert users_on_host() == host_users, "the guide's users reached the host"
+    assert checkout_state() == checkout, "the guide's `pip install .` wrote into the checkout"
+
+
+def users_on_host() -> set[str]:
+    """Which of the guide's users and groups the host's files name (other tests may change
+    the files meanwhile, so only these names are compared)."""
+    names = {*USERS, "qmail", "nofiles"}
+    found = set()
+    for path in HOST_FILES:
+        if Path(path).exists():
+            found |= {f"{path}:{line.split(':')[0]}" for line in Path(path).read_text().splitlines()
+                      if line.split(":")[0] in names}
+    return found
+
+
+def checkout_state() -> str:
+    """Every changed, new and ignored path of the checkout (build/ would show here)."""
+    return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--ignored"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def check_users(op: Operator) -> None:
+    for user in USERS:
+        op.sh(f"id -u {user}")
+
+
+def check_deploy(op: Operator) -> None:
+    stat = op.output("qmqpd queue stat")
+    todo = [int(n) for n in re.findall(r" todo=(\d+)", stat)]
+    assert len(todo) == 5 and sum(todo) == 1, stat
+    assert "listening on 10.1.0.10:628" in stat, stat
+    owners = op.sh("find /var/indimail/queue -path '*/todo/*' -type f -printf '%u\\n'")
+    # every message of the guide (and the test's one through the balancer) was written by
+    # the server running as qmailq
+    assert owners.split() == ["qmailq"] * 5, owners
+    assert re.search(r"event=session .*ip=10\.1\.0\.10 .*answer=\"Kok", op.output(
+        "grep event=session")), op.output("grep event=session")
+
+
+def check_limits(op: Operator) -> None:
+    rule = op.output("rules check --rules /etc/qmqpd/tcp.qmqp.cdb 10.1.2.7")
+    assert "MAXPERIP" in rule and "60" in rule, rule
+    reload_line = op.output("grep event=reload")
+    assert "maxperip=30" in reload_line, reload_line
+
+
+def published_records(keygen_output: str) -> dict[str, str]:
+    """name -> TXT value, from the zone lines keygen printed (the strings joined)."""
+    records = {}
+    for name, strings in re.findall(r"^(\S+)\s+IN\s+TXT\s+\((.*)\)\s*$", keygen_output, re.M):
+        records[name.rstrip(".")] = "".join(re.findall(r'"([^"]*)"', strings))
+    return records
+
+
+def check_signing(op: Operator) -> None:
+    records = published_records(op.output("dkim keygen"))
+    assert set(records) == {"s2026._domainkey.example.org", "e2026._domainkey.example.org"}
+    path = op.sh("grep -l '^Subject: signed' $(find /var/indimail/queue -path '*/mess/*' "
+                 "-type f)").strip()
+    message = op.ns.read_bytes(path)
+    assert message.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;"), message[:200]
+    tmp = Path(tempfile.mkdtemp(prefix="qmqpd-dkim-"))
     try:
-        for group in GROUPS:
-            try:
-                grp.getgrnam(group)
-            except KeyError:
-                subprocess.run([need("groupadd"), "--system", group], check=True,
-                               capture_output=True, timeout=60)
-                made_groups.append(group)
-        for user, group in USERS.items():
-            try:
-                pwd.getpwnam(user)
-            except KeyError:
-                subprocess.run([need("useradd"), "--system", "--gid", group,
-                                "--no-create-home", "--home-dir", "/var/qmail",
-                                "--shell", "/usr/sbin/nologin", user],
-                               check=True, capture_output=True, timeout=60)
-                made_users.append(user)
-        yield
+        keys = tmp / "records.json"
+        keys.write_text(json.dumps(records))
+        verified = subprocess.run(["perl", str(VERIFIER), str(keys)],
+                                  input=message.replace(b"\n", b"\r\n"), capture_output=True,
+                                  timeout=60, check=False)
     finally:
-        for user in made_users:
-            subprocess.run([need("userdel"), user], capture_output=True, timeout=60)
-        for group in made_groups:
-            subprocess.run([need("groupdel"), group], capture_output=True, timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = verified.stdout.decode().splitlines()
+    assert "DKIM example.org s2026 pass (pass)" in lines, (lines, verified.stderr)
+    assert "overall pass" in lines, lines
+    assert "dkim=accept" in op.output("dkim=' | tail")
+    # keygen's files: the key for the service user only, its directory for that user
+    for selector in ("s2026", "e2026"):
+        mode = op.sh(f"stat -c '%U %G %a' /etc/qmqpd/domainkeys/example.org/{selector}")
+        assert mode.split()[0] == "qmailq" and mode.split()[2] == "600", (selector, mode)
+    directory = op.sh("stat -c '%U %a' /etc/qmqpd/domainkeys/example.org").split()
+    assert directory[0] == "qmailq" and directory[1] == "750", directory
 
 
-@pytest.fixture
-def root() -> Iterator[Path]:
-    """A scratch root every service user can traverse (pytest's own tmp is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="qmqpd-guide-"))
-    path.chmod(0o755)
-    (path / "var" / "qmail" / "control").mkdir(parents=True)  # a qmail install has it
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def check_metrics(op: Operator) -> None:
+    scraped = op.output("curl ")
+    answers = dict(re.findall(r'^qmqpd_answers_total\{answer="(\w+)"\} (\S+)$', scraped, re.M))
+    assert float(answers.get("K", 0)) >= 1, scraped
+    assert re.search(r"^qmqpd_maxperip 30(\.0)?$", scraped, re.M), scraped
+    assert re.search(r"^qmqpd_accepting 1(\.0)?$", scraped, re.M), scraped
 
 
-def run_block(block: str, root: Path, log=lambda: "") -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "HOME": str(root), "LANG": "C.UTF-8"}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, (
-        f"the guide's block failed (exit {result.returncode}):\n{block}\n"
-        f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\nservice log:\n{log()}")
-    return result
+def check_unit(op: Operator) -> None:
+    unit = op.sh("cat /etc/systemd/system/qmqpd.service")
+    assert "User=qmailq" in unit and "QUEUE_BASE=/var/spool/qmqpd" in unit, unit
+    owner = op.sh("stat -c %U /var/spool/qmqpd/queue1/todo").strip()
+    assert owner == "qmailq", owner  # the unit's user writes the queue it was given
+    documented = re.findall(r"^Documentation=man:(\S+)\((\d)\)$", unit, re.M)
+    for page, section in documented:
+        where = op.sh(f"man -w {section} {page}")
+        assert "postfix" not in where, f"man:{page}({section}) opens {where}"
 
 
-def supervise(service: Path) -> list[subprocess.Popen[bytes]]:
-    """What svscan does for a new service with a log/: two supervise joined by a pipe."""
-    read_end, write_end = os.pipe()
-    env = {"PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    try:
-        log = subprocess.Popen([need("supervise"), str(service / "log")], stdin=read_end,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                               start_new_session=True)
-        server = subprocess.Popen([need("supervise"), str(service)], stdin=subprocess.DEVNULL,
-                                  stdout=write_end, stderr=subprocess.DEVNULL, env=env,
-                                  start_new_session=True)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
-    wait_until(lambda: (service / "supervise" / "control").exists()
-               and (service / "log" / "supervise" / "control").exists(),
-               what="supervise to take the service")
-    return [server, log]
+def check_balancer(op: Operator) -> None:
+    """Before the service is removed: the guide's `show stat` had node1 UP; the absent
+    nodes go DOWN; a client at 10.1.2.7 sends through the balancer and the node sees
+    10.1.2.7 (from the PROXY header), not the balancer's 10.1.0.20."""
+    stat = op.output("show stat")
+    assert re.search(r"^qmqpd,node1,UP,L7OK$", stat, re.M), stat
+    deadline = time.monotonic() + 30
+    while not re.search(r"^qmqpd,node2,DOWN", stat, re.M):
+        assert time.monotonic() < deadline, stat
+        time.sleep(0.5)
+        stat = op.sh("echo 'show stat' | socat stdio /run/haproxy/admin.sock | cut -d, -f1,2,18")
+    op.sh(f"printf 'From: me@example.org\\nSubject: via\\n\\nx\\n' | {sys.executable} -c '"
+          "import sys; from tests.support import exchange, request; "
+          "answer = exchange(628, request(sys.stdin.buffer.read(), b\"me@example.org\", "
+          "[b\"you@example.net\"]), host=\"10.1.0.20\", source=\"10.1.2.7\"); "
+          "assert b\":K\" in answer, answer'")
+    assert re.search(r"event=session .*ip=10\.1\.2\.7 .*answer=\"Kok", op.log()), op.log()
 
 
-def unsupervise(service: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    """svc -dx each (the server first, so the log reads to its end), then wait by PID."""
-    for path, proc in zip((service, service / "log"), processes, strict=True):
-        subprocess.run([need("svc"), "-dx", str(path)], capture_output=True, timeout=10)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+def check_key_checked_as_service_user(op: Operator) -> None:
+    """The guide says `qmqpd check` reports a key the service's user cannot read (root
+    can: the check reads it as qmailq)."""
+    key = "/etc/qmqpd/domainkeys/example.org/s2026"
+    done = op.ns.run(f"mode=$(stat -c %a {key}); chmod 0 {key}; qmqpd check --envdir "
+                     f"{SERVICE}/variables && echo exit=0 || echo exit=$?; chmod $mode {key}",
+                     op.env, cwd="/")
+    assert "exit=111" in done.stdout and key in done.stderr, (done.stdout, done.stderr)
 
 
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def log_text(root: Path, port: int) -> str:
-    current = root / "var" / "log" / f"qmqpd.{port}" / "current"
-    return current.read_text(errors="replace") if current.exists() else "(no log yet)"
-
-
-def todo_entries(root: Path) -> list[Path]:
-    return [entry for queue in sorted((root / "var" / "indimail" / "queue").glob("queue*"))
-            for entry in (queue / "todo").rglob("*") if entry.is_file()]
-
-
-def test_blocks_are_found() -> None:
-    blocks = deploy_blocks(GUIDE.read_text())
-    assert len(blocks) >= 5
-    assert any("qmqpd service create" in block for block in blocks)
-    assert any("qmqpc" in block for block in blocks)
-
-
-def test_rewrite_touches_only_the_documented_parts() -> None:
-    root = Path("/R")
-    text = "qmqpd service create --qmqp=628 --servicedir=/service --localip=0 --memory=104857628"
-    assert rewrite(text, root, 7000) == (
-        "qmqpd service create --qmqp=7000 --servicedir=/R/service --localip=127.0.0.1 "
-        "--memory=104857628")
-    assert rewrite("qmqpc --server 10.1.0.10 > /var/qmail/control/x", root, 7000) == (
-        "qmqpc --server 127.0.0.1:7000 > /R/var/qmail/control/x")
-
-
-def test_deploy_section_as_written(accounts: None, root: Path) -> None:
-    port = free_port()
-    service = root / "service" / f"qmqpd.{port}"
-    processes: list[subprocess.Popen[bytes]] = []
-    status_dir: Path | None = None
-    try:
-        outputs = []
-        for block in deploy_blocks(GUIDE.read_text()):
-            command = rewrite(block, root, port)
-            if command.lstrip().startswith("svc ") and not processes:
-                processes = supervise(service)  # svscan's part
-                status_dir = Path((service / "variables" / "STATUS_FILE")
-                                  .read_text().strip()).parent
-            outputs.append(run_block(command, root, lambda: log_text(root, port)).stdout)
-            if command.lstrip().startswith("svc -u"):
-                # An operator waits for `event=listen` in the log before the next step.
-                wait_until(lambda: listening(port), what="the supervised server to listen",
-                           explain=lambda: log_text(root, port))
-        assert processes, "the guide never starts the service with svc"
-        queued = todo_entries(root)
-        assert len(queued) == 1, f"expected the guide's message in one todo/, found {queued}"
-        owner = pwd.getpwuid(queued[0].stat().st_uid).pw_name
-        assert owner == "qmailq"  # written by the server running as the guide's --user
-        # The guide's `queue stat` and `status` lines, run with the service's settings.
-        stat_lines = [line for line in outputs[-1].splitlines() if " todo=" in line]
-        assert len(stat_lines) == 5, outputs[-1]
-        assert sum(int(re.search(r" todo=(\d+)", line)[1]) for line in stat_lines) == 1
-        assert f"listening on 127.0.0.1:{port}" in outputs[-1], outputs[-1]
-        wait_until(lambda: 'answer="Kok' in log_text(root, port),
-                   what="the session's log line in multilog's current",
-                   explain=lambda: log_text(root, port))
-    finally:
-        if processes:
-            unsupervise(service, processes)
-        if status_dir is not None and status_dir.name == f"qmqpd.{port}":
-            shutil.rmtree(status_dir, ignore_errors=True)
+def check_removed(op: Operator) -> None:
+    """--rmsvc stopped the server and its log before removing the directory."""
+    assert op.sh(f"test -e {SERVICE} && echo present || echo gone").strip() == "gone"
+    processes = op.sh("ps -eo args")
+    left = [line for line in processes.splitlines()
+            if line.startswith(("qmqpd: ", "supervise qmqpd.628", "supervise log", "multilog"))]
+    assert left == [], processes

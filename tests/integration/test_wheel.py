@@ -96,10 +96,11 @@ def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """No PYTHONPATH, no settings from the test run: only what the venv has (and pip's
-    own configuration, as a user's pip would read it)."""
+    own configuration, as a user's pip would read it); serve runs as whoever runs the
+    suite (ALLOW_ROOT)."""
     keep = {name: value for name, value in os.environ.items() if name.startswith("PIP_")}
-    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), **keep,
-            "ALLOW_ROOT": "1", **extra}  # serve runs as whoever runs the suite
+    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+            "ALLOW_ROOT": "1", **keep, **extra}
 
 
 def test_sdist_and_wheel_carry_the_templates(dist: Path) -> None:

@@ -34,7 +34,8 @@ def test_settings_named_in_the_guides_exist() -> None:
     not_settings = {"TCPREMOTEIP", "TCPREMOTEHOST", "TCPREMOTEINFO", "TCPLOCALIP",
                     "TCPLOCALHOST", "TCPLOCALPORT", "TCPREMOTEPORT", "PROTO", "NAME",
                     "SIGHUP", "SIGTERM", "QMQPSERVERS", "QMAILHOME", "DKIM", "K", "Z", "D",
-                    "IP", "TXT", "RSA"}
+                    "IP", "TXT", "RSA",
+                    "CONFIG"}  # Debian's haproxy.service: the HAProxy config file
     for doc in ("README.md", "docs/operator-guide.md"):
         text = (ROOT / doc).read_text()
         for name in set(re.findall(r"`([A-Z][A-Z0-9_]{2,})`", text)):
@@ -52,3 +53,53 @@ def test_uncommented_sample_loads(tmp_path: Path) -> None:
     cfg = load(str(path))
     for name, setting in SETTINGS.items():
         assert cfg[name] == setting.default, name
+
+
+# What the operator reads: every file that names an installed path.
+LAYOUT_FILES = ("README.md", "docs/*.md", "conf/*", "packaging/**/*", "man/*")
+CONTROL_PATH = re.compile(r"/etc/qmqpd(/[^\s`'\"),]*)?")
+CONTROL_ENTRIES = ("tcp.qmqp", "tcp.qmqp.cdb", "domainkeys/", "qmqpd.toml", "dkimkeys")
+
+
+def layout_texts() -> dict[str, str]:
+    paths = {path for pattern in LAYOUT_FILES for path in ROOT.glob(pattern) if path.is_file()}
+    return {str(path.relative_to(ROOT)): path.read_text(errors="replace") for path in paths}
+
+
+def test_one_control_layout_everywhere() -> None:
+    """CONTROLDIR is /etc/qmqpd with tcp.qmqp, tcp.qmqp.cdb and domainkeys/ directly under
+    it, in the code's defaults and in every document and example; the service directory is
+    /etc/service (Debian's svscan)."""
+    from qmqpd import service
+    from qmqpd.filters import keys
+
+    assert SETTINGS["CONTROLDIR"].default == "/etc/qmqpd" == keys.DEFAULT_CONTROLDIR
+    options = service.build_parser().parse_args(["--qmqp=628", "--qbase=/q"])
+    assert options.cntrldir == "/etc/qmqpd" and options.servicedir == "/etc/service"
+    values = service.settings_from_options(options)
+    assert values["RULES"] == "/etc/qmqpd/tcp.qmqp.cdb"
+    assert keys.keygen.__defaults__ is not None
+    assert "/etc/qmqpd/domainkeys" in keys.keygen.__defaults__
+    for name, text in layout_texts().items():
+        for match in CONTROL_PATH.finditer(text):
+            rest = (match.group(1) or "/").lstrip("/")
+            assert rest == "" or rest.startswith(CONTROL_ENTRIES), (
+                f"{name}: {match.group(0)} is not in the one control layout")
+        bare = re.findall(r"(?<![\w./-])/service\b", text)
+        assert not bare, f"{name}: /service (Debian's svscan looks in /etc/service)"
+
+
+def test_every_command_block_that_is_not_run_says_why() -> None:
+    """A `sh norun` block is one the document tests do not run: the paragraph before it
+    says so and why, so a reader knows which commands were not tried."""
+    from tests.guide_runner import fenced_blocks
+
+    for doc in ("README.md", "docs/operator-guide.md"):
+        text = (ROOT / doc).read_text()
+        lines = text.splitlines()
+        for block in fenced_blocks(text):
+            assert block.language in ("sh", "text", "yaml", "haproxy"), (doc, block.line)
+            if "norun" in block.flags:
+                before = " ".join(lines[max(0, block.line - 5):block.line - 1]).lower()
+                assert "not run" in before or "does not run" in before, (
+                    f"{doc}:{block.line}: say before the block why it is not run")
