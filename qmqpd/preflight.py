@@ -12,6 +12,7 @@ tested with the service's credentials. Called by cli; never binds, never writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -77,10 +78,9 @@ def as_service_user(cfg: Config, check: Callable[[Config], Outcome]) -> Outcome:
                 procctl.drop_privileges(cfg.user, cfg.group)
                 plans, problems, warnings = check(cfg)
             except procctl.ProcError as error:
-                setting = "GROUP" if str(error).startswith("GROUP") else "USER"
                 plans, problems, warnings = None, [problem(
-                    setting, cfg.source(setting), str(error))], []
-                if "no such" in str(error):  # no one to test as: the rest as we are
+                    error.setting, cfg.source(error.setting), str(error))], []
+                if error.missing:  # no one to test as: the rest as we are
                     _plans, more, warnings = check(cfg)
                     problems += [p for p in more if str(p) != str(problems[0])]
             except ConfigError as error:
@@ -89,8 +89,10 @@ def as_service_user(cfg: Config, check: Callable[[Config], Outcome]) -> Outcome:
                     "problems": [[str(p), p.setting, p.source] for p in problems]}
             with os.fdopen(write_end, "w") as pipe:
                 json.dump(data, pipe)
-        except BaseException:  # the parent reports a child that failed
+        except BaseException as error:  # the parent reports a child that failed, and why
             code = 1
+            with contextlib.suppress(OSError), os.fdopen(write_end, "w") as pipe:
+                json.dump({"crash": f"{type(error).__name__}: {error}"}, pipe)
         finally:
             os._exit(code)
     os.close(write_end)
@@ -99,8 +101,12 @@ def as_service_user(cfg: Config, check: Callable[[Config], Outcome]) -> Outcome:
     _pid, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0 or not text:
         who = cfg.user or str(os.geteuid())
+        try:
+            why = ": " + json.loads(text)["crash"]
+        except (ValueError, KeyError, TypeError):
+            why = ""
         return None, [problem("USER", cfg.source("USER"),
-                              f"the check could not run as user {who}")], []
+                              f"the check could not run as user {who}{why}")], []
     data = json.loads(text)
     problems = [ConfigError(message, setting, source)
                 for message, setting, source in data["problems"]]

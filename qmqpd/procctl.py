@@ -21,7 +21,15 @@ PR_SET_PDEATHSIG = 1
 
 
 class ProcError(Exception):
-    """A user, group or limit that cannot be applied; the message says which and why."""
+    """A user, group or limit that cannot be applied; the message says which and why.
+
+    `setting` names the setting at fault (USER or GROUP); `missing` is true when the user
+    or group does not exist at all (there is no one to act as)."""
+
+    def __init__(self, message: str, setting: str = "USER", missing: bool = False) -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.missing = missing
 
 
 def resolve_user(user: str) -> tuple[int, int, str]:
@@ -31,7 +39,7 @@ def resolve_user(user: str) -> tuple[int, int, str]:
     except (KeyError, ValueError):
         if user.isdigit():  # a bare uid without a passwd entry: no primary group known
             return int(user), -1, ""
-        raise ProcError(f"USER {user!r}: no such user") from None
+        raise ProcError(f"USER {user!r}: no such user", "USER", missing=True) from None
     return entry.pw_uid, entry.pw_gid, entry.pw_name
 
 
@@ -47,7 +55,8 @@ def resolve_groups(group: str) -> list[int]:
         try:
             gids.append(grp.getgrnam(item).gr_gid)
         except KeyError:
-            raise ProcError(f"GROUP {item!r}: no such group") from None
+            raise ProcError(f"GROUP {item!r}: no such group", "GROUP",
+                            missing=True) from None
     return gids
 
 
