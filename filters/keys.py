@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from qmqpd import log
+from qmqpd.errors import TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Reply
 
@@ -43,8 +44,8 @@ DEFAULT_CONTROLDIR = "/etc/qmqpd"
 DEFAULT_KEY_PATTERN = "domainkeys/%/default"
 
 
-class KeyProblem(Exception):
-    """Base of the key problems a stage turns into an answer."""
+class KeyProblem(TemporaryError):
+    """Base of the key problems a stage turns into an answer (Z: the operator fixes the key)."""
 
 
 class KeyMissing(KeyProblem):
@@ -59,7 +60,7 @@ class KeyUnparsable(KeyProblem):
     """The key file is not a private key we can sign with: permanent."""
 
 
-class DnsTempError(Exception):
+class DnsTempError(TemporaryError):
     """The key lookup failed for a reason that may pass (timeout, SERVFAIL, no resolver)."""
 
 

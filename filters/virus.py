@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from qmqpd import log
 from qmqpd.config import Config
+from qmqpd.errors import TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
@@ -41,7 +42,7 @@ NOT_SCANNED_SIZE = b"X-QHPSI: not scanned (message size)\n"
 NOT_SCANNED_ERROR = b"X-QHPSI: not scanned (scanner error)\n"
 
 
-class ScannerError(Exception):
+class ScannerError(TemporaryError):
     """clamd gave no usable answer: down, hung, closed early or answered an error."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from qmqpd.errors import TemporaryError
 from qmqpd.netstring import encode
 
 QMQP_PORT = 628
@@ -80,12 +81,20 @@ class Result:
         return self.text + ("" if not self.failures else ": " + "; ".join(self.failures))
 
 
-class InputError(Exception):
+# qmail-queue's interface has its own codes, all temporary outside 11-40: each error below
+# carries its code, the one qmqpc exits with.
+
+
+class InputError(TemporaryError):
     """The message could not be read (exit 54); no server is to blame."""
 
+    exit_code = EXIT_READ
 
-class BrokenSession(Exception):
+
+class BrokenSession(TemporaryError):
     """The connection was made but no valid answer came back (exit 74)."""
+
+    exit_code = EXIT_SESSION
 
 
 # ---------------------------------------------------------------------------- servers
@@ -310,8 +319,10 @@ def _addresses(server: Server) -> list[tuple]:
     return socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
 
 
-class _SocketFailure(Exception):
+class _SocketFailure(TemporaryError):
     """socket() itself failed: the local system is out of something; stop at once."""
+
+    exit_code = EXIT_SOCKET
 
 
 def _connect(address: tuple, connect_timeout: float) -> socket.socket:
@@ -356,7 +367,7 @@ def send(message: bytes | BinaryIO, sender: bytes, recipients: list[bytes],
     try:
         body = _prepare_body(message)
     except InputError as error:
-        return Result(None, str(error), EXIT_READ)
+        return Result(None, str(error), error.exit_code)
     try:
         return _send_body(body, sender, recipients, servers, timeout, connect_timeout,
                           retry_broken, retry_temporary)
@@ -380,7 +391,7 @@ def _send_body(body: _Body, sender: bytes, recipients: list[bytes], servers: lis
             try:
                 sock = _connect(address, connect_timeout)
             except _SocketFailure as error:
-                return Result(None, f"cannot create a socket: {error}", EXIT_SOCKET, server,
+                return Result(None, f"cannot create a socket: {error}", error.exit_code, server,
                               failures)
             except OSError as error:
                 timed_out = isinstance(error, TimeoutError)
@@ -391,7 +402,7 @@ def _send_body(body: _Body, sender: bytes, recipients: list[bytes], servers: lis
                 with sock:
                     status, text = _session(sock, body, sender, recipients, timeout)
             except InputError as error:
-                return Result(None, str(error), EXIT_READ, server, failures)
+                return Result(None, str(error), error.exit_code, server, failures)
             except (OSError, BrokenSession) as error:
                 failures.append(f"{server}: {_describe(error)}")
                 if not retry_broken:
@@ -422,8 +433,10 @@ _NO_ANSWER = {
 # ---------------------------------------------------------------------------- qmail-queue mode
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(TemporaryError):
     """The envelope is not ``F<sender>\\0`` ``T<rcpt>\\0``... ``\\0`` (exit 91)."""
+
+    exit_code = EXIT_ENVELOPE
 
 
 def parse_envelope(data: bytes) -> tuple[bytes, list[bytes]]:
@@ -546,12 +559,12 @@ def _send_queue_style(message: BinaryIO, servers: list[Server],
     try:
         body = _prepare_body(message)
     except InputError as error:
-        return Result(None, str(error), EXIT_READ)
+        return Result(None, str(error), error.exit_code)
     try:
         try:
             sender, recipients = read_envelope(1)
         except EnvelopeError as error:
-            return Result(None, str(error), EXIT_ENVELOPE)
+            return Result(None, str(error), error.exit_code)
         except OSError as error:
             return Result(None, f"cannot read the envelope: {_describe(error)}", EXIT_READ)
         return _send_body(body, sender, recipients, servers, options.timeout,

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from qmqpd.errors import EXIT_PERMANENT, QmqpdError, TemporaryError
+
 # qmail-qmqpd treats a length that is already above this when another digit arrives as
 # too large; the largest length accepted is therefore about 2e9.
 DIGIT_CAP = 200_000_000
@@ -21,8 +23,10 @@ OUTER_PREFIX_MAX = 100
 READ_SIZE = 65536
 
 
-class NetstringError(Exception):
+class NetstringError(QmqpdError):
     """Malformed input; ``reason`` is short and safe to send back to the client."""
+
+    exit_code = EXIT_PERMANENT  # answered D: the same bytes fail the same way
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -32,8 +36,10 @@ class NetstringError(Exception):
 class EarlyEOF(NetstringError):
     """The peer closed before the request was complete."""
 
+    exit_code = TemporaryError.exit_code  # nothing wrong with its bytes: it may send again
 
-class IdleTimeout(Exception):
+
+class IdleTimeout(TemporaryError):
     """No byte arrived within the idle timeout, or the session limit ran out."""
 
 

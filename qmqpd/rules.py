@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 
 import cdbx
 
+from qmqpd.errors import PermanentError
 from qmqpd.message import decode_env_item
 
 _IPV4_BIT_LETTERS = b"abcdefghijklmnopqrstuvwxyz123456"
@@ -66,8 +67,9 @@ _ULONG = 2**64
 _HEADER_SIZE = 2048
 
 
-class RulesError(ValueError):
-    """A rules file that cannot be compiled or a cdb that cannot be used."""
+class RulesError(PermanentError, ValueError):
+    """A rules file that cannot be compiled or a cdb that cannot be used (exit 100, as
+    tcprules exits for bad input)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-class _LineError(Exception):
+class _LineError(PermanentError):
     """A problem in one line; parse_text adds the file name and line number."""
 
 
