@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from qmqpd import log
+from qmqpd import fsio, log
 from qmqpd.errors import TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Reply
@@ -423,24 +423,10 @@ def _make_key_dirs(directory: str, owner: tuple[int, int] | None) -> None:
 def _write_new(path: str, data: bytes, mode: int, replace: bool,
                owner: tuple[int, int] | None = None) -> None:
     """Create the file with its final mode and owner from the start (no window where it is
-    readable by others, or named while root owns it)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits
-        if owner is not None:
-            os.fchown(fd, owner[0], owner[1])
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
+    readable by others, or named while root owns it); replace=False: FileExistsError if
+    path exists."""
+    with fsio.atomic_file(path, mode, sync=True, owner=owner, replace=replace) as out:
+        out.write(data)
 
 
 def _owner(user: str | None, group: str | None) -> tuple[int, int] | None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from qmqpd import log
+from qmqpd.fsio import replace_file
 
 if TYPE_CHECKING:
     from qmqpd.config import Config
@@ -180,19 +181,8 @@ def read_summary(path: str) -> Backlog | None:
 
 def write_summary(backlog: Backlog) -> None:
     """tmp + rename: readers see the old summary or the new one, never half of one."""
-    target = os.path.join(backlog.queue, SUMMARY_NAME)
-    tmp = f"{target}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, format_summary(backlog).encode("ascii"))
-        finally:
-            os.close(fd)
-        os.rename(tmp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(os.path.join(backlog.queue, SUMMARY_NAME),
+                 format_summary(backlog).encode("ascii"), 0o644, exact_mode=False)
 
 
 _unwritable: set[str] = set()  # queues whose summary this process could not write (logged)

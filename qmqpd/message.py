@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
+from qmqpd.fsio import write_all
+
 CHUNK = 65536
 
 
@@ -179,7 +181,7 @@ class MessageData:
     def copy_to(self, fd: int) -> None:
         """Write the content to fd; a spool file goes through the kernel, not Python memory."""
         if self._data is not None:
-            _write_all(fd, self._data)
+            write_all(fd, self._data)
             return
         assert self._spool is not None
         self._spool.flush()
@@ -223,13 +225,6 @@ class MessageData:
             self._spool.close()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 class Message(Record):
     """One QMQP request after parsing.
 
@@ -268,7 +263,7 @@ class Message(Record):
         yield from self.data.chunks(size)
 
     def write_final(self, fd: int) -> None:
-        _write_all(fd, self.head)
+        write_all(fd, self.head)
         self.data.copy_to(fd)
 
     def close(self) -> None:

@@ -46,18 +46,17 @@ in its env like any other variable; the master reads it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import os
 import stat
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import cdbx
 
+from qmqpd import fsio
 from qmqpd.errors import PermanentError
 from qmqpd.message import decode_env_item
 
@@ -278,32 +277,13 @@ def parse_text(text: str, source: str = "tcp.qmqp") -> list[tuple[bytes, bytes]]
 
 def write_cdb(records: list[tuple[bytes, bytes]], cdb_path: str) -> None:
     """Write records to a temp file beside cdb_path, fsync, and rename it over cdb_path."""
-    directory = os.path.dirname(os.path.abspath(cdb_path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(cdb_path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            maker = cdbx.CDB.make(out)
-            for key, data in records:
-                maker.add(key, data)
-            maker.commit().close()
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)  # readable after the server drops privileges
-            os.fsync(out.fileno())
-        os.replace(tmp, cdb_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # 0644: readable after the server drops privileges
+    with fsio.atomic_file(cdb_path, 0o644, sync=True) as out:
+        maker = cdbx.CDB.make(out)
+        for key, data in records:
+            maker.add(key, data)
+        maker.commit().close()
+    fsio.fsync_dir(os.path.dirname(os.path.abspath(cdb_path)))
 
 
 def compile_rules(text_path: str, cdb_path: str) -> int:

@@ -6,8 +6,9 @@ directory above it; QMQPD_DESIGN names another path) the copy must equal it, so 
 cannot drift apart while a checkout without the card still tests its imports.
 Readings on top of the "may import" column:
 - `config`, `log` and `message` are shared leaves: any module but the leaves may import them.
-- `errors` (pending: the one error base) is below the leaves: every module may import it,
-  the leaves included, since their errors (ConfigError, ...) derive from it too.
+- `errors` and `fsio` (pending: the error base; writing bytes whole) are below the leaves:
+  every module may import them, the leaves included (ConfigError derives from the base,
+  message writes its bytes whole).
 - `stdlib` and third-party names (cdbx, dnspython, ...) allow those packages only there;
   `all` (cli) allows anything; `— never X` lists edges that must never appear.
 - imports under `if TYPE_CHECKING:` are for annotations only and load nothing at run time.
@@ -25,8 +26,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LEAVES = {"qmqpd.config", "qmqpd.log", "qmqpd.message"}
-# Importable by every module, the leaves included: the base every error class derives from.
-BASE = {"qmqpd.errors"}
+# Importable by every module, the leaves included: stdlib only, importing nothing of the
+# project (the base every error class derives from; writing bytes whole).
+BASE = {"qmqpd.errors", "qmqpd.fsio"}
 ANY = "*"
 # Package files that are not design modules.
 PACKAGING: dict[str, set[str]] = {"qmqpd": set(), "filters": set(),
@@ -65,6 +67,8 @@ PENDING_MODULES: dict[str, set[str]] = {
     # one error base with qmail's exit codes (100 permanent, 111 temporary): stdlib only,
     # imports nothing of the project, so every module, the leaves too, may import it
     "qmqpd.errors": set(),
+    # write-all, atomic file replace and directory sync, once for every writer: stdlib only
+    "qmqpd.fsio": set(),
 }
 
 
