@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from qmqpd import fsio, log
+from qmqpd.address import split_host_port
 from qmqpd.errors import TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Reply
@@ -269,7 +270,7 @@ def _resolver(servers: tuple[str, ...], timeout: float) -> dns.resolver.Resolver
         resolver = dns.resolver.Resolver(configure=False)
         addresses, ports = [], {}
         for server in servers:
-            host, port = _split_server(server)
+            host, port = split_host_port(server, 53)  # DNS_SERVERS, checked by config
             addresses.append(host)
             ports[host] = port
         resolver.nameservers = addresses
@@ -283,17 +284,6 @@ def _resolver(servers: tuple[str, ...], timeout: float) -> dns.resolver.Resolver
     resolver.lifetime = timeout
     _RESOLVERS[(servers, timeout)] = resolver
     return resolver
-
-
-def _split_server(server: str) -> tuple[str, int]:
-    """`1.2.3.4`, `1.2.3.4:5353`, `::1` or `[::1]:5353`."""
-    if server.startswith("["):
-        host, _, port = server[1:].partition("]:")
-        return host.rstrip("]"), int(port or 53)
-    if server.count(":") == 1:
-        host, port = server.split(":")
-        return host, int(port)
-    return server, 53
 
 
 def txt_record(name: str, timeout: float, servers: tuple[str, ...] = (),

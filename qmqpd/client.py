@@ -9,7 +9,6 @@ programs that run qmail-queue read the outcome the same way.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 import socket
@@ -21,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from qmqpd.address import split_host_port
 from qmqpd.errors import TemporaryError
 from qmqpd.netstring import encode
 
@@ -105,36 +105,13 @@ _HOSTNAME = re.compile(
 )
 
 
-def _port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port {text!r}")
-    return int(text)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_server(spec: str) -> Server:
     """One server: IPv4, bare IPv6, ``[IPv6]:port``, hostname, or ``host:port``."""
     spec = spec.strip()
-    if spec.startswith("["):
-        host, sep, rest = spec[1:].partition("]")
-        if not sep or not _is_ipv6(host) or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad server {spec!r}")
-        return Server(host, _port(rest[1:]) if rest else QMQP_PORT)
-    if spec.count(":") > 1:
-        if not _is_ipv6(spec):
-            raise ValueError(f"bad IPv6 address {spec!r}")
-        return Server(spec)
-    host, sep, port = spec.partition(":")
-    if not _HOSTNAME.fullmatch(host):
+    host, port = split_host_port(spec, QMQP_PORT)
+    if ":" not in host and not _HOSTNAME.fullmatch(host):  # an IPv6 host is checked there
         raise ValueError(f"bad server {spec!r}")
-    return Server(host, _port(port) if sep else QMQP_PORT)
+    return Server(host, port)
 
 
 def _warn(text: str) -> None:

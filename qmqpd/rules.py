@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import cdbx
 
 from qmqpd import fsio
+from qmqpd.address import parse_ip
 from qmqpd.errors import PermanentError
 from qmqpd.message import decode_env_item
 
@@ -379,14 +380,13 @@ def _client(ip: str) -> _Client:
     """The forms of the client address the lookup needs; v4-mapped becomes dotted IPv4."""
     ip = ip.strip()
     if ":" in ip:
-        try:
-            v6 = ipaddress.IPv6Address(ip.split("%", 1)[0])
-        except ValueError:
+        address = parse_ip(ip)  # with a colon: IPv6, or the IPv4 it maps
+        if address is None:
             return _Client(ip, True, None, None)
-        if v6.ipv4_mapped is None:
-            bits = b"^" + _ipv6_bits(int(v6), 128)
-            return _Client(v6.compressed, True, expand_ipv6(str(v6)), bits)
-        ip = str(v6.ipv4_mapped)
+        if isinstance(address, ipaddress.IPv6Address):
+            bits = b"^" + _ipv6_bits(int(address), 128)
+            return _Client(address.compressed, True, expand_ipv6(str(address)), bits)
+        ip = str(address)
     try:
         value = int(ipaddress.IPv4Address(ip))
     except ValueError:
@@ -487,13 +487,8 @@ def check(path: str, ip: str, host: str = "", info: str = "") -> str:
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        address = ipaddress.ip_address(ip.strip().split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    address = parse_ip(ip.strip())
+    return address is not None and address.is_loopback
 
 
 NO_RULES_REASON = "no rules configured: only loopback clients are allowed"

@@ -6,9 +6,10 @@ directory above it; QMQPD_DESIGN names another path) the copy must equal it, so 
 cannot drift apart while a checkout without the card still tests its imports.
 Readings on top of the "may import" column:
 - `config`, `log` and `message` are shared leaves: any module but the leaves may import them.
-- `errors` and `fsio` (pending: the error base; writing bytes whole) are below the leaves:
-  every module may import them, the leaves included (ConfigError derives from the base,
-  message writes its bytes whole).
+- `errors`, `fsio` and `address` (pending: the error base; writing bytes whole; reading
+  addresses) are below the leaves: every module may import them, the leaves included
+  (ConfigError derives from the base, message writes its bytes whole, config reads
+  host:port settings).
 - `stdlib` and third-party names (cdbx, dnspython, ...) allow those packages only there;
   `all` (cli) allows anything; `— never X` lists edges that must never appear.
 - imports under `if TYPE_CHECKING:` are for annotations only and load nothing at run time.
@@ -27,8 +28,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LEAVES = {"qmqpd.config", "qmqpd.log", "qmqpd.message"}
 # Importable by every module, the leaves included: stdlib only, importing nothing of the
-# project (the base every error class derives from; writing bytes whole).
-BASE = {"qmqpd.errors", "qmqpd.fsio"}
+# project (the base every error class derives from; writing bytes whole; reading addresses).
+BASE = {"qmqpd.errors", "qmqpd.fsio", "qmqpd.address"}
 ANY = "*"
 # Package files that are not design modules.
 PACKAGING: dict[str, set[str]] = {"qmqpd": set(), "filters": set(),
@@ -69,6 +70,8 @@ PENDING_MODULES: dict[str, set[str]] = {
     "qmqpd.errors": set(),
     # write-all, atomic file replace and directory sync, once for every writer: stdlib only
     "qmqpd.fsio": set(),
+    # the one IP parser (v4-mapped folded) and host:port syntax, config's too: stdlib only
+    "qmqpd.address": set(),
 }
 
 
