@@ -328,8 +328,9 @@ REPLIES: dict[str, str] = {
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
     "scanner_size_limit": "Zmessage larger than the virus scanner accepts (#4.3.4)",
-    # The signing stages (dk, dkim) answer alike: a key the operator must fix is temporary,
-    # a message that cannot be signed as it is is permanent.
+    # The signing stages (dk, dkim) answer alike (filters/signing.py): a key the operator
+    # must fix is temporary, a header block that cannot be parsed is permanent, and a
+    # message without From: or Sender: is temporary, as qmail-dkim answers it.
     "key_unreadable": "Z{stage}: unable to read private key (#4.3.0)",
     "key_unusable": "Z{stage}: unable to use private key (#4.3.0)",
     "sign_malformed": "D{stage}: message header is malformed, cannot sign (#5.6.0)",
