@@ -14,6 +14,7 @@ import pytest
 from qmqpd import backlog
 from qmqpd.config import load
 from qmqpd.queue import create_queue
+from tests.support import wait_until
 
 SPLIT = 7
 
@@ -135,14 +136,14 @@ def test_a_long_scan_runs_aside_and_the_session_goes_on(tmp_path: Path) -> None:
     assert watch.backlog(str(queue)).todo == 1  # type: ignore[union-attr]  # the stale one
     assert time.monotonic() - started < 0.05
     assert len(watch._children) == 1
-    wait = time.monotonic() + 30
-    while backlog.read_summary(str(queue)).todo != 6 and time.monotonic() < wait:  # type: ignore[union-attr]
-        time.sleep(0.05)
-    assert backlog.read_summary(str(queue)).todo == 6  # type: ignore[union-attr]
-    while watch._children and time.monotonic() < wait:
+    wait_until(lambda: getattr(backlog.read_summary(str(queue)), "todo", None) == 6, 30,
+               "the scanner aside to write its summary")
+
+    def reaped() -> bool:
         watch._reap()
-        time.sleep(0.05)
-    assert watch._children == []  # the worker reaped its scanner
+        return not watch._children
+
+    wait_until(reaped, 30, "the worker to reap its scanner")
 
 
 def test_every_process_counts_the_mail_of_all_since_the_scan(tmp_path: Path) -> None:
@@ -225,9 +226,8 @@ def test_the_master_starts_a_scanner_for_stale_summaries(tmp_path: Path) -> None
     assert backlog.gauges(queues)[0][2] == []  # nothing known yet; a scanner was started
     assert time.monotonic() - started < 0.5  # and not waited for
     assert str(queue) in backlog._spawned
-    deadline = time.monotonic() + 30
-    while backlog.read_summary(str(queue)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: backlog.read_summary(str(queue)) is not None, 30,
+               "the scanner to write its summary")
     with pytest.raises(ChildProcessError):  # reap the scanner child(ren)
         while True:
             os.waitpid(-1, 0)
