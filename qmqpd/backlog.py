@@ -188,9 +188,11 @@ def write_summary(backlog: Backlog) -> None:
 _unwritable: set[str] = set()  # queues whose summary this process could not write (logged)
 
 
-def refresh(path: str, split: int, todo_layout: str, interval: float) -> Backlog | None:
-    """The queue's summary, scanned again first if it is older than interval and no other
-    process is scanning it (then its last summary, maybe None, is the answer)."""
+def refresh(path: str, split: int, todo_layout: str, interval: float,
+            now: float | None = None) -> Backlog | None:
+    """The queue's summary, scanned again first if it is older than interval at `now`
+    (time.time()) and no other process is scanning it (then its last summary, maybe None,
+    is the answer)."""
     try:
         fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      0o644)
@@ -202,7 +204,7 @@ def refresh(path: str, split: int, todo_layout: str, interval: float) -> Backlog
         except BlockingIOError:
             return read_summary(path)  # another process scans it right now
         current = read_summary(path)
-        if fresh(current, interval, time.time()):
+        if fresh(current, interval, time.time() if now is None else now):
             return current  # refreshed while we waited for the lock
         _reset_tally(path)
         scanned = scan(path, split, todo_layout)
@@ -230,11 +232,18 @@ def _note_unwritable(path: str, error: OSError) -> None:
 class Watch:
     """The backlog of a plan's queues as one process sees it: read from the summary files,
     rescanned (by whoever gets the lock) once they are QUEUE_SCAN_INTERVAL old. Built in
-    the master with the plan; each forked worker keeps its own copy of the cache."""
+    the master with the plan; each forked worker keeps its own copy of the cache.
 
-    def __init__(self, paths: Sequence[str], split: int, todo_layout: str,
-                 interval: float) -> None:
+    `clock` (monotonic: when to look again) and `wall` (the summaries' age, in epoch
+    seconds as other processes write them) are time.monotonic and time.time; a test
+    drives them."""
+
+    def __init__(self, paths: Sequence[str], split: int, todo_layout: str, interval: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.paths = tuple(paths)
+        self.clock = clock
+        self.wall = wall
         self.split = split
         self.todo_layout = todo_layout
         self.interval = interval
@@ -257,17 +266,18 @@ class Watch:
 
     def backlog(self, path: str) -> Backlog | None:
         checked, known = self._seen.get(path, (float("-inf"), None))
-        moment = time.monotonic()
+        moment = self.clock()
         if moment - checked >= min(RECHECK_SECONDS, self.interval):
             self._reap()
             previous = known
             known = read_summary(path)
-            if fresh(known, self.interval, time.time()):
+            now = self.wall()
+            if fresh(known, self.interval, now):
                 pass
             elif known is not None and known.seconds > INLINE_SCAN_SECONDS:
                 self._scan_aside(path)  # a long scan: not in this session's time
             else:
-                known = refresh(path, self.split, self.todo_layout, self.interval)
+                known = refresh(path, self.split, self.todo_layout, self.interval, now)
             if known is None or previous is None or known.scanned != previous.scanned:
                 self._added[path] = 0
             self._seen[path] = (moment, known)
