@@ -183,15 +183,16 @@ class Clock:
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+def peer_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Our end and the client's end of a socketpair, written by the test itself."""
     ours, theirs = socket.socketpair()
     yield ours, theirs
     ours.close()
     theirs.close()
 
 
-def test_slow_sender_is_cut_once_its_bytes_stop_covering_the_rate(pair) -> None:
-    ours, theirs = pair
+def test_slow_sender_is_cut_once_its_bytes_stop_covering_the_rate(peer_pair) -> None:
+    ours, theirs = peer_pair
     clock = Clock()
     source = FdSource(ours.fileno(), 30.0, clock() + 60, min_rate=100, grace=1, clock=clock)
     theirs.sendall(b"x" * 100)
@@ -207,9 +208,9 @@ def test_slow_sender_is_cut_once_its_bytes_stop_covering_the_rate(pair) -> None:
     assert isinstance(info.value, IdleTimeout)  # callers that only know timeouts still stop
 
 
-def test_fast_sender_with_a_stall_keeps_its_credit(pair) -> None:
+def test_fast_sender_with_a_stall_keeps_its_credit(peer_pair) -> None:
     """20 KB at once buys 20 KB / 10 KB/s = 2 s more beyond the grace: a 1.5 s stall is fine."""
-    ours, theirs = pair
+    ours, theirs = peer_pair
     clock = Clock()
     data = request([b"r@example.org"] * 1400)
     source = FdSource(ours.fileno(), 30.0, clock() + 60, min_rate=10_000, grace=0.2,
@@ -222,9 +223,9 @@ def test_fast_sender_with_a_stall_keeps_its_credit(pair) -> None:
     assert source.read_exact(len(data) - 20000) == data[20000:]
 
 
-def test_a_refused_slow_sender_is_not_drained_past_its_rate(pair) -> None:
+def test_a_refused_slow_sender_is_not_drained_past_its_rate(peer_pair) -> None:
     """After an early answer the rest is drained, but no longer than the rate rule allows."""
-    ours, theirs = pair
+    ours, theirs = peer_pair
     clock = Clock()
     source = FdSource(ours.fileno(), 30.0, clock() + 60, min_rate=100, grace=1, clock=clock)
     theirs.sendall(request([b"r@example.org"]))
