@@ -15,8 +15,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,32 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import QMQP_SOURCE, free_port, qmqp_source, stop_process, wait_for_port  # noqa: E402
 from qmqpd.filters import keys  # noqa: E402
 from qmqpd.queue import create_queue  # noqa: E402
 
-QMQP_SOURCE = "/usr/sbin/qmqp-source"
 # `qmqpd serve` with the stage modules loaded in the master before it forks (what the
 # serve command does once it calls filters.pipeline.preload itself).
 SERVE = ("import sys; from qmqpd.filters import pipeline; pipeline.preload(); "
          "from qmqpd.cli import main; sys.exit(main(['serve', '--config', sys.argv[1]]))")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 20) -> None:
-    stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
-        if proc.poll() is not None:
-            raise RuntimeError("qmqpd serve exited during start-up")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("qmqpd serve did not start listening")
 
 
 def run_case(work: Path, control: Path, settings: dict[str, str], args: argparse.Namespace
@@ -77,14 +57,13 @@ def run_case(work: Path, control: Path, settings: dict[str, str], args: argparse
         proc = subprocess.Popen([sys.executable, "-c", SERVE, str(config)], stdout=log,
                                 stderr=log, env=env, stdin=subprocess.DEVNULL)
     try:
-        wait_listening(port, proc)
+        wait_for_port(port, proc)
         load(port, args, warmup(args))  # every worker has loaded its key
         started = time.monotonic()
         load(port, args, args.messages)
         elapsed = time.monotonic() - started
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        stop_process(proc)
     queued = len(os.listdir(queue / "todo"))
     shutil.rmtree(queue)
     if args.keep_log:
@@ -97,10 +76,7 @@ def warmup(args: argparse.Namespace) -> int:
 
 
 def load(port: int, args: argparse.Namespace, count: int) -> None:
-    subprocess.run([QMQP_SOURCE, "-m", str(count), "-s", str(args.sessions),
-                    "-l", str(args.size), "-f", "sender@example.org",
-                    "-t", "rcpt@example.net", f"127.0.0.1:{port}"],
-                   check=True, capture_output=True, timeout=3600)
+    qmqp_source(port, count, args.sessions, args.size, "sender@example.org", "rcpt@example.net")
 
 
 def per_signature_ms(control: Path, size: int) -> tuple[float, float]:

@@ -18,23 +18,30 @@ Everything runs in a temporary directory and is stopped by PID, also on error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-QMQP_SOURCE = "/usr/sbin/qmqp-source"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.benchlib import (
+    CLK_TCK,
+    QMQP_SOURCE,
+    BenchError,
+    cpu_seconds,
+    free_port,
+    qmqp_source,
+    stop_process,
+    wait_for_port,
+)
+
 SENDER = "bench@example.com"
 RECIPIENT = "sink@example.net"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # The master under cProfile counting its own CPU time (not wall time: on a busy machine a
 # call that wakes a worker would look slow while the master merely waited for the core).
 PROFILED = """
@@ -49,35 +56,6 @@ finally:
 """
 
 
-class BenchError(Exception):
-    pass
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def own_cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of one process, children not included."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    # after the comm field: state is fields[0], utime and stime are fields[11] and [12]
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError("qmqpd serve exited during start-up")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {START_TIMEOUT:.0f}s")
-
-
 def config_text(port: int, queue: Path, rules: Path, sessions: int) -> str:
     return (f'localip = "127.0.0.1"\nport = {port}\nqueuedir = "{queue}"\n'
             f"use_fsync = true\nuse_syncdir = true\nmaxdaemons = {max(8, sessions)}\n"
@@ -85,11 +63,7 @@ def config_text(port: int, queue: Path, rules: Path, sessions: int) -> str:
 
 
 def send(port: int, messages: int, sessions: int, length: int) -> None:
-    command = [QMQP_SOURCE, "-m", str(messages), "-s", str(sessions), "-l", str(length),
-               "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}"]
-    result = subprocess.run(command, capture_output=True, timeout=600)
-    if result.returncode != 0:
-        raise BenchError(f"qmqp-source failed: {result.stderr.decode(errors='replace')}")
+    qmqp_source(port, messages, sessions, length, SENDER, RECIPIENT, timeout=600)
 
 
 def measure(command: list[str], root: Path, messages: int, sessions: int, length: int,
@@ -114,18 +88,13 @@ def measure(command: list[str], root: Path, messages: int, sessions: int, length
         process = subprocess.Popen(serve, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    start_new_session=True, cwd=root)
     try:
-        wait_for_port(port, process)
+        wait_for_port(port, process, START_TIMEOUT)
         send(port, 20, 1, length)  # warm up: workers started, code paths loaded
-        before = own_cpu_seconds(process.pid)
+        before = cpu_seconds(process.pid)
         send(port, messages, sessions, length)
-        after = own_cpu_seconds(process.pid)
+        after = cpu_seconds(process.pid)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, STOP_TIMEOUT)
     accepted = (root / "qmqpd.log").read_bytes().count(b' answer="K')
     if accepted < messages + 20:
         raise BenchError(f"only {accepted} of {messages + 20} messages accepted; "

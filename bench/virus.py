@@ -32,13 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import cpu_seconds as user_system_seconds  # noqa: E402
+from bench.benchlib import free_port, stop_process  # noqa: E402
 from qmqpd.client import Server, send  # noqa: E402
 from qmqpd.filters import virus  # noqa: E402
 from qmqpd.message import Message, MessageData  # noqa: E402
 from qmqpd.queue import create_queue  # noqa: E402
 from tests.clamd import Clamd  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RECEIVED = b"Received: from unknown (127.0.0.1)\n  by bench with QMQP; 1 Jan 2024 00:00:00 -0000\n"
 
 SENDER = b"bench@example.com"
@@ -80,16 +81,6 @@ def start_serve(tmp: Path, port: int, sessions: int, settings: dict[str, str]) -
         time.sleep(0.05)
     time.sleep(0.5)  # let the prefork workers come up
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def drive(port: int, count: int, sessions: int, size: int, first: int) -> dict[str, float]:
@@ -164,9 +155,7 @@ def logged_stage_ms(log: Path, skip: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(user_system_seconds(pid))
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -225,7 +214,7 @@ def main() -> int:
             alone_stage, alone_raw = stage_vs_raw_ms(path, 300, args.size, number + args.count)
         finally:
             for proc in procs:
-                stop(proc)
+                stop_process(proc)
             clamd.stop()
 
     off, on = figures["off"], figures["on"]
@@ -249,12 +238,6 @@ def main() -> int:
     print(f"| {args.sessions} in flight | {in_worker:.2f} ms (virus_ms in the workers' log) | "
           f"{under_load:.2f} ms | {in_worker - under_load:+.2f} ms |")
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

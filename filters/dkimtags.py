@@ -15,6 +15,8 @@ import re
 import time
 from collections.abc import Sequence
 
+from qmqpd.errors import PermanentError
+
 SIGNATURE_ALGORITHMS = frozenset((b"rsa-sha1", b"rsa-sha256", b"ed25519-sha256"))
 MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
 CLOCK_SLOP = 36000  # seconds of leeway for signers' clocks (dkimpy's 10 hours)
@@ -26,7 +28,7 @@ _FWS = rb"(?:(?:\s*\r?\n)?\s+)?"
 _B_VALUE = re.compile(rb"([;\s]b" + _FWS + rb"=)(?:" + _FWS + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?")
 
 
-class TagError(ValueError):
+class TagError(PermanentError, ValueError):
     """A signature whose tags cannot be checked; `letter` is qmail-dkim's result letter."""
 
     def __init__(self, letter: str, text: str) -> None:

@@ -28,7 +28,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from qmqpd import log
+from qmqpd import fsio, log
+from qmqpd.address import split_host_port
+from qmqpd.errors import TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Reply
 
@@ -43,8 +45,8 @@ DEFAULT_CONTROLDIR = "/etc/qmqpd"
 DEFAULT_KEY_PATTERN = "domainkeys/%/default"
 
 
-class KeyProblem(Exception):
-    """Base of the key problems a stage turns into an answer."""
+class KeyProblem(TemporaryError):
+    """Base of the key problems a stage turns into an answer (Z: the operator fixes the key)."""
 
 
 class KeyMissing(KeyProblem):
@@ -59,7 +61,7 @@ class KeyUnparsable(KeyProblem):
     """The key file is not a private key we can sign with: permanent."""
 
 
-class DnsTempError(Exception):
+class DnsTempError(TemporaryError):
     """The key lookup failed for a reason that may pass (timeout, SERVFAIL, no resolver)."""
 
 
@@ -268,7 +270,7 @@ def _resolver(servers: tuple[str, ...], timeout: float) -> dns.resolver.Resolver
         resolver = dns.resolver.Resolver(configure=False)
         addresses, ports = [], {}
         for server in servers:
-            host, port = _split_server(server)
+            host, port = split_host_port(server, 53)  # DNS_SERVERS, checked by config
             addresses.append(host)
             ports[host] = port
         resolver.nameservers = addresses
@@ -282,17 +284,6 @@ def _resolver(servers: tuple[str, ...], timeout: float) -> dns.resolver.Resolver
     resolver.lifetime = timeout
     _RESOLVERS[(servers, timeout)] = resolver
     return resolver
-
-
-def _split_server(server: str) -> tuple[str, int]:
-    """`1.2.3.4`, `1.2.3.4:5353`, `::1` or `[::1]:5353`."""
-    if server.startswith("["):
-        host, _, port = server[1:].partition("]:")
-        return host.rstrip("]"), int(port or 53)
-    if server.count(":") == 1:
-        host, port = server.split(":")
-        return host, int(port)
-    return server, 53
 
 
 def txt_record(name: str, timeout: float, servers: tuple[str, ...] = (),
@@ -422,24 +413,10 @@ def _make_key_dirs(directory: str, owner: tuple[int, int] | None) -> None:
 def _write_new(path: str, data: bytes, mode: int, replace: bool,
                owner: tuple[int, int] | None = None) -> None:
     """Create the file with its final mode and owner from the start (no window where it is
-    readable by others, or named while root owns it)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits
-        if owner is not None:
-            os.fchown(fd, owner[0], owner[1])
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if replace:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    finally:
-        os.unlink(tmp)
+    readable by others, or named while root owns it); replace=False: FileExistsError if
+    path exists."""
+    with fsio.atomic_file(path, mode, sync=True, owner=owner, replace=replace) as out:
+        out.write(data)
 
 
 def _owner(user: str | None, group: str | None) -> tuple[int, int] | None:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from qmqpd.errors import PermanentError
+
 # The header block is what the stages hold in memory; beyond this the message is refused by
 # a signing stage and gets a syntax result from a verifying one. 1 MiB is ~20,000 ordinary
 # header lines, far above any real message, and matches the size above which the body is
@@ -26,7 +28,7 @@ _NAME = re.compile(rb"([\x21-\x7e]+?):")
 _END_OF_HEADER = re.compile(rb"(?:^|\n)(\r?\n)")
 
 
-class MalformedHeader(Exception):
+class MalformedHeader(PermanentError):
     """The header block cannot be parsed into fields (or is larger than HEADER_LIMIT)."""
 
 

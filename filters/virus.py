@@ -28,7 +28,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from qmqpd import log
+from qmqpd.address import split_host_port
 from qmqpd.config import Config
+from qmqpd.errors import TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Message, Reply
 
@@ -41,7 +43,7 @@ NOT_SCANNED_SIZE = b"X-QHPSI: not scanned (message size)\n"
 NOT_SCANNED_ERROR = b"X-QHPSI: not scanned (scanner error)\n"
 
 
-class ScannerError(Exception):
+class ScannerError(TemporaryError):
     """clamd gave no usable answer: down, hung, closed early or answered an error."""
 
 
@@ -198,8 +200,8 @@ def _read_answer(sock: socket.socket, deadline: float | None) -> str:
 def scanner_for(config: Config) -> UnixScanner | TcpScanner:
     """CLAMD_TCP when set, else CLAMD_SOCKET."""
     if config.clamd_tcp:
-        host, _, port = config.clamd_tcp.rpartition(":")
-        return TcpScanner(host=host.strip("[]"), port=int(port), timeout=config.clamd_timeout)
+        host, port = split_host_port(config.clamd_tcp)
+        return TcpScanner(host=host, port=port, timeout=config.clamd_timeout)
     return UnixScanner(path=config.clamd_socket, timeout=config.clamd_timeout)
 
 

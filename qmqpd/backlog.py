@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from qmqpd import log
+from qmqpd.fsio import replace_file
 
 if TYPE_CHECKING:
     from qmqpd.config import Config
@@ -180,27 +181,18 @@ def read_summary(path: str) -> Backlog | None:
 
 def write_summary(backlog: Backlog) -> None:
     """tmp + rename: readers see the old summary or the new one, never half of one."""
-    target = os.path.join(backlog.queue, SUMMARY_NAME)
-    tmp = f"{target}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, format_summary(backlog).encode("ascii"))
-        finally:
-            os.close(fd)
-        os.rename(tmp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(os.path.join(backlog.queue, SUMMARY_NAME),
+                 format_summary(backlog).encode("ascii"), 0o644, exact_mode=False)
 
 
 _unwritable: set[str] = set()  # queues whose summary this process could not write (logged)
 
 
-def refresh(path: str, split: int, todo_layout: str, interval: float) -> Backlog | None:
-    """The queue's summary, scanned again first if it is older than interval and no other
-    process is scanning it (then its last summary, maybe None, is the answer)."""
+def refresh(path: str, split: int, todo_layout: str, interval: float,
+            now: float | None = None) -> Backlog | None:
+    """The queue's summary, scanned again first if it is older than interval at `now`
+    (time.time()) and no other process is scanning it (then its last summary, maybe None,
+    is the answer)."""
     try:
         fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                      0o644)
@@ -212,7 +204,7 @@ def refresh(path: str, split: int, todo_layout: str, interval: float) -> Backlog
         except BlockingIOError:
             return read_summary(path)  # another process scans it right now
         current = read_summary(path)
-        if fresh(current, interval, time.time()):
+        if fresh(current, interval, time.time() if now is None else now):
             return current  # refreshed while we waited for the lock
         _reset_tally(path)
         scanned = scan(path, split, todo_layout)
@@ -240,11 +232,18 @@ def _note_unwritable(path: str, error: OSError) -> None:
 class Watch:
     """The backlog of a plan's queues as one process sees it: read from the summary files,
     rescanned (by whoever gets the lock) once they are QUEUE_SCAN_INTERVAL old. Built in
-    the master with the plan; each forked worker keeps its own copy of the cache."""
+    the master with the plan; each forked worker keeps its own copy of the cache.
 
-    def __init__(self, paths: Sequence[str], split: int, todo_layout: str,
-                 interval: float) -> None:
+    `clock` (monotonic: when to look again) and `wall` (the summaries' age, in epoch
+    seconds as other processes write them) are time.monotonic and time.time; a test
+    drives them."""
+
+    def __init__(self, paths: Sequence[str], split: int, todo_layout: str, interval: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.paths = tuple(paths)
+        self.clock = clock
+        self.wall = wall
         self.split = split
         self.todo_layout = todo_layout
         self.interval = interval
@@ -267,17 +266,18 @@ class Watch:
 
     def backlog(self, path: str) -> Backlog | None:
         checked, known = self._seen.get(path, (float("-inf"), None))
-        moment = time.monotonic()
+        moment = self.clock()
         if moment - checked >= min(RECHECK_SECONDS, self.interval):
             self._reap()
             previous = known
             known = read_summary(path)
-            if fresh(known, self.interval, time.time()):
+            now = self.wall()
+            if fresh(known, self.interval, now):
                 pass
             elif known is not None and known.seconds > INLINE_SCAN_SECONDS:
                 self._scan_aside(path)  # a long scan: not in this session's time
             else:
-                known = refresh(path, self.split, self.todo_layout, self.interval)
+                known = refresh(path, self.split, self.todo_layout, self.interval, now)
             if known is None or previous is None or known.scanned != previous.scanned:
                 self._added[path] = 0
             self._seen[path] = (moment, known)

@@ -9,7 +9,6 @@ programs that run qmail-queue read the outcome the same way.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import re
 import socket
@@ -21,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from qmqpd.address import split_host_port
+from qmqpd.errors import TemporaryError
 from qmqpd.netstring import encode
 
 QMQP_PORT = 628
@@ -80,12 +81,20 @@ class Result:
         return self.text + ("" if not self.failures else ": " + "; ".join(self.failures))
 
 
-class InputError(Exception):
+# qmail-queue's interface has its own codes, all temporary outside 11-40: each error below
+# carries its code, the one qmqpc exits with.
+
+
+class InputError(TemporaryError):
     """The message could not be read (exit 54); no server is to blame."""
 
+    exit_code = EXIT_READ
 
-class BrokenSession(Exception):
+
+class BrokenSession(TemporaryError):
     """The connection was made but no valid answer came back (exit 74)."""
+
+    exit_code = EXIT_SESSION
 
 
 # ---------------------------------------------------------------------------- servers
@@ -96,36 +105,13 @@ _HOSTNAME = re.compile(
 )
 
 
-def _port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port {text!r}")
-    return int(text)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_server(spec: str) -> Server:
     """One server: IPv4, bare IPv6, ``[IPv6]:port``, hostname, or ``host:port``."""
     spec = spec.strip()
-    if spec.startswith("["):
-        host, sep, rest = spec[1:].partition("]")
-        if not sep or not _is_ipv6(host) or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad server {spec!r}")
-        return Server(host, _port(rest[1:]) if rest else QMQP_PORT)
-    if spec.count(":") > 1:
-        if not _is_ipv6(spec):
-            raise ValueError(f"bad IPv6 address {spec!r}")
-        return Server(spec)
-    host, sep, port = spec.partition(":")
-    if not _HOSTNAME.fullmatch(host):
+    host, port = split_host_port(spec, QMQP_PORT)
+    if ":" not in host and not _HOSTNAME.fullmatch(host):  # an IPv6 host is checked there
         raise ValueError(f"bad server {spec!r}")
-    return Server(host, _port(port) if sep else QMQP_PORT)
+    return Server(host, port)
 
 
 def _warn(text: str) -> None:
@@ -310,8 +296,10 @@ def _addresses(server: Server) -> list[tuple]:
     return socket.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
 
 
-class _SocketFailure(Exception):
+class _SocketFailure(TemporaryError):
     """socket() itself failed: the local system is out of something; stop at once."""
+
+    exit_code = EXIT_SOCKET
 
 
 def _connect(address: tuple, connect_timeout: float) -> socket.socket:
@@ -356,7 +344,7 @@ def send(message: bytes | BinaryIO, sender: bytes, recipients: list[bytes],
     try:
         body = _prepare_body(message)
     except InputError as error:
-        return Result(None, str(error), EXIT_READ)
+        return Result(None, str(error), error.exit_code)
     try:
         return _send_body(body, sender, recipients, servers, timeout, connect_timeout,
                           retry_broken, retry_temporary)
@@ -380,7 +368,7 @@ def _send_body(body: _Body, sender: bytes, recipients: list[bytes], servers: lis
             try:
                 sock = _connect(address, connect_timeout)
             except _SocketFailure as error:
-                return Result(None, f"cannot create a socket: {error}", EXIT_SOCKET, server,
+                return Result(None, f"cannot create a socket: {error}", error.exit_code, server,
                               failures)
             except OSError as error:
                 timed_out = isinstance(error, TimeoutError)
@@ -391,7 +379,7 @@ def _send_body(body: _Body, sender: bytes, recipients: list[bytes], servers: lis
                 with sock:
                     status, text = _session(sock, body, sender, recipients, timeout)
             except InputError as error:
-                return Result(None, str(error), EXIT_READ, server, failures)
+                return Result(None, str(error), error.exit_code, server, failures)
             except (OSError, BrokenSession) as error:
                 failures.append(f"{server}: {_describe(error)}")
                 if not retry_broken:
@@ -422,8 +410,10 @@ _NO_ANSWER = {
 # ---------------------------------------------------------------------------- qmail-queue mode
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(TemporaryError):
     """The envelope is not ``F<sender>\\0`` ``T<rcpt>\\0``... ``\\0`` (exit 91)."""
+
+    exit_code = EXIT_ENVELOPE
 
 
 def parse_envelope(data: bytes) -> tuple[bytes, list[bytes]]:
@@ -546,12 +536,12 @@ def _send_queue_style(message: BinaryIO, servers: list[Server],
     try:
         body = _prepare_body(message)
     except InputError as error:
-        return Result(None, str(error), EXIT_READ)
+        return Result(None, str(error), error.exit_code)
     try:
         try:
             sender, recipients = read_envelope(1)
         except EnvelopeError as error:
-            return Result(None, str(error), EXIT_ENVELOPE)
+            return Result(None, str(error), error.exit_code)
         except OSError as error:
             return Result(None, f"cannot read the envelope: {_describe(error)}", EXIT_READ)
         return _send_body(body, sender, recipients, servers, options.timeout,

@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
+from qmqpd.fsio import write_all
+
 CHUNK = 65536
 
 
@@ -179,7 +181,7 @@ class MessageData:
     def copy_to(self, fd: int) -> None:
         """Write the content to fd; a spool file goes through the kernel, not Python memory."""
         if self._data is not None:
-            _write_all(fd, self._data)
+            write_all(fd, self._data)
             return
         assert self._spool is not None
         self._spool.flush()
@@ -223,13 +225,6 @@ class MessageData:
             self._spool.close()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 class Message(Record):
     """One QMQP request after parsing.
 
@@ -268,7 +263,7 @@ class Message(Record):
         yield from self.data.chunks(size)
 
     def write_final(self, fd: int) -> None:
-        _write_all(fd, self.head)
+        write_all(fd, self.head)
         self.data.copy_to(fd)
 
     def close(self) -> None:
@@ -333,8 +328,9 @@ REPLIES: dict[str, str] = {
     "virus": "Dqq message contains virus (#5.7.1)",
     "scanner_unavailable": "Zvirus scanner unavailable (#4.3.0)",
     "scanner_size_limit": "Zmessage larger than the virus scanner accepts (#4.3.4)",
-    # The signing stages (dk, dkim) answer alike: a key the operator must fix is temporary,
-    # a message that cannot be signed as it is is permanent.
+    # The signing stages (dk, dkim) answer alike (filters/signing.py): a key the operator
+    # must fix is temporary, a header block that cannot be parsed is permanent, and a
+    # message without From: or Sender: is temporary, as qmail-dkim answers it.
     "key_unreadable": "Z{stage}: unable to read private key (#4.3.0)",
     "key_unusable": "Z{stage}: unable to use private key (#4.3.0)",
     "sign_malformed": "D{stage}: message header is malformed, cannot sign (#5.6.0)",

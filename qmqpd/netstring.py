@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from qmqpd.errors import EXIT_PERMANENT, QmqpdError, TemporaryError
+
 # qmail-qmqpd treats a length that is already above this when another digit arrives as
 # too large; the largest length accepted is therefore about 2e9.
 DIGIT_CAP = 200_000_000
@@ -21,8 +23,10 @@ OUTER_PREFIX_MAX = 100
 READ_SIZE = 65536
 
 
-class NetstringError(Exception):
+class NetstringError(QmqpdError):
     """Malformed input; ``reason`` is short and safe to send back to the client."""
+
+    exit_code = EXIT_PERMANENT  # answered D: the same bytes fail the same way
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -32,8 +36,10 @@ class NetstringError(Exception):
 class EarlyEOF(NetstringError):
     """The peer closed before the request was complete."""
 
+    exit_code = TemporaryError.exit_code  # nothing wrong with its bytes: it may send again
 
-class IdleTimeout(Exception):
+
+class IdleTimeout(TemporaryError):
     """No byte arrived within the idle timeout, or the session limit ran out."""
 
 
@@ -54,16 +60,20 @@ class FdSource:
     With ``min_rate`` (bytes/s) the client must keep up after ``grace`` seconds: the read
     deadline is ``started + grace + received / min_rate``, so every byte buys time and a
     request of L bytes takes at most ``grace + L / min_rate`` to arrive.
+
+    ``clock`` (time.monotonic) is what the deadlines are read against; a test may drive it.
+    The idle timeout is a wait in the kernel and always runs in real time.
     """
 
     def __init__(self, fd: int, idle_timeout: float, deadline: float, min_rate: int = 0,
-                 grace: float = 0.0) -> None:
+                 grace: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.fd = fd
+        self.clock = clock
         self.idle_timeout = idle_timeout
         self.deadline = deadline
         self.min_rate = min_rate
         self.grace = grace
-        self.started = time.monotonic()
+        self.started = clock()
         self.received = 0
         self._buffer = b""
         self._pos = 0
@@ -77,7 +87,7 @@ class FdSource:
         return self.started + self.grace + self.received / self.min_rate
 
     def _wait(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         limit = self.deadline
         slow = self.rate_deadline()
         if slow is not None and slow < limit:
@@ -159,12 +169,12 @@ class FdSource:
         """Discard what the peer still sends, bounded, so a final answer is not lost to RST.
 
         The minimum rate holds here too: a slow sender is not drained for the full time."""
-        stop = time.monotonic() + seconds
+        stop = self.clock() + seconds
         left = max_bytes - self.buffered
         self._buffer, self._pos = b"", 0
         while left > 0:
             slow = self.rate_deadline()
-            wait = (stop if slow is None else min(stop, slow)) - time.monotonic()
+            wait = (stop if slow is None else min(stop, slow)) - self.clock()
             if wait <= 0 or not self._poll.poll(wait * 1000):
                 return
             try:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from qmqpd.errors import QmqpdError, exit_for_status
 from qmqpd.message import Client, Message, MessageData, Reply
 from qmqpd.netstring import (
     OUTER_PREFIX_MAX,
@@ -46,7 +47,7 @@ _SAFE = frozenset(
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-class Refused(Exception):
+class Refused(QmqpdError):
     """The request is answered before it is complete (too big, no space, ...).
 
     ``unread`` is how many bytes the client announced but has not sent yet: they are
@@ -57,14 +58,16 @@ class Refused(Exception):
         super().__init__(reply.line)
         self.reply = reply
         self.unread = unread
+        self.exit_code = exit_for_status(reply.status)
 
 
-class BadEnvelope(Exception):
+class BadEnvelope(QmqpdError):
     """The request was read completely but cannot be accepted; answer with ``reply``."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.line)
         self.reply = reply
+        self.exit_code = exit_for_status(reply.status)
 
 
 def safe_field(value: str) -> bytes:

@@ -46,18 +46,19 @@ in its env like any other variable; the master reads it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import os
 import stat
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import cdbx
 
+from qmqpd import fsio
+from qmqpd.address import parse_ip
+from qmqpd.errors import PermanentError
 from qmqpd.message import decode_env_item
 
 _IPV4_BIT_LETTERS = b"abcdefghijklmnopqrstuvwxyz123456"
@@ -66,8 +67,9 @@ _ULONG = 2**64
 _HEADER_SIZE = 2048
 
 
-class RulesError(ValueError):
-    """A rules file that cannot be compiled or a cdb that cannot be used."""
+class RulesError(PermanentError, ValueError):
+    """A rules file that cannot be compiled or a cdb that cannot be used (exit 100, as
+    tcprules exits for bad input)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-class _LineError(Exception):
+class _LineError(PermanentError):
     """A problem in one line; parse_text adds the file name and line number."""
 
 
@@ -276,32 +278,13 @@ def parse_text(text: str, source: str = "tcp.qmqp") -> list[tuple[bytes, bytes]]
 
 def write_cdb(records: list[tuple[bytes, bytes]], cdb_path: str) -> None:
     """Write records to a temp file beside cdb_path, fsync, and rename it over cdb_path."""
-    directory = os.path.dirname(os.path.abspath(cdb_path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(cdb_path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            maker = cdbx.CDB.make(out)
-            for key, data in records:
-                maker.add(key, data)
-            maker.commit().close()
-            out.flush()
-            os.fchmod(out.fileno(), 0o644)  # readable after the server drops privileges
-            os.fsync(out.fileno())
-        os.replace(tmp, cdb_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # 0644: readable after the server drops privileges
+    with fsio.atomic_file(cdb_path, 0o644, sync=True) as out:
+        maker = cdbx.CDB.make(out)
+        for key, data in records:
+            maker.add(key, data)
+        maker.commit().close()
+    fsio.fsync_dir(os.path.dirname(os.path.abspath(cdb_path)))
 
 
 def compile_rules(text_path: str, cdb_path: str) -> int:
@@ -397,14 +380,13 @@ def _client(ip: str) -> _Client:
     """The forms of the client address the lookup needs; v4-mapped becomes dotted IPv4."""
     ip = ip.strip()
     if ":" in ip:
-        try:
-            v6 = ipaddress.IPv6Address(ip.split("%", 1)[0])
-        except ValueError:
+        address = parse_ip(ip)  # with a colon: IPv6, or the IPv4 it maps
+        if address is None:
             return _Client(ip, True, None, None)
-        if v6.ipv4_mapped is None:
-            bits = b"^" + _ipv6_bits(int(v6), 128)
-            return _Client(v6.compressed, True, expand_ipv6(str(v6)), bits)
-        ip = str(v6.ipv4_mapped)
+        if isinstance(address, ipaddress.IPv6Address):
+            bits = b"^" + _ipv6_bits(int(address), 128)
+            return _Client(address.compressed, True, expand_ipv6(str(address)), bits)
+        ip = str(address)
     try:
         value = int(ipaddress.IPv4Address(ip))
     except ValueError:
@@ -505,13 +487,8 @@ def check(path: str, ip: str, host: str = "", info: str = "") -> str:
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        address = ipaddress.ip_address(ip.strip().split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    address = parse_ip(ip.strip())
+    return address is not None and address.is_loopback
 
 
 NO_RULES_REASON = "no rules configured: only loopback clients are allowed"

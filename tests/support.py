@@ -201,6 +201,27 @@ def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10) -> No
     raise RuntimeError(f"nothing listens on {host}:{port} after {seconds}s")
 
 
+def listens(pid: int, port: int) -> bool:
+    """True when process pid holds a TCP socket listening on port (IPv4 or IPv6): the
+    server itself is bound there, not another process that holds the port."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
+
+
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, seconds: float = 10) -> None:
     """Stop a process we started, by its PID, and reap it."""
     if proc.poll() is None:

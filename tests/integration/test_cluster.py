@@ -197,19 +197,35 @@ class Balancer:
             env["QMQP_BIND"] = f"{self.address}:{self.port}"
         raise AssertionError(f"HAProxy {self.address}: its port was taken 10 times in a row")
 
-    def server_states(self) -> dict[str, str]:
-        """node name -> UP/DOWN/... from HAProxy's stats socket."""
+    def ask(self, command: str) -> str:
+        """One command on HAProxy's stats socket; "" when it cannot be asked."""
         try:
             with socket.socket(socket.AF_UNIX) as sock:
                 sock.settimeout(5)
                 sock.connect(str(self.stats))
-                sock.sendall(b"show stat\n")
-                text = read_reply(sock, 1 << 20).decode()
+                sock.sendall(command.encode() + b"\n")
+                return read_reply(sock, 1 << 20).decode()
         except OSError:
-            return {}
-        rows = csv.DictReader(text.lstrip("# ").splitlines())
-        return {row["svname"]: row["status"] for row in rows
-                if row["pxname"] == "qmqpd" and row["svname"].startswith("node")}
+            return ""
+
+    def node_rows(self) -> list[dict[str, str]]:
+        rows = csv.DictReader(self.ask("show stat").lstrip("# ").splitlines())
+        return [row for row in rows
+                if row["pxname"] == "qmqpd" and row["svname"].startswith("node")]
+
+    def server_states(self) -> dict[str, str]:
+        """node name -> UP/DOWN/... from HAProxy's stats socket."""
+        return {row["svname"]: row["status"] for row in self.node_rows()}
+
+    def node_sessions(self) -> int:
+        """Sessions HAProxy has open to the nodes now (its leastconn counts these)."""
+        return sum(int(row["scur"] or 0) for row in self.node_rows())
+
+    def tracked(self, source: str) -> int:
+        """conn_cur of source in the frontend's stick table (PER_CLIENT is checked on it)."""
+        table = self.ask("show table qmqp")
+        found = re.search(rf"key={re.escape(source)} .*?conn_cur=(\d+)", table)
+        return int(found.group(1)) if found else 0
 
     def up(self) -> int:
         return sum(state.startswith("UP") for state in self.server_states().values())
@@ -298,9 +314,10 @@ def test_real_clients_get_their_own_rules_and_limits(tmp_path: Path) -> None:
         # MAXPERIP=1 for 127.0.0.2 on each node: leastconn spreads three held sessions
         # one per node, so the fourth (within HAProxy's PER_CLIENT) meets a node already
         # serving 127.0.0.2 and gets its Z.
-        for _ in range(len(NODES)):
+        for count in range(1, len(NODES) + 1):
             held.append(cluster.hold_open("127.0.0.2"))
-            time.sleep(0.2)
+            wait_until(lambda count=count: cluster.balancer.node_sessions() == count, 30,
+                       "HAProxy to pass the held session on to a node")
         answer = cluster.send("127.0.0.2")
         assert b"Ztoo many connections from your IP" in answer, answer
         # Only HAProxy's health checks (PROXY LOCAL, empty envelope) show the balancer.
@@ -385,7 +402,8 @@ def test_a_node_killed_under_load_loses_no_acknowledged_message(cluster: Cluster
 def test_per_client_limit_is_held_by_the_balancer_for_the_cluster(cluster: Cluster) -> None:
     held = [cluster.hold_open("127.0.0.8") for _ in range(PER_CLIENT)]
     try:
-        time.sleep(0.3)  # let HAProxy count them before the next one
+        wait_until(lambda: cluster.balancer.tracked("127.0.0.8") == PER_CLIENT, 30,
+                   "HAProxy to count the held sessions in its stick table")
         # Spread over three nodes, yet the next one from the same client is refused.
         assert cluster.send("127.0.0.8") == b""
         assert is_k(cluster.send("127.0.0.9"))  # another client is not limited

@@ -17,6 +17,7 @@ from qmqpd.config import ConfigError, load
 from qmqpd.injector import Injector
 from qmqpd.message import Client, Message, MessageData
 from qmqpd.queue import create_queue, free_bytes
+from tests.support import wait_until
 
 RECEIVED = b"Received: from unknown (127.0.0.1)\n  by test with QMQP; 1 Jan 2025 00:00:00 -0000\n"
 BODY = b"Subject: t\n\nhello\n"
@@ -281,11 +282,8 @@ time.sleep(60)
     assert time.monotonic() - started < 30
     program, grandchild = (int(p) for p in pids.read_text().split())
     assert not alive(program)
-    for _ in range(50):  # the grandchild's reaper is init; give it a moment
-        if not alive(grandchild):
-            break
-        time.sleep(0.05)
-    assert not alive(grandchild)
+    # the grandchild's reaper is init: wait for it to go, not a fixed while
+    wait_until(lambda: not alive(grandchild), 10, "the program's grandchild to be gone")
 
 
 def test_external_mode_checks_min_free_on_queuedir(tmp_path: Path, queue: Path) -> None:

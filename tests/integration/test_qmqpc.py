@@ -8,7 +8,6 @@ import resource
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +18,11 @@ from tests.support import (
     PortTaken,
     command,
     free_port,
+    listens,
     need_postfix,
     start_on_free_port,
     stop_process,
-    wait_for_port,
+    wait_until,
 )
 
 MESSAGE = b"From: a@example.org\nSubject: qmqpc test\n\nhello\n"
@@ -134,8 +134,9 @@ def qmqp_sink() -> Iterator[Server]:
         proc = subprocess.Popen([sink, "-4", f"127.0.0.1:{port}", "10"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        wait_for_port(port)
-        time.sleep(0.2)  # qmqp-sink exits at once when it cannot bind (another holds it)
+        # qmqp-sink exits at once when it cannot bind: the port may answer for another
+        wait_until(lambda: proc.poll() is not None or listens(proc.pid, port), 10,
+                   f"qmqp-sink to listen on {port}")
         if proc.poll() is not None:
             raise PortTaken(f"qmqp-sink exited {proc.returncode} on port {port}")
         return proc, port

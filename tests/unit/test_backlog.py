@@ -14,6 +14,7 @@ import pytest
 from qmqpd import backlog
 from qmqpd.config import load
 from qmqpd.queue import create_queue
+from tests.support import wait_until
 
 SPLIT = 7
 
@@ -29,6 +30,23 @@ def fill(queue: Path, layout: str, ids: range, todo: bool = True, age: float = 0
         for name in names:
             name.touch()
             os.utime(name, (stamp, stamp))
+
+
+class Clocks:
+    """A monotonic clock the test moves, and a wall clock that runs that much ahead of the
+    real one (the summaries' scan times are real, and a wall clock behind them would make
+    every summary look as if it came from the future)."""
+
+    def __init__(self) -> None:
+        self.moment, self.ahead = 100.0, 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.moment += seconds
+        self.ahead += seconds
+
+    def watch(self, queue: Path, interval: float) -> backlog.Watch:
+        return backlog.Watch([str(queue)], SPLIT, "flat", interval,
+                             clock=lambda: self.moment, wall=lambda: time.time() + self.ahead)
 
 
 def make_queue(tmp_path: Path, layout: str = "flat", name: str = "queue") -> Path:
@@ -83,8 +101,9 @@ def test_one_process_scans_while_the_others_read(tmp_path: Path) -> None:
         assert backlog.refresh(str(queue), SPLIT, "flat", 0.001).todo == 4  # type: ignore[union-attr]
     finally:
         os.close(holder)
-    time.sleep(backlog.SCAN_DUTY * first.seconds + 0.01)  # past the duty bound of a scan
-    assert backlog.refresh(str(queue), SPLIT, "flat", 0.001).todo == 14  # type: ignore[union-attr]
+    past_duty = first.scanned + backlog.SCAN_DUTY * first.seconds + 0.01
+    assert backlog.refresh(str(queue), SPLIT, "flat", 0.001,  # type: ignore[union-attr]
+                           past_duty).todo == 14
 
 
 def test_a_slow_scan_is_not_repeated_sooner_than_its_duty_cycle() -> None:
@@ -98,14 +117,15 @@ def test_a_slow_scan_is_not_repeated_sooner_than_its_duty_cycle() -> None:
 
 def test_the_watch_rereads_at_most_once_a_second(tmp_path: Path) -> None:
     queue = make_queue(tmp_path)
-    watch = backlog.Watch([str(queue)], SPLIT, "flat", 2)
+    clocks = Clocks()
+    watch = clocks.watch(queue, 2)
     assert watch.all()[0].todo == 0  # type: ignore[union-attr]
     fill(queue, "flat", range(10, 13))
-    time.sleep(0.3)
+    clocks.advance(0.3)
     assert watch.all()[0].todo == 0  # type: ignore[union-attr]  # read 0.3 s ago: cached
-    time.sleep(backlog.RECHECK_SECONDS)
+    clocks.advance(backlog.RECHECK_SECONDS)
     assert watch.all()[0].todo == 0  # type: ignore[union-attr]  # reread, still fresh
-    time.sleep(1.0)
+    clocks.advance(1.0)
     assert watch.all()[0].todo == 3  # type: ignore[union-attr]  # 2 s old: rescanned
     off = load(environ={"QUEUEDIR": str(queue), "QUEUE_SCAN_INTERVAL": "0"})
     assert backlog.Watch.from_config(off, [str(queue)]) is None
@@ -113,14 +133,15 @@ def test_the_watch_rereads_at_most_once_a_second(tmp_path: Path) -> None:
 
 def test_the_watch_counts_its_own_mail_until_the_next_scan(tmp_path: Path) -> None:
     queue = make_queue(tmp_path)
-    watch = backlog.Watch([str(queue)], SPLIT, "flat", 60)
+    clocks = Clocks()
+    watch = clocks.watch(queue, 60)
     assert watch.backlog(str(queue)).todo == 0  # type: ignore[union-attr]
     for _ in range(3):
         watch.queued(str(queue))
     assert watch.backlog(str(queue)).todo == 3  # type: ignore[union-attr]
     fill(queue, "flat", range(10, 15))
     backlog.write_summary(backlog.scan(str(queue), SPLIT))  # another process rescanned
-    time.sleep(backlog.RECHECK_SECONDS)
+    clocks.advance(backlog.RECHECK_SECONDS)
     assert watch.backlog(str(queue)).todo == 5  # type: ignore[union-attr]
 
 
@@ -135,19 +156,20 @@ def test_a_long_scan_runs_aside_and_the_session_goes_on(tmp_path: Path) -> None:
     assert watch.backlog(str(queue)).todo == 1  # type: ignore[union-attr]  # the stale one
     assert time.monotonic() - started < 0.05
     assert len(watch._children) == 1
-    wait = time.monotonic() + 30
-    while backlog.read_summary(str(queue)).todo != 6 and time.monotonic() < wait:  # type: ignore[union-attr]
-        time.sleep(0.05)
-    assert backlog.read_summary(str(queue)).todo == 6  # type: ignore[union-attr]
-    while watch._children and time.monotonic() < wait:
+    wait_until(lambda: getattr(backlog.read_summary(str(queue)), "todo", None) == 6, 30,
+               "the scanner aside to write its summary")
+
+    def reaped() -> bool:
         watch._reap()
-        time.sleep(0.05)
-    assert watch._children == []  # the worker reaped its scanner
+        return not watch._children
+
+    wait_until(reaped, 30, "the worker to reap its scanner")
 
 
 def test_every_process_counts_the_mail_of_all_since_the_scan(tmp_path: Path) -> None:
     queue = make_queue(tmp_path)
-    one, other = (backlog.Watch([str(queue)], SPLIT, "flat", 60) for _ in range(2))
+    clocks = Clocks()
+    one, other = (clocks.watch(queue, 60) for _ in range(2))
     assert one.backlog(str(queue)).todo == 0  # type: ignore[union-attr]
     for _ in range(3):
         one.queued(str(queue))
@@ -161,10 +183,10 @@ def test_every_process_counts_the_mail_of_all_since_the_scan(tmp_path: Path) -> 
     fill(queue, "flat", range(10, 17))
     last = backlog.read_summary(str(queue))
     assert last is not None
-    time.sleep(backlog.SCAN_DUTY * last.seconds + 0.01)  # past the duty bound of a scan
-    scanned = backlog.refresh(str(queue), SPLIT, "flat", 0.000001)
+    past_duty = last.scanned + backlog.SCAN_DUTY * last.seconds + 0.01
+    scanned = backlog.refresh(str(queue), SPLIT, "flat", 0.000001, past_duty)
     assert scanned is not None and (scanned.todo, scanned.counted) == (7, 0)
-    time.sleep(backlog.RECHECK_SECONDS)
+    clocks.advance(backlog.RECHECK_SECONDS)
     one.queued(str(queue))
     assert one.backlog(str(queue)).todo == 8  # type: ignore[union-attr]
 
@@ -225,9 +247,8 @@ def test_the_master_starts_a_scanner_for_stale_summaries(tmp_path: Path) -> None
     assert backlog.gauges(queues)[0][2] == []  # nothing known yet; a scanner was started
     assert time.monotonic() - started < 0.5  # and not waited for
     assert str(queue) in backlog._spawned
-    deadline = time.monotonic() + 30
-    while backlog.read_summary(str(queue)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: backlog.read_summary(str(queue)) is not None, 30,
+               "the scanner to write its summary")
     with pytest.raises(ChildProcessError):  # reap the scanner child(ren)
         while True:
             os.waitpid(-1, 0)

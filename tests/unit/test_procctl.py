@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from qmqpd import procctl
+from tests.support import wait_until
 
 
 def in_child(body: Callable[[], int]) -> int:
@@ -83,9 +84,18 @@ def test_unknown_user_or_group_is_named() -> None:
         procctl.resolve_groups("no-such-group-qmqpd")
 
 
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_child_dies_with_its_parent() -> None:
     """A middle process forks a grandchild that asks for PDEATHSIG, then dies."""
     read_fd, write_fd = os.pipe()
+    armed_r, armed_w = os.pipe()
     middle = os.fork()
     if middle == 0:
         os.close(read_fd)
@@ -93,26 +103,20 @@ def test_child_dies_with_its_parent() -> None:
         if grandchild == 0:
             procctl.die_with_parent(signal.SIGKILL)
             os.write(write_fd, b"%d\n" % os.getpid())
+            os.write(armed_w, b"!")
             time.sleep(30)
             os._exit(0)
-        time.sleep(0.3)
+        # die only once the grandchild has asked: dying before would test nothing
+        os.read(armed_r, 1)
         os._exit(0)
     os.close(write_fd)
+    os.close(armed_r)
+    os.close(armed_w)
     grandchild_pid = int(os.read(read_fd, 64).split()[0])
     os.close(read_fd)
     os.waitpid(middle, 0)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{grandchild_pid}"):
-        with open(f"/proc/{grandchild_pid}/stat") as stat:
-            if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.02)
-    alive = os.path.exists(f"/proc/{grandchild_pid}")
-    state = ""
-    if alive:
-        with open(f"/proc/{grandchild_pid}/stat") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    assert not alive or state == "Z"
+    wait_until(lambda: _gone_or_zombie(grandchild_pid), 10,
+               "the grandchild to die with its parent")
 
 
 def test_parent_alive_and_title() -> None:

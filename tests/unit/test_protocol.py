@@ -3,8 +3,8 @@ valid requests parse identically."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +27,7 @@ from qmqpd.protocol import (
     Refused,
     date822,
     encode_reply,
+    protocol_error,
     read_request,
     received_line,
     safe_field,
@@ -211,12 +212,39 @@ def test_random_splits_parse_identically(message, sender, recipients, cuts) -> N
     assert (msg.data.bytes(), msg.sender, msg.recipients) == (message, sender, recipients)
 
 
+def whole_outer(data: bytes) -> bool:
+    """data holds a complete outer netstring (digits, colon, that many bytes, one more)."""
+    head = re.match(rb"(\d+):", data)
+    return head is not None and len(data) >= head.end() + int(head.group(1)) + 1
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.binary(max_size=200))
-def test_arbitrary_bytes_never_crash(data: bytes) -> None:
-    """Anything a client sends ends in a message or one of the documented outcomes."""
-    with contextlib.suppress(NetstringError, BadEnvelope, Refused):
-        parse([data])
+@given(st.binary(max_size=200) | st.builds(request, message_bytes, address,
+                                           st.lists(address, max_size=3)),
+       st.sampled_from([0, 20]), st.sampled_from([0, 2]))
+def test_arbitrary_bytes_never_crash(data: bytes, databytes: int, most: int) -> None:
+    """Anything a client sends ends in a message or one of the documented outcomes, each
+    only where it belongs; an escaping exception of any other kind fails the test."""
+    try:
+        msg = parse([data], databytes, max_recipients=most)
+    except EarlyEOF:
+        assert not whole_outer(data)  # the peer closed before its outer netstring ended
+    except NetstringError as error:  # malformed: a short, printable D reason
+        assert 0 < len(error.reason) <= 80 and error.reason.isascii()
+        assert error.reason.isprintable()
+        assert protocol_error(error).status == "D"
+    except Refused as refusal:  # only a configured limit refuses before the end
+        assert databytes or most
+        assert refusal.reply.status == "D" and refusal.unread >= 0
+    except BadEnvelope as bad:  # read whole, then refused
+        assert whole_outer(data)
+        assert bad.reply in (Reply.named("bad_address"), Reply.named("no_recipients"))
+    else:
+        assert whole_outer(data)
+        assert msg.recipients and (not most or len(msg.recipients) <= most)
+        assert not databytes or msg.data.size <= databytes
+        assert all(b"\0" not in a for a in [msg.sender, *msg.recipients])
+        msg.data.close()
 
 
 def test_received_line_matches_qmail_form() -> None:

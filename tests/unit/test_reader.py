@@ -26,20 +26,17 @@ def request(recipients: list[bytes], sender: bytes = b"s@example.org") -> bytes:
 
 
 class Peer:
-    """The far end of a socketpair, written from a thread (with optional pauses)."""
+    """The far end of a socketpair, written from a thread (so big inputs never block)."""
 
-    def __init__(self, chunks: list[bytes], pause: float = 0.0, close: bool = True) -> None:
+    def __init__(self, chunks: list[bytes], close: bool = True) -> None:
         self.ours, self.theirs = socket.socketpair()
-        self.thread = threading.Thread(target=self._write, args=(chunks, pause, close),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._write, args=(chunks, close), daemon=True)
         self.thread.start()
 
-    def _write(self, chunks: list[bytes], pause: float, close: bool) -> None:
+    def _write(self, chunks: list[bytes], close: bool) -> None:
         try:
             for chunk in chunks:
                 self.theirs.sendall(chunk)
-                if pause:
-                    time.sleep(pause)
             if close:
                 self.theirs.shutdown(socket.SHUT_WR)
         except OSError:
@@ -175,42 +172,73 @@ def test_zero_means_no_recipient_limit(peers: list[Peer]) -> None:
 
 # -- minimum transfer rate -----------------------------------------------------------------
 
-def test_slow_sender_is_cut_after_the_grace(peers: list[Peer]) -> None:
-    data = request([b"r@example.org"] * 50)
-    peer = Peer([data[i : i + 1] for i in range(len(data))], pause=0.05, close=False)
-    peers.append(peer)
-    source = FdSource(peer.ours.fileno(), 30.0, time.monotonic() + 60, min_rate=100, grace=1)
-    started = time.monotonic()
-    with pytest.raises(TooSlow, match=r"below 100 bytes/s after 1s") as info:
-        read_request(source, 0, RECEIVED)
-    elapsed = time.monotonic() - started
-    # About 20 bytes/s: the grace (1 s) plus the bit of credit its bytes bought (~0.3 s).
-    # The upper bound is loose for a loaded machine; it is still far below TIMEOUT (30 s).
-    assert 1.0 <= elapsed < 10, elapsed
+class Clock:
+    """A monotonic clock the test moves: the rate rule is decided without waiting for it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def peer_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Our end and the client's end of a socketpair, written by the test itself."""
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_slow_sender_is_cut_once_its_bytes_stop_covering_the_rate(peer_pair) -> None:
+    ours, theirs = peer_pair
+    clock = Clock()
+    source = FdSource(ours.fileno(), 30.0, clock() + 60, min_rate=100, grace=1, clock=clock)
+    theirs.sendall(b"x" * 100)
+    assert source.read_exact(100) == b"x" * 100  # within the grace
+    clock.now = 1001.9  # past the grace, but 100 bytes at 100 bytes/s bought 1 s more
+    theirs.sendall(b"y" * 50)
+    assert source.read_exact(50) == b"y" * 50
+    assert source.rate_deadline() == 1000 + 1 + 150 / 100
+    clock.now = 1002.6  # 0.1 s after what 150 bytes bought: cut, though bytes are waiting
+    theirs.sendall(b"z" * 1000)
+    with pytest.raises(TooSlow, match=r"150 bytes in 3s, below 100 bytes/s after 1s") as info:
+        source.read_byte()
     assert isinstance(info.value, IdleTimeout)  # callers that only know timeouts still stop
 
 
-def test_fast_sender_with_a_stall_keeps_its_credit(peers: list[Peer]) -> None:
+def test_fast_sender_with_a_stall_keeps_its_credit(peer_pair) -> None:
     """20 KB at once buys 20 KB / 10 KB/s = 2 s more beyond the grace: a 1.5 s stall is fine."""
+    ours, theirs = peer_pair
+    clock = Clock()
     data = request([b"r@example.org"] * 1400)
-    peer = Peer([data[:20000], data[20000:]], pause=1.5)
-    peers.append(peer)
-    source = FdSource(peer.ours.fileno(), 30.0, time.monotonic() + 60, min_rate=10_000,
-                      grace=0.2)
-    assert len(read_request(source, 0, RECEIVED).recipients) == 1400
+    source = FdSource(ours.fileno(), 30.0, clock() + 60, min_rate=10_000, grace=0.2,
+                      clock=clock)
+    theirs.sendall(data[:20000])
+    assert source.read_exact(20000) == data[:20000]
+    clock.now += 1.5 + 0.2  # the grace and a 1.5 s stall
+    theirs.sendall(data[20000:])
+    theirs.shutdown(socket.SHUT_WR)
+    assert source.read_exact(len(data) - 20000) == data[20000:]
 
 
-def test_a_refused_slow_sender_is_not_drained_for_long(peers: list[Peer]) -> None:
+def test_a_refused_slow_sender_is_not_drained_past_its_rate(peer_pair) -> None:
     """After an early answer the rest is drained, but no longer than the rate rule allows."""
-    peer = Peer([request([b"r@example.org"])] + [b"x"] * 200, pause=0.05, close=False)
-    peers.append(peer)
-    source = FdSource(peer.ours.fileno(), 30.0, time.monotonic() + 60, min_rate=100, grace=1)
+    ours, theirs = peer_pair
+    clock = Clock()
+    source = FdSource(ours.fileno(), 30.0, clock() + 60, min_rate=100, grace=1, clock=clock)
+    theirs.sendall(request([b"r@example.org"]))
     read_request(source, 0, RECEIVED).close()
-    started = time.monotonic()
+    read = source.received
+    theirs.sendall(b"x" * 10)
+    clock.now = source.rate_deadline() - 0.5  # still covered: drained
+    source.drain(10, 20.0)
+    assert source.received == read + 10
+    theirs.sendall(b"y" * 10)
+    clock.now = source.rate_deadline() + 0.1  # past what its bytes bought: not read at all
     source.drain(1 << 20, 20.0)
-    # Cut after about 2 s (grace 1 s + credit); without the rule the drain would last as
-    # long as the trickle, about 10 s. The bound leaves room for a loaded machine.
-    assert time.monotonic() - started < 6
+    assert source.received == read + 10
 
 
 def test_no_minimum_rate_waits_for_the_idle_timeout(peers: list[Peer]) -> None:
