@@ -91,7 +91,7 @@ def _writer(cfg: config_mod.Config) -> tuple[Writer | None, list[config_mod.Conf
     try:
         uid, _primary, gids, name = procctl.identity(cfg.user, cfg.group)
     except procctl.ProcError as error:
-        setting = "GROUP" if str(error).startswith("GROUP") else "USER"
+        setting = error.setting
         return None, [config_mod.problem(setting, cfg.source(setting), str(error))]
     uid = os.geteuid() if uid < 0 else uid
     return Writer(uid, tuple(gids), name or str(uid)), []
@@ -286,7 +286,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             try:
                 owners = queue.create_queue(path, split=cfg.split, todo_layout=cfg.todo_layout)
             except queue.QueueSetupError as error:
-                return _fail(str(error), 100)
+                return _fail(str(error), error.exit_code)
             print(f"created {path} (owners: {owners.source})")
         return 0
     for path in paths:
@@ -301,9 +301,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
                                          todo_layout=layout.todo_layout)
                 print(_stat_line(path, stats) + _backlog_fields(cfg, path))
         except queue.NotAQueue as error:
-            return _fail(str(error), 100)
+            return _fail(str(error), error.exit_code)
         except queue.QueueUnreadable as error:
-            return _fail(f"cannot read queue {error}")
+            return _fail(f"cannot read queue {error}", error.exit_code)
         except OSError as error:  # a file or directory inside the queue
             return _fail(f"cannot read queue {path}: {error.filename}: {error.strerror}")
     return 0

@@ -46,6 +46,8 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from qmqpd.errors import TemporaryError
+
 # The record of the rounds (and its lock), and the two locks a round's leader holds: round
 # k holds lock k % 2, so the waiters of one round wake while the next one runs.
 RECORD_NAME = os.path.join("lock", "qmqpd-commit")
@@ -103,7 +105,7 @@ class _Round(NamedTuple):
     leader: int  # pid that led the last round
 
 
-class CommitError(Exception):
+class CommitError(TemporaryError):
     """A round that failed, or one that covered this writer and failed: nothing is durable."""
 
 

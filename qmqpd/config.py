@@ -14,8 +14,10 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from qmqpd.errors import TemporaryError
 
-class ConfigError(ValueError):
+
+class ConfigError(TemporaryError, ValueError):
     """A setting that cannot be used; the message names key, source and what is allowed.
 
     `setting` and `source` say which setting and where it came from, when one is known,

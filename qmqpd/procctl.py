@@ -17,10 +17,12 @@ import sys
 
 import setproctitle
 
+from qmqpd.errors import TemporaryError
+
 PR_SET_PDEATHSIG = 1
 
 
-class ProcError(Exception):
+class ProcError(TemporaryError):
     """A user, group or limit that cannot be applied; the message says which and why.
 
     `setting` names the setting at fault (USER or GROUP); `missing` is true when the user

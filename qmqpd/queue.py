@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qmqpd.commit import ROUND_STEPS, CommitError, GroupCommit, unsupported
+from qmqpd.errors import PermanentError, TemporaryError
 from qmqpd.message import FrozenRecord, Record
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-class QueueError(Exception):
+class QueueError(TemporaryError):
     """A failed queue write: the qmail-queue exit code and why."""
 
     def __init__(self, exit_code: int, reason: str) -> None:
@@ -99,7 +100,7 @@ class QueueError(Exception):
         self.reason = reason
 
 
-class QueueSetupError(Exception):
+class QueueSetupError(PermanentError):
     """A queue directory that cannot be created or fixed."""
 
 
@@ -756,11 +757,11 @@ def _describe(path: str, split: int, qid: int, state: str, envelope: str,
     return record
 
 
-class NotAQueue(Exception):
+class NotAQueue(PermanentError):
     """`qmqpd queue list/stat` on a path that is no qmail queue (exit 100)."""
 
 
-class QueueUnreadable(Exception):
+class QueueUnreadable(TemporaryError):
     """A queue the reader may not look into (exit 111: fix the rights, try again)."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from string import Template
 
 from qmqpd import config as config_mod
+from qmqpd.errors import PermanentError
 
 SERVICE_PREFIX = "qmqpd"
 DEFAULT_LOG_BASE = "/var/log"
@@ -49,7 +50,7 @@ def _render(name: str, **values: str) -> str:
     return Template(template).substitute(values)
 
 
-class ServiceError(Exception):
+class ServiceError(PermanentError):
     """A bad option or a directory that cannot be written; the text says which."""
 
 
