@@ -11,7 +11,7 @@ came from, and what is allowed. Called by cli, service and the plan; touches no 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from qmqpd.errors import TemporaryError
@@ -157,14 +157,11 @@ def _scan_switch(raw: Any) -> bool | None:
 
 def _host_port(raw: Any) -> str:
     """CLAMD_TCP: empty, or host:port / [v6]:port."""
+    from qmqpd.address import split_host_port  # only when set: start-up stays light
+
     text = _str(raw).strip()
-    if not text:
-        return ""
-    host, colon, port = text.rpartition(":")
-    if not colon or not host.strip("[]") or not 0 < int(port) < 65536:
-        raise ValueError
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ValueError
+    if text:
+        split_host_port(text)
     return text
 
 
@@ -182,15 +179,11 @@ def _float_parser(low: float, high: float) -> Callable[[Any], float]:
 
 def _servers(raw: Any) -> tuple[str, ...]:
     """DNS_SERVERS: addresses with an optional port, comma or space separated."""
+    from qmqpd.address import split_host_port
+
     out = []
     for item in _list_items(raw):
-        host = item[1:].split("]")[0] if item.startswith("[") else item
-        if item.count(":") == 1 and not item.startswith("["):
-            host, port = item.split(":")
-            if not 0 < int(port) < 65536:
-                raise ValueError
-        if not host:
-            raise ValueError
+        split_host_port(item, 53)
         out.append(item)
     return tuple(out)
 
@@ -210,16 +203,13 @@ def _listen_address(raw: Any) -> str:
     """METRICS: empty (off), host:port or [v6]:port with a literal IP address."""
     import ipaddress
 
+    from qmqpd.address import split_host_port
+
     text = _str(raw).strip()
     if not text:
         return ""
-    host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError
-    if host.startswith("[") and host.endswith("]"):
-        if ipaddress.ip_address(host[1:-1]).version != 6:
-            raise ValueError
-    elif ipaddress.ip_address(host).version != 4:
+    host, _port = split_host_port(text)
+    if ipaddress.ip_address(host).version != (6 if text.startswith("[") else 4):
         raise ValueError
     return text
 
@@ -242,7 +232,7 @@ def _s(name: str, parse: Callable[[Any], Any], default: Any, allowed: str, doc: 
     return Setting(name, parse, default, allowed, doc, group)
 
 
-# The one table. Later stages append their settings here (group names them in the docs).
+# The one table: every setting, each stage's among them (group names them in the docs).
 SETTINGS: dict[str, Setting] = {
     s.name: s
     for s in (
@@ -624,13 +614,11 @@ def sample_toml() -> str:
         "# name (USER and GROUP: never from the process environment). Precedence: rule env >",
         "# envdir > process env > this file > built-in default. Uncomment to change.",
     ]
-    group = None
-    for setting in SETTINGS.values():
-        if setting.group != group:
-            group = setting.group
-            lines += ["", f"# --- {group} ---"]
-        lines.append(f"# {setting.doc} ({setting.allowed})")
-        lines.append(f"#{setting.key} = {_toml_value(setting.default)}")
+    for group, settings in _by_group():
+        lines += ["", f"# --- {group} ---"]
+        for setting in settings:
+            lines.append(f"# {setting.doc} ({setting.allowed})")
+            lines.append(f"#{setting.key} = {_toml_value(setting.default)}")
     return "\n".join(lines) + "\n"
 
 
@@ -649,13 +637,18 @@ def settings_markdown() -> str:
         "environment (a login shell or sudo sets `$USER`): put them in the config file or the",
         "envdir; `qmqpd config` and `qmqpd check` say when the environment has them.",
     ]
-    group = None
-    for setting in SETTINGS.values():
-        if setting.group != group:
-            group = setting.group
-            lines += ["", f"## {group}", "", "| name | default | allowed | what it does |",
-                      "| --- | --- | --- | --- |"]
-        default = _toml_value(setting.default)
-        cells = [f"`{setting.name}`", f"`{default}`", setting.allowed, setting.doc]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    for group, settings in _by_group():
+        lines += ["", f"## {group}", "", "| name | default | allowed | what it does |",
+                  "| --- | --- | --- | --- |"]
+        for setting in settings:
+            default = _toml_value(setting.default)
+            cells = [f"`{setting.name}`", f"`{default}`", setting.allowed, setting.doc]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _by_group() -> Iterator[tuple[str, Iterator[Setting]]]:
+    """The key table's settings in table order, a run per group (both generated docs)."""
+    import itertools
+
+    return itertools.groupby(SETTINGS.values(), key=lambda setting: setting.group)

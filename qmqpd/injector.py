@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from qmqpd import backlog, log
 from qmqpd.config import Config, ConfigError, problem
+from qmqpd.fsio import write_all
 from qmqpd.message import Client, Message, Reply, reply_for_exit
 from qmqpd.queue import (
     EXIT_READ,
@@ -186,7 +187,7 @@ class Injector:
     """One session's way into the queue; the queue is chosen once, at construction."""
 
     def __init__(self, config: Config, client: Client, route: Route | None = None) -> None:
-        self.config = config  # already overlaid with the client's rule env by the handler
+        self.config = config  # the session plan's settings: base merged with the rule env (plan.py)
         self.client = client
         if route is None:  # not planned ahead: only the check that needs no disk
             missing = _no_queue(config)
@@ -286,7 +287,7 @@ class Injector:
         pipes.close_child_ends()
         feeders = [
             _Feeder(pipes.message_w, message.write_final),
-            _Feeder(pipes.envelope_w, lambda fd: _write_all(fd, envelope)),
+            _Feeder(pipes.envelope_w, lambda fd: write_all(fd, envelope)),
         ]
         custom, overrun = _read_errors(pipes.error_r, deadline)
         code = _wait(process, deadline) if not overrun else None
@@ -404,9 +405,3 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.kill()
     process.wait()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qmqpd.commit import ROUND_STEPS, CommitError, GroupCommit, unsupported
 from qmqpd.errors import PermanentError, TemporaryError
+from qmqpd.fsio import write_all
 from qmqpd.message import FrozenRecord, Record
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ class Queue:
             self._reached("message_written")
             intd_fd = self._create_intd(qid, made)
             self._reached("intd_created")
-            _step(EXIT_WRITE, "write envelope", _write_all, intd_fd, envelope)
+            _step(EXIT_WRITE, "write envelope", write_all, intd_fd, envelope)
             self._reached("envelope_written")
             if self._group is not None:
                 if self.fsync:
@@ -384,12 +385,6 @@ def _step(code: int, what: str, func: Callable[..., object], *args: object) -> N
     except OSError as exc:
         detail = exc.strerror or str(exc)
         raise QueueError(code, f"{what}: {detail}") from None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:

@@ -17,7 +17,6 @@ import pwd
 import shlex
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -25,6 +24,7 @@ from string import Template
 
 from qmqpd import config as config_mod
 from qmqpd.errors import PermanentError
+from qmqpd.fsio import replace_file
 
 SERVICE_PREFIX = "qmqpd"
 DEFAULT_LOG_BASE = "/var/log"
@@ -175,16 +175,7 @@ def _qmqpd_program(explicit: str | None) -> str:
 
 def _write(path: Path, text: str, mode: int) -> None:
     """Write atomically: a half-written run script must never be executed by supervise."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(str(path), text.encode(), mode)
 
 
 def _service_name(opts: argparse.Namespace) -> str:
