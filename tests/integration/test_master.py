@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.master import HANDOFF_BYTES
+from qmqpd.lobby import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
 from tests.support import free_port, process_title, read_reply, request, toml_text, wait_until
 
