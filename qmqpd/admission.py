@@ -7,7 +7,8 @@ master replans from the same watcher), each rule's merged settings, and the deci
 facts and a `Lease` from the ledger.
 Called by: the master, once per accepted connection (and again once its PROXY header
 names the real client), and once per turn (`new_turn`).
-Never touches: a socket (the master passes the addresses), workers or the lobby.
+Never touches: a socket (the master passes the addresses), workers or the lobby. Each
+decision is logged here, where it is made.
 """
 
 from __future__ import annotations
@@ -33,18 +34,31 @@ class Plans(Protocol):
 
 
 @dataclass(frozen=True)
+class ProxyReject:
+    ip: str
+    reason: str
+    result = "proxy_rejected"  # the status.CONNECTIONS counter of a turned-away client
+
+
+@dataclass(frozen=True)
+class AwaitHeader:
+    reader: proxy.HeaderReader
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Deny:
     ip: str
     rule: str | None
     reason: str
+    result = "denied"
 
 
 @dataclass(frozen=True)
 class Refuse:
     ip: str
-    count: int
-    limit: int
     answer: str
+    result = "refused_perip"
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,7 @@ class Admit:
     grace: float
 
 
-Decision = Deny | Refuse | Admit
+Decision = ProxyReject | AwaitHeader | Deny | Refuse | Admit
 
 
 class RulesWatcher:
@@ -115,46 +129,54 @@ class Admission:
         self.policy = proxy.Policy.from_config(config)  # ValueError: refuse the start
         self.unusable_rules: set[str | None] = set()
 
-    def replace(self, config: Config, plans: Plans, rules: RulesWatcher | None = None,
-                policy: proxy.Policy | None = None) -> None:
-        """A reload, or new plans after the rules file changed."""
-        self.config, self.plans = config, plans
-        if rules is not None:
-            self.rules.close()
-            self.rules = rules
-        if policy is not None:
-            self.policy = policy
-        self.unusable_rules.clear()
-
-    def needs_header(self) -> bool:
-        return self.policy.enabled
-
-    def check_source(self, peer_ip: str) -> str:
-        """'' when peer_ip may send a PROXY header, else why not."""
+    def replan_if_changed(self, now: float, planner: Callable[[Config], Plans]) -> None:
+        """A replaced rules cdb is planned again: every rule env checked (a bad one is one
+        log line, and the running plans stay), the plans kept for workers forked from now
+        on. Running workers plan a rule env new to them on its first client."""
+        if not self.rules.changed(now):
+            return
         try:
-            self.policy.check_source(peer_ip)
-        except proxy.ProxyError as error:
-            return str(error)
-        return ""
+            plans = planner(self.config)
+        except Exception as error:
+            log.error("rules changed but cannot be used; keeping the running plans",
+                      rules=self.config.rules, error=str(error))
+            return
+        self.plans = plans
+        self.unusable_rules.clear()
+        log.event("replan", reason="rules changed", rules=self.config.rules)
 
-    def decide(self, peer: tuple, local: tuple) -> Decision:
-        """peer: the client (from the socket, or its PROXY header); local: the address it
-        connected to."""
+    def decide(self, peer: tuple, local: tuple | None) -> Decision:
+        """peer: the client (from the socket, or from its PROXY header); local: the
+        address it connected to, None for a fresh connection (its header may come first)."""
+        if local is None and self.policy.enabled:
+            try:
+                self.policy.check_source(str(peer[0]))
+            except proxy.ProxyError as error:
+                log.event("proxy_reject", ip=str(peer[0]), reason=str(error))
+                return ProxyReject(str(peer[0]), str(error))
+            return AwaitHeader(self.policy.reader(), self.policy.timeout)
         ip = fold_ip(str(peer[0]))
         rule = self.rules.lookup(ip)
         if not rule.allow:
+            log.event("deny", ip=ip, rule=rule.key, reason=rule.reason or None)
             return Deny(ip, rule.key, rule.reason)
         settings = self._rule_settings(rule)
         limit = int(settings.maxperip)
         lease = self.ledger.admit(ip, limit)
         if lease is None:
-            return Refuse(ip, self.ledger.per_ip.count(ip), limit,
-                          Reply.named("too_many_per_ip").line)
+            answer = Reply.named("too_many_per_ip").line
+            log.event("perip_limit", ip=ip, count=self.ledger.per_ip.count(ip), maxperip=limit,
+                      answer=answer)
+            return Refuse(ip, answer)
+        local = local or ("", 0)
         client = Client(remote_ip=ip, remote_port=str(peer[1]),
                         local_ip=fold_ip(str(local[0])), local_port=str(local[1]),
                         local_host=self.hostname, proto="TCP6" if ":" in ip else "TCP",
                         rule_env=dict(rule.env))
         return Admit(lease, client, int(settings.min_rate), float(settings.rate_grace))
+
+    def client_of(self, header: proxy.ProxyHeader, peer: tuple[str, int]) -> tuple[str, int]:
+        return self.policy.client_of(header, peer)
 
     def _rule_settings(self, rule: Rule) -> Config:
         """The rule's validated settings (rule env over the global), as its worker applies

@@ -4,7 +4,7 @@ Owns: the sockets the server accepts on (PORT on each LOCALIP), bound before the
 privilege drop, and whether they are registered in the master's selector (accepting or
 paused). `open_socket` is the one way a listening TCP socket is made (METRICS may use it).
 Called by: the master (open at start, pause/resume each turn, close at stop and in a child).
-Never touches: clients (it accepts nothing: the master does, through `sockets`).
+Never touches: clients (it accepts them and hands them on at once, knowing nothing of them).
 """
 
 from __future__ import annotations
@@ -12,10 +12,15 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
+from collections.abc import Callable, Iterator
+
+from qmqpd import log
 
 # The kernel's queue of connections not yet accepted: the master accepts eagerly (idle
 # ones wait in the master without a worker), so this only absorbs bursts of connects.
 LISTEN_BACKLOG = 1024
+# Connections accepted in one go before the loop looks at timers and signals again.
+ACCEPT_BATCH = 256
 
 
 class ListenError(Exception):
@@ -71,10 +76,16 @@ class Listeners:
         self.sockets: list[socket.socket] = []
         self.names: list[str] = []  # what is bound (a reload cannot change it)
         self.watching = False
+        self.failure: OSError | None = None  # what ended the last accept batch, if not EAGAIN
 
     def open(self, addresses: tuple[str, ...], port: int, backlog: int) -> None:
         self.sockets = open_listeners(addresses, port, max(LISTEN_BACKLOG, backlog))
         self.names = [name(sock) for sock in self.sockets]
+
+    def log(self, **fields: object) -> None:
+        for sock in self.sockets:
+            host, port = sock.getsockname()[:2]
+            log.event("listen", addr=host, port=port, **fields)
 
     def watch(self, want: bool) -> None:
         """Accept (want) or pause; the kernel's backlog holds connects while paused."""
@@ -86,6 +97,26 @@ class Listeners:
             else:
                 self.selector.unregister(sock)
         self.watching = want
+
+    def accept(self, listener: socket.socket,
+               room: Callable[[], bool]) -> Iterator[tuple[socket.socket, tuple]]:
+        """Up to ACCEPT_BATCH connections while `room()` says one more may be taken; a
+        client that gave up before its accept is skipped. Another error ends the batch and
+        is left in `failure` for the caller (out of descriptors: it sheds load)."""
+        self.failure = None
+        for _ in range(ACCEPT_BATCH):
+            if not room():
+                return
+            try:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                self.failure = error
+                return
+            yield conn, peer
 
     def close(self) -> None:
         self.watch(False)

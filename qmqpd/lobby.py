@@ -55,6 +55,7 @@ BUSY_REPLY = "Zserver busy: no worker free, try again later (#4.3.0)"
 # Event results that are not connection counters.
 HEADER_READ = "header"
 SHORT = "short"
+SHED_WARNING_INTERVAL = 10.0
 # Stale timer entries are dropped once the heap is this much larger than the lobby.
 TIMER_SLACK = 64
 
@@ -149,13 +150,12 @@ def _available(sock: socket.socket) -> int:
 
 class Lobby:
     def __init__(self, selector: selectors.BaseSelector, ledger: Ledger,
-                 budget: DescriptorBudget, first_byte_timeout: float,
-                 wait_timeout: float) -> None:
+                 budget: DescriptorBudget) -> None:
         self.selector = selector
         self.ledger = ledger
         self.budget = budget
-        self.first_byte_timeout = first_byte_timeout
-        self.wait_timeout = wait_timeout
+        self.first_byte_timeout = 10.0
+        self.wait_timeout = 60.0
         # both in arrival order: the oldest goes first when descriptors run short
         self.conns: dict[Conn, None] = {}
         self.lingering: dict[Conn, None] = {}
@@ -165,6 +165,13 @@ class Lobby:
         self.timers: list[tuple[float, int, Conn]] = []
         self.order = itertools.count()
         self.events: list[Event] = []
+        self.next_shed_warning = 0.0
+
+    def configure(self, first_byte_timeout: float, wait_timeout: float,
+                  budget: DescriptorBudget) -> None:
+        """FIRST_BYTE_TIMEOUT, the wait for a worker (TIMEOUT), the descriptor budget."""
+        self.first_byte_timeout, self.wait_timeout = first_byte_timeout, wait_timeout
+        self.budget = budget
 
     # ---- counts -------------------------------------------------------------------------
     def held(self) -> int:
@@ -480,6 +487,16 @@ class Lobby:
                 self._close(conn, "dropped", "descriptor budget full; oldest idle closed")
             freed += len(victims)
         return freed, self._take_events()
+
+    def shed_load(self, now: float, reason: str) -> list[Event]:
+        """Out of descriptors or memory: an eighth of what is held (at least 16) goes,
+        with one warning per SHED_WARNING_INTERVAL."""
+        freed, events = self.shed(max(16, self.held() // 8))
+        if now >= self.next_shed_warning:
+            log.warning("short of descriptors or memory; shedding load", reason=reason,
+                        closed=freed, held=self.held(), client_fds=self.budget.clients)
+            self.next_shed_warning = now + SHED_WARNING_INTERVAL
+        return events
 
     def close_all(self, reason: str) -> list[Event]:
         """Not yet handed to a worker: no session in progress, the client retries elsewhere."""

@@ -153,6 +153,13 @@ class Pool:
     def in_state(self, state: State) -> list[Worker]:
         return [w for w in self.workers.values() if w.state is state]
 
+    def counts(self) -> dict[str, int]:
+        """Workers per state, and in all (for the status)."""
+        counts = {state.value: 0 for state in State}
+        for worker in self.workers.values():
+            counts[worker.state.value] += 1
+        return {**counts, "total": len(self.workers)}
+
     @property
     def busy(self) -> int:
         return sum(1 for w in self.workers.values() if w.state is State.BUSY)
@@ -234,6 +241,18 @@ class Pool:
             return None
         idle.sort(key=lambda w: (w.generation != self.generation, -w.idle_since))
         return idle[0]
+
+    def has_idle(self) -> bool:
+        return any(w.state is State.IDLE for w in self.workers.values())
+
+    def hand_to_idle(self, fd: int, client: ipc.Client, session: Lease, now: float) -> bool:
+        """To an idle worker, the next one if its channel fails; False when none took it."""
+        while (worker := self.take_idle()) is not None:
+            if self.hand(worker, fd, client, session, now):
+                return True
+            if worker.state is State.IDLE:  # the worker is fine: the record cannot be made
+                return False
+        return False
 
     def hand(self, worker: Worker, fd: int, client: ipc.Client, session: Lease,
              now: float) -> bool:
@@ -378,6 +397,11 @@ class Pool:
             worker.session = None
             if worker.state is State.STARTING and self.spawning:
                 self._boot_failed(gone, now)
+            elif gone.session is not None:
+                log.warning("worker died during a session", worker=pid, ip=gone.session.ip,
+                            status=gone.description)
+            elif status != 0 and not worker.signals_sent:  # not one we stopped
+                log.event("worker_exit", worker=pid, status=gone.description)
             exits.append(gone)
         return exits
 
@@ -390,15 +414,17 @@ class Pool:
                   status=gone.description, failures=self.boot_failures, respawn_in=delay)
 
     # ---- keep the pool at size ----------------------------------------------------------
-    def maintain(self, now: float) -> None:
-        """Deadlines, then respawn; raises BootFailure when workers cannot start."""
+    def maintain(self, now: float) -> bool:
+        """Deadlines, then respawn; True when a fork failed (out of descriptors, memory or
+        processes: the master sheds load); raises BootFailure when workers cannot start."""
         self._enforce_deadlines(now)
         if self.boot_failures >= BOOT_FAILURE_LIMIT:
             raise BootFailure(
                 f"{self.boot_failures} workers in a row died before becoming ready "
                 f"(last: {self.last_boot_failure}); see the worker errors above")
         if not self.spawning:
-            return
+            return False
+        failed = False
         self._retire_stale(now)
         self._retire_surplus(now)
         want = max(self.config.prefork, 1)
@@ -416,9 +442,11 @@ class Pool:
                               retry_in=SPAWN_RETRY)
                     self.next_spawn_warning = now + SPAWN_WARNING_INTERVAL
                 self.spawn_failures += 1
+                failed = True
                 break
         if self.next_spawn_at <= now:  # the back-off is over: no deadline left to wake for
             self.next_spawn_at = 0.0
+        return failed
 
     def _enforce_deadlines(self, now: float) -> None:
         for worker in list(self.workers.values()):

@@ -205,6 +205,7 @@ class StatusWriter:
 
 # ---- the observer ---------------------------------------------------------------------
 # Connection results that are refusals: also counted per client IP in the metrics.
+BUSY_WARNING_INTERVAL = 60.0  # at most one "all MAXDAEMONS busy" warning per this long
 REFUSALS = frozenset({"denied", "refused_perip", "proxy_rejected", "too_slow", "busy"})
 
 
@@ -229,6 +230,7 @@ class Observer:
         self.set_title = set_title
         self.feed = feed
         self.title_shows: tuple[object, ...] = ()
+        self.next_busy_warning = 0.0
 
     def connection(self, result: str, ip: str = "") -> None:
         self.counters.connection(result)
@@ -258,6 +260,33 @@ class Observer:
                      f"waiting={waiting}")
             self.set_title(title if accepting else title + " stopping")
         self.writer.maybe_write(now, build)
+
+    def status(self, *, state: str, started: float, listen: Iterable[str], config: Config,
+               waiting: int, workers: dict[str, int], generation: int,
+               ledger: Any) -> dict[str, Any]:
+        """The status file's content (also what the metrics read); ledger is the
+        master's qmqpd.limits.Ledger."""
+        return {
+            "version": FORMAT_VERSION, "pid": os.getpid(), "state": state,
+            "started": round(started, 3), "listen": list(listen),
+            "maxdaemons": ledger.capacity.maximum, "maxperip": config.maxperip,
+            "prefork": config.prefork, "generation": generation, "workers": workers,
+            "sessions": ledger.capacity.busy, "waiting": waiting,
+            "clients": len(ledger.per_ip),
+            "busiest": [{"ip": ip, "sessions": count}
+                        for ip, count in ledger.per_ip.busiest(TOP_CLIENTS)],
+            **self.counters.as_dict(),
+        }
+
+    def warn_busy(self, now: float, waiting: int, ledger: Any) -> None:
+        """Clients wait for a worker while every session is busy: one line a minute."""
+        if waiting and ledger.full and now >= self.next_busy_warning:
+            log.warning("all sessions busy; clients wait for a worker; "
+                        "raise MAXDAEMONS if this persists",
+                        setting="MAXDAEMONS", maxdaemons=ledger.capacity.maximum,
+                        waiting=waiting, busiest=",".join(
+                            f"{ip}={n}" for ip, n in ledger.per_ip.busiest(3)))
+            self.next_busy_warning = now + BUSY_WARNING_INTERVAL
 
     def final(self, now: float, data: dict[str, Any], code: int) -> None:
         self.writer.write(now, {**data, "state": "stopped", "exit": code})
