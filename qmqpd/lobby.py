@@ -20,7 +20,6 @@ Releases the lease of every connection it closes; `take_ready` passes the lease 
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import heapq
 import itertools
@@ -60,7 +59,10 @@ SHED_WARNING_INTERVAL = 10.0
 TIMER_SLACK = 64
 
 
-class Phase(enum.Enum):
+class Phase:
+    """The phases, as plain strings: a change is checked on every step of every
+    connection, and a string hashes from its cache where an Enum member calls Python."""
+
     NEW = "new"
     HEADER = "header"
     FIRST = "first"
@@ -71,7 +73,7 @@ class Phase(enum.Enum):
 
 
 # The one table of phase changes: a phase and the phases it may be entered from.
-ALLOWED_FROM: dict[Phase, frozenset[Phase]] = {
+ALLOWED_FROM: dict[str, frozenset[str]] = {
     Phase.NEW: frozenset(),
     Phase.HEADER: frozenset({Phase.NEW}),
     Phase.FIRST: frozenset({Phase.NEW}),
@@ -92,8 +94,9 @@ class Conn:
     sock: socket.socket
     peer: tuple[str, int]
     started: float  # accepted (or its PROXY header read): the MIN_RATE clock starts here
-    phase: Phase = Phase.NEW
-    deadline: float = 0.0  # of the current phase (the one armed in the timer heap)
+    phase: str = Phase.NEW
+    deadline: float = 0.0  # of the current phase
+    armed: float | None = None  # its earliest entry in the timer heap
     lease: Lease | None = None
     client: Client | None = None
     header: proxy.HeaderReader | None = None
@@ -125,21 +128,13 @@ def request_size(head: bytes) -> int | None:
     """Bytes to wait for before the hand-off, from the first bytes of a QMQP request: the
     whole request up to HANDOFF_BYTES; None = the length prefix is not complete yet; 0 =
     a prefix the worker's parser refuses (the worker answers it now)."""
-    data = iter(head)
-    used = 0
-
-    def next_byte() -> int:
-        nonlocal used
-        used += 1
-        return next(data)  # StopIteration: the prefix is not all here
-
     try:
-        length = read_length(next_byte, OUTER_PREFIX_MAX)
-    except StopIteration:
+        length = read_length(iter(head).__next__, OUTER_PREFIX_MAX)
+    except StopIteration:  # the prefix is not all here yet
         return None
     except NetstringError:
         return 0
-    return min(used + length + 1, HANDOFF_BYTES)
+    return min(head.index(b":") + 1 + length + 1, HANDOFF_BYTES)
 
 
 def _available(sock: socket.socket) -> int:
@@ -208,24 +203,29 @@ class Lobby:
         conn = Conn(sock, ("", 0), now)
         self._linger(conn, reply, now)
 
-    def _enter(self, conn: Conn, phase: Phase, deadline: float) -> None:
+    def _enter(self, conn: Conn, phase: str, deadline: float) -> None:
         self.conns[conn] = None
         self._change(conn, phase)
         self._arm(conn, deadline)
 
     @staticmethod
-    def _change(conn: Conn, new: Phase) -> None:
+    def _change(conn: Conn, new: str) -> None:
         """Every phase change goes through here and must be one the table allows."""
         if conn.phase not in ALLOWED_FROM[new]:
-            raise PhaseError(f"{conn.peer[0]}: {conn.phase.value} -> {new.value}")
+            raise PhaseError(f"{conn.peer[0]}: {conn.phase} -> {new}")
         conn.phase = new
 
     def _arm(self, conn: Conn, deadline: float) -> None:
+        """A later deadline only moves conn.deadline (the entry due first re-arms it when
+        it pops): one heap push per connection in the usual case."""
         conn.deadline = deadline
+        if conn.armed is not None and conn.armed <= deadline:
+            return
+        conn.armed = deadline
         heapq.heappush(self.timers, (deadline, next(self.order), conn))
-        if len(self.timers) > 2 * self.held() + TIMER_SLACK:
+        if len(self.timers) > 2 * (len(self.conns) + len(self.lingering)) + TIMER_SLACK:
             self.timers = [entry for entry in self.timers
-                           if entry[2].phase is not Phase.GONE and entry[2].deadline == entry[0]]
+                           if entry[2].phase is not Phase.GONE and entry[2].armed == entry[0]]
             heapq.heapify(self.timers)
 
     def _watch(self, conn: Conn) -> None:
@@ -347,22 +347,19 @@ class Lobby:
         self._leave(conn)
         return conn
 
-    def put_back(self, conn: Conn, now: float) -> None:
-        """A connection take_ready gave that no worker could take after all: first again."""
-        self.conns[conn] = None
-        conn.phase = Phase.REQUEST  # re-entered as if its request had just completed
-        self._to_waiting(conn, now)
-        self.ready.rotate(1)
-
     # ---- deadlines ----------------------------------------------------------------------
     def expire(self, now: float) -> list[Event]:
         """Connections past their phase's deadline: no PROXY header or nothing sent in
         time: closed; a request arriving slower than MIN_RATE: answered Z, as its worker
         would; no worker within WAIT_TIMEOUT: answered Z (busy); lingerers: closed."""
         while self.timers and self.timers[0][0] <= now:
-            deadline, _order, conn = heapq.heappop(self.timers)
-            if conn.phase is Phase.GONE or conn.deadline != deadline:
-                continue  # stale: the connection moved on
+            armed, _order, conn = heapq.heappop(self.timers)
+            if conn.phase is Phase.GONE or conn.armed != armed:
+                continue  # stale: the connection moved on, or has an earlier entry
+            conn.armed = None
+            if conn.deadline > now:  # its phase's deadline moved later
+                self._arm(conn, conn.deadline)
+                continue
             if conn.phase is Phase.HEADER:
                 self._close(conn, "proxy_rejected",
                             "no complete PROXY header within PROXY_TIMEOUT")

@@ -46,9 +46,8 @@ ABORT_GRACE = 5.0  # an aborting master waits this long for TERMed workers, then
 RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
 # The errors that mean "out of descriptors or memory": shed load, never exit.
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_LISTEN, _WAKEUP, _WORKERS = "listen", "wakeup", "workers"
-# The planner `cli` passes in (qmqpd.plan), so the master never loads filter or queue
-# code itself; it raises ConfigError naming every bad setting.
+_LISTEN, _WAKEUP, _WORKERS = "listen", "wakeup", "workers"  # workers: the next turn settles
+# cli passes the planner (qmqpd.plan; raises ConfigError): no filter or queue code here
 Planner = Callable[[Config], admission.Plans]
 PlannedEntry = Callable[[socket.socket, Any], None]  # gets the plans current at its fork
 
@@ -72,6 +71,7 @@ class Master:
         self.admission: admission.Admission | None = None
         self.pool: Pool | None = None
         self.signals: list[str] = []  # names, in the order they came
+        self.reap_due = True
         self.wakeup_r, self.wakeup_w = -1, -1
         self.accepting = True
         self.stop_deadline: float | None = None
@@ -170,20 +170,20 @@ class Master:
         self._count(self.lobby.expire(now), now)
         if self.exporter is not None:
             self.exporter.expire(now)
-        if self.accepting:
+        if self.accepting:  # a replaced rules cdb: planned again
             self.admission.replan_if_changed(now, self.planner)
-        self._hand_ready(now)
+        if self.lobby.ready:
+            self._hand_ready(now)
         self.listeners.watch(self._can_take(now))
         self.observer.warn_busy(now, len(self.lobby.ready), self.ledger)
-        self.observer.show(now, self.listeners.names, self.ledger.capacity.busy,
-                           self.pool.idle, len(self.lobby.conns), self.accepting, self._status)
+        self.observer.show(now, self.listeners.names, self.ledger.capacity.busy, self.pool.idle,
+                           len(self.lobby.conns), self.accepting, self._status)
 
     def _timeout(self, now: float) -> float:
         assert self.pool is not None  # the soonest of every deadline, at most TICK away
+        paused = self.accept_paused_until if self.accept_paused_until > now else None
         soonest = min(d for d in (now + TICK, self.pool.next_deadline(), self.stop_deadline,
-                                  self.lobby.next_deadline(),
-                                  self.accept_paused_until if self.accept_paused_until > now
-                                  else None) if d is not None)
+                                  self.lobby.next_deadline(), paused) if d is not None)
         return max(0.0, soonest - now)
 
     def _dispatch(self, data: object, fileobj: object, now: float) -> None:
@@ -191,30 +191,28 @@ class Master:
             self._count(self.lobby.readable(data, now), now)
             self._hand_ready(now)
         elif data is _LISTEN:
-            assert isinstance(fileobj, socket.socket)
-            self._accept(fileobj, now)
+            self._accept(fileobj, now)  # type: ignore[arg-type]  # a listening socket
         elif data is _WAKEUP:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self.wakeup_r, 512):
                     pass
         elif self.exporter is not None and self.exporter.owns(data):
             self.exporter.handle(data, now)
-        # _WORKERS: the next turn settles what they sent
 
     def settle(self, now: float) -> None:
-        """Read every record the workers have sent and reap the dead; give back the
-        leases of ended sessions; then hand waiting connections to idle workers. Called
-        at the start of each turn and after each accept, and nowhere else."""
+        """Read the workers' records, reap the dead, give back the leases of ended sessions,
+        hand waiting connections to idle workers. Each turn and after each accept only."""
         assert self.pool is not None
-        for event in self.pool.poll(now):
+        reap, self.reap_due = self.reap_due, False
+        for event in self.pool.poll(now, reap):
             if isinstance(event, Ended):
                 self.ledger.release(event.session)
                 self.observer.session_ended(event.outcome)
             elif event.session is not None:  # died in a session (the pool logged it)
                 self.ledger.release(event.session)
                 self.observer.worker_died()
-        self._hand_ready(now)
-
+        if self.lobby.ready:
+            self._hand_ready(now)
 
     def _hand_ready(self, now: float) -> None:
         """Connections that have their request go to idle workers, oldest first."""
@@ -308,8 +306,10 @@ class Master:
     # ---- signals, reload, stop, abort ---------------------------------------------------
     def _handle_signals(self, now: float) -> None:
         pending, self.signals = self.signals, []
-        for name in pending:  # CHLD only wakes the loop: settle reaps
-            if name in ("SIGTERM", "SIGINT"):
+        for name in pending:
+            if name == "SIGCHLD":
+                self.reap_due = True  # settle reaps
+            elif name in ("SIGTERM", "SIGINT"):
                 self._shutdown(now)
             elif name == "SIGHUP":
                 self._reload()
