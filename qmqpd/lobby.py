@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import heapq
 import itertools
+import select
 import selectors
 import socket
 import struct
@@ -51,6 +52,13 @@ LINGER_BYTES = 64 * 1024
 LINGER_MAX = 1024
 # The answer to a client that waited WAIT_TIMEOUT for a worker: try another server.
 BUSY_REPLY = "Zserver busy: no worker free, try again later (#4.3.0)"
+# A waiting client whose FIN comes this long after its last data has given up (it timed
+# out and closed); one that half-closes right after its request (FIN with the data) waits on.
+GONE_AFTER_SILENCE_MS = 1000
+# struct tcp_info (linux/tcp.h): tcpi_last_data_recv, ms since data last arrived.
+_TCPI_LAST_DATA_RECV = struct.Struct("=I")
+_TCPI_LAST_DATA_RECV_OFFSET = 52
+_HANGUP_MASK = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # Event results that are not connection counters.
 HEADER_READ = "header"
 SHORT = "short"
@@ -104,6 +112,7 @@ class Conn:
     grace: float = 0.0
     lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
     watched: bool = False  # registered in the master's selector
+    hup_watched: bool = False  # WAITING, watched for its client going away
     linger_left: int = LINGER_BYTES
 
     @property
@@ -161,6 +170,11 @@ class Lobby:
         self.order = itertools.count()
         self.events: list[Event] = []
         self.next_shed_warning = 0.0
+        # WAITING connections still there at the end of a turn are watched for their
+        # client going away (one handed in the turn it became ready never is)
+        self.hangup = select.epoll()
+        self.hup_conns: dict[int, Conn] = {}
+        self.to_watch: list[Conn] = []
 
     def configure(self, first_byte_timeout: float, wait_timeout: float,
                   budget: DescriptorBudget) -> None:
@@ -337,10 +351,56 @@ class Lobby:
         self._change(conn, Phase.WAITING)
         self._arm(conn, now + self.wait_timeout)
         self.ready.append(conn)
+        self.to_watch.append(conn)
+
+    def watch_waiting(self) -> None:
+        """End of a turn: connections still waiting for a worker are watched for their
+        client's FIN or reset (EPOLLRDHUP), in an epoll of their own: their request makes
+        them always readable, so the main selector cannot watch them."""
+        for conn in self.to_watch:
+            if conn.phase is Phase.WAITING and not conn.hup_watched:
+                with contextlib.suppress(OSError):
+                    self.hangup.register(conn.sock.fileno(), _HANGUP_MASK)
+                    self.hup_conns[conn.sock.fileno()] = conn
+                    conn.hup_watched = True
+        self.to_watch.clear()
+
+    def hangups(self) -> list[Event]:
+        """Waiting connections whose client has gone: dropped with their lease, nothing
+        queued behind their back. Polled when the epoll says so and before each hand-off."""
+        if not self.hup_conns:
+            return []
+        for fd, mask in self.hangup.poll(0):
+            conn = self.hup_conns.get(fd)
+            if conn is None:
+                continue
+            if mask & (select.EPOLLHUP | select.EPOLLERR) or self._silent(conn):
+                self._close(conn, "dropped", "client gone while waiting for a worker")
+            else:  # half-closed right after its request: it still reads the answer
+                self._unwatch_hangup(conn)
+        return self._take_events()
+
+    @staticmethod
+    def _silent(conn: Conn) -> bool:
+        try:
+            info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:  # not TCP (a unix socket): a FIN alone is a half-close
+            return False
+        (silent_ms,) = _TCPI_LAST_DATA_RECV.unpack_from(info, _TCPI_LAST_DATA_RECV_OFFSET)
+        return bool(silent_ms >= GONE_AFTER_SILENCE_MS)
+
+    def _unwatch_hangup(self, conn: Conn) -> None:
+        if conn.hup_watched:
+            conn.hup_watched = False
+            self.hup_conns.pop(conn.sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                self.hangup.unregister(conn.sock.fileno())
 
     def take_ready(self) -> Conn | None:
-        """The oldest connection waiting for a worker, out of the lobby with its lease
-        (the caller now owns both), or None."""
+        """The oldest connection waiting for a worker whose client is still there, out of
+        the lobby with its lease (the caller now owns both), or None. Those found gone
+        wait in `events` for the caller."""
+        self.events += self.hangups()
         if not self.ready:
             return None
         conn = self.ready.popleft()
@@ -403,6 +463,7 @@ class Lobby:
     # ---- refusals and their linger ------------------------------------------------------
     def _refuse_held(self, conn: Conn, result: str, reply: str, now: float) -> None:
         self._unwatch(conn)
+        self._unwatch_hangup(conn)
         self._release(conn)
         self.events.append(Event(result, conn.ip))
         del self.conns[conn]
@@ -446,6 +507,7 @@ class Lobby:
     def _leave(self, conn: Conn) -> None:
         """Out of the lobby's books; the socket stays open and the lease with the caller."""
         self._unwatch(conn)
+        self._unwatch_hangup(conn)
         self.conns.pop(conn, None)
         self.lingering.pop(conn, None)
         self._change(conn, Phase.GONE)
@@ -503,7 +565,11 @@ class Lobby:
             self._close(conn, "", "")
         return self._take_events()
 
+    def take_events(self) -> list[Event]:
+        return self._take_events()
+
     def close_fds(self) -> None:
         """In a forked worker: drop every inherited socket, touching no selector."""
+        self.hangup.close()
         for conn in itertools.chain(self.conns, self.lingering):
             conn.sock.close()
