@@ -35,9 +35,9 @@ from typing import Any
 
 from qmqpd import admission, listen, log, metrics, procctl, proxy, status
 from qmqpd.config import Config, problem
+from qmqpd.handoff import Handoff
 from qmqpd.limits import DescriptorBudget, Ledger
 from qmqpd.lobby import HEADER_READ, SHORT, Conn, Event, Lobby
-from qmqpd.message import Reply
 from qmqpd.pool import BootFailure, Ended, Pool
 
 ACCEPT_PAUSE = 0.5  # after running out of descriptors or memory, stop accepting this long
@@ -71,6 +71,7 @@ class Master:
         self.observer = status.Observer(config.status_file, procctl.set_title, self.exporter)
         self.admission: admission.Admission | None = None
         self.pool: Pool | None = None
+        self.handoff: Handoff | None = None
         self.signals: list[str] = []  # names, in the order they came
         self.reap_due = True
         self.wakeup_r, self.wakeup_w = -1, -1
@@ -103,6 +104,7 @@ class Master:
         gc.collect()
         gc.freeze()
         self.pool = Pool(self._enter_worker, cfg, after_fork=self._in_child)
+        self.handoff = Handoff(self.lobby, self.ledger, self.pool, self.observer)
         self.selector.register(self.pool.fileno(), selectors.EVENT_READ, _WORKERS)
         self.selector.register(self.lobby.hangup.fileno(), selectors.EVENT_READ, _HANGUP)
 
@@ -125,6 +127,8 @@ class Master:
         """In a fresh worker: drop every master resource it inherited."""
         self.listeners.close_fds()
         self.lobby.close_fds()
+        if self.handoff is not None:
+            self.handoff.close_fds()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
         if self.exporter is not None:
@@ -174,11 +178,12 @@ class Master:
             self.exporter.expire(now)
         if self.accepting:  # a replaced rules cdb: planned again
             self.admission.replan_if_changed(now, self.planner)
-        if self.lobby.ready:
+        if self.lobby.ready and self.handoff is not None:
             self._hand_ready(now)
+            self.handoff.give_way(now)
         self.listeners.watch(self._can_take(now))
         self.lobby.watch_waiting()
-        self.observer.warn_busy(now, len(self.lobby.ready), self.ledger)
+        self.observer.warn_busy(now, self.lobby.ready, self.ledger)
         self.observer.show(now, self.listeners.names, self.ledger.capacity.busy, self.pool.idle,
                            len(self.lobby.conns), self.accepting, self._status)
 
@@ -210,6 +215,8 @@ class Master:
         assert self.pool is not None
         reap, self.reap_due = self.reap_due, False
         for event in self.pool.poll(now, reap):
+            if event.session is not None and self.handoff is not None:
+                self.handoff.ended(event.session)
             if isinstance(event, Ended):
                 self.ledger.release(event.session)
                 self.observer.session_ended(event.outcome)
@@ -220,20 +227,9 @@ class Master:
             self._hand_ready(now)
 
     def _hand_ready(self, now: float) -> None:
-        """Connections that have their request go to idle workers, oldest first."""
-        assert self.pool is not None
-        while (self.lobby.ready and self.accepting and not self.ledger.full
-               and self.pool.has_idle() and (conn := self.lobby.take_ready()) is not None):
-            assert conn.lease is not None and conn.client is not None
-            self.ledger.start(conn.lease)
-            if self.pool.hand_to_idle(conn.sock.fileno(), conn.client, conn.lease, now):
-                self.observer.connection("handed", conn.ip)
-                conn.sock.close()
-                continue
-            self.ledger.release(conn.lease)  # Z: the client tries again, or elsewhere
-            self.observer.connection("dropped", conn.ip)
-            log.event("drop", ip=conn.ip, error="no worker could take the connection")
-            self.lobby.refuse(conn.sock, Reply.named("temporary").line, now)
+        """Connections that have their request go to idle workers (handoff)."""
+        if self.accepting and self.handoff is not None:
+            self.handoff.run(now)
         self._count(self.lobby.take_events(), now)  # those found gone before their turn
 
     def _can_take(self, now: float) -> bool:
