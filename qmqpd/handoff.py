@@ -32,7 +32,7 @@ from qmqpd.pool import Pool
 # A client waiting this long while every worker is busy makes the slowest session give way.
 GIVE_WAY_AFTER = 0.5
 # Only a session this old, receiving slower than this on average, gives way.
-MIN_AGE = 2.0
+MIN_AGE = 1.0
 GIVE_WAY_RATE = 64 * 1024
 # At most one session gives way per this many seconds for each waiting client.
 GIVE_WAY_INTERVAL = 0.1
