@@ -311,6 +311,8 @@ class Lobby:
         try:
             local = (header.destination if header.source is not None
                      else conn.sock.getsockname())
+            if isinstance(local, str):  # LOCAL on PROXY_SOCKET: this host
+                local = ("127.0.0.1", 0)
         except OSError as error:
             self._close(conn, "dropped", error.strerror or str(error))
             return

@@ -45,7 +45,8 @@ TICK = 1.0  # longest sleep of the loop: bounds how late a deadline is noticed
 ABORT_GRACE = 5.0  # an aborting master waits this long for TERMed workers, then KILLs
 # Settings a HUP cannot change (sockets bound, privileges dropped); the errors that mean
 # "out of descriptors or memory" (shed load, never exit).
-RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
+RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS", "PROXY_SOCKET",
+                "PROXY_SOCKET_USER", "PROXY_SOCKET_GROUP", "PROXY_SOCKET_MODE")
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LISTEN, _WAKEUP, _HANGUP, _WORKERS = "listen", "wakeup", "hangup", "workers"
 # cli passes the planner (qmqpd.plan; raises ConfigError): no filter or queue code here
@@ -86,11 +87,12 @@ class Master:
         nofile = procctl.raise_fd_limit()
         self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
         self.lobby.configure(cfg.first_byte_timeout, cfg.timeout, self.budget)
+        unix = ((cfg.proxy_socket, *_owner(cfg, "PROXY_SOCKET_"), int(cfg.proxy_socket_mode, 8))
+                if cfg.proxy_socket else None)
         try:
-            self.listeners.open(cfg.localip, cfg.port, cfg.maxdaemons)
+            self.listeners.open(cfg.localip, cfg.port, cfg.maxdaemons, unix)
         except listen.ListenError as error:
-            setting = "PORT" if error.address_problem else "LOCALIP"
-            raise problem(setting, cfg.source(setting), str(error)) from None
+            raise problem(error.setting, cfg.source(error.setting), str(error)) from None
         self.listeners.log(nofile=nofile, client_fds=self.budget.clients)
         if self.exporter is not None:  # before the privilege drop: the port may be low
             self.exporter.open()
@@ -251,7 +253,8 @@ class Master:
             # Exact accounting: this client connected after its previous session's
             # answer, which its worker sent only after its done record; settle it now.
             self.settle(now)
-            self._admit(sock, peer, None, now)
+            unix = listener.family == socket.AF_UNIX  # PROXY_SOCKET: a balancer on this host
+            self._admit(sock, ("127.0.0.1", 0) if unix else peer, None, now, unix)
         error = self.listeners.failure
         if error is not None and error.errno in SHORTAGE:
             self._shed(now, error.strerror or str(error))
@@ -259,14 +262,14 @@ class Master:
             log.error("accept failed; pausing", error=error.strerror)
             self.accept_paused_until = now + ACCEPT_PAUSE
 
-    def _admit(self, sock: socket.socket, peer: tuple, local: tuple | None,
-               now: float) -> None:
+    def _admit(self, sock: socket.socket, peer: tuple, local: tuple | None, now: float,
+               balancer: bool = False) -> None:
         """local is None for a fresh connection, else the address its PROXY header named."""
         assert self.admission is not None
         try:
-            if local is None and not self.admission.policy.enabled:
+            if local is None and not self.admission.policy.enabled and not balancer:
                 local = sock.getsockname()
-            decision = self.admission.decide(peer, local)
+            decision = self.admission.decide(peer, local, balancer)
         except OSError as error:  # the client went away while we looked at it
             log.event("drop", ip=str(peer[0]), error=error.strerror)
             self.observer.connection("dropped", str(peer[0]))
@@ -375,10 +378,11 @@ class Master:
             workers=self.pool.counts(), generation=self.pool.generation, ledger=self.ledger)
 
 
-def _owner(cfg: Config) -> tuple[int, int]:
-    """(uid, gid) the master drops to; -1 = unchanged."""
-    uid, gid = procctl.resolve_user(cfg.user)[:2] if cfg.user else (-1, -1)
-    gids = procctl.resolve_groups(cfg.group) if cfg.group else []
+def _owner(cfg: Config, prefix: str = "") -> tuple[int, int]:
+    """(uid, gid) of USER and GROUP (or PROXY_SOCKET_USER and _GROUP); -1 = unchanged."""
+    user, group = cfg[prefix + "USER"], cfg[prefix + "GROUP"]
+    uid, gid = procctl.resolve_user(user)[:2] if user else (-1, -1)
+    gids = procctl.resolve_groups(group) if group else []
     return uid, gids[0] if gids else gid
 
 
