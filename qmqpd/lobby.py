@@ -541,8 +541,11 @@ class Lobby:
         self._change(conn, Phase.GONE)
 
     def _release(self, conn: Conn) -> None:
+        """Give back the lease the lobby holds for conn; it holds none afterwards (a
+        refused connection lingers without one)."""
         if conn.lease is not None:
-            self.ledger.release(conn.lease)
+            lease, conn.lease = conn.lease, None
+            self.ledger.release(lease)
 
     def _close(self, conn: Conn, result: str, reason: str) -> None:
         """Close a connection the lobby holds; result '' = a lingerer (counted already)."""
