@@ -40,9 +40,9 @@ from qmqpd.netstring import OUTER_PREFIX_MAX, NetstringError, read_length
 # socket: a worker then reads at memory speed instead of waiting on the client. Far below
 # the kernel's receive buffer (128 KiB by default), so the window never closes first.
 HANDOFF_BYTES = 64 * 1024
-# Bytes peeked to read the length prefix: a usual prefix and a little of what follows; a
-# longer prefix (leading zeros) is peeked again once more has come.
-PREFIX_PEEK = 32
+# Bytes peeked to read the length prefix: as many digits as the worker's parser takes
+# (leading zeros included), the colon and one more; a copy of ~100 bytes, cheap.
+PREFIX_PEEK = OUTER_PREFIX_MAX + 2
 # As a plain int: OR-ing the IntFlag members costs an enum construction per peek.
 _PEEK_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 # Refused clients: after the Z, read and drop what they still send (bounded) so the

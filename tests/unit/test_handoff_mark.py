@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmqpd.lobby import HANDOFF_BYTES, request_size
+from qmqpd.lobby import HANDOFF_BYTES, PREFIX_PEEK, request_size
 
 
 @pytest.mark.parametrize(("head", "wanted"), [
@@ -25,3 +25,8 @@ from qmqpd.lobby import HANDOFF_BYTES, request_size
 def test_the_mark_follows_the_length_prefix(head: bytes, wanted: int | None) -> None:
     assert request_size(head) == wanted
 
+
+def test_a_long_prefix_of_leading_zeros_is_read_whole() -> None:
+    """The worker's parser takes up to OUTER_PREFIX_MAX digits: so does the peek."""
+    head = b"0" * 60 + b"25:" + b"x" * 26
+    assert len(head) <= PREFIX_PEEK and request_size(head[:PREFIX_PEEK]) == 60 + 3 + 25 + 1
