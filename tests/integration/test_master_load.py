@@ -196,8 +196,8 @@ def test_workers_out_of_descriptors_shed_and_recover(
 
 def test_over_the_budget_the_oldest_idle_connection_goes(
         server_factory: Callable[..., Server]) -> None:  # noqa: F811
-    """ulimit -n 200 leaves the master 8 client sockets (200 less a reserve of 64 less two
-    channels for each of MAXDAEMONS + PREFORK 79, floored at 8): 30 silent connections
+    """ulimit -n 200 leaves the master 8 client sockets (200 less a reserve of 64 less three
+    descriptors for each of MAXDAEMONS + PREFORK 79, floored at 8): 30 silent connections
     keep the newest ones, the oldest are closed, and a real client is still served."""
     server = serve(server_factory, nofile=200, prefork=2)
     server.wait_idle(2)
