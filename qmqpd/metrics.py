@@ -46,6 +46,10 @@ MAX_CLIENTS = 4
 REQUEST_BYTES = 8192
 SCRAPE_SECONDS = 5.0
 RENDER_INTERVAL = 0.5
+# After a failed accept (out of descriptors) the listener pauses this long; one warning
+# per WARNING_INTERVAL.
+ACCEPT_PAUSE = 1.0
+WARNING_INTERVAL = 60.0
 TOP_IPS = 10
 # Refusal counts kept per IP: past this, the least refused half is forgotten.
 TRACKED_IPS = 4096
@@ -202,6 +206,9 @@ class Exporter:
             buckets=COMMIT_BUCKETS, registry=self.registry)
         self._body = b""
         self._rendered_at = float("-inf")
+        self.paused_until = 0.0  # the listener is out of the selector until then
+        self.failed_accepts = 0
+        self.next_warning = 0.0
 
     # ---- what the master feeds --------------------------------------------------------
     def refused(self, ip: str, reason: str) -> None:
@@ -267,6 +274,23 @@ class Exporter:
     def expire(self, now: float) -> None:
         for scrape in [s for s in self.scrapes if s.deadline <= now]:
             self._end(scrape)
+        if self.paused_until and now >= self.paused_until and self.listener is not None:
+            self.paused_until = 0.0
+            assert self.selector is not None
+            self.selector.register(self.listener.sock, selectors.EVENT_READ, self.listener)
+
+    def _pause(self, now: float, error: OSError) -> None:
+        """An accept failed (out of descriptors): the listener leaves the selector for
+        ACCEPT_PAUSE, so a pending scrape cannot spin the loop; one warning a minute."""
+        assert self.listener is not None and self.selector is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.listener.sock)
+        self.paused_until = now + ACCEPT_PAUSE
+        self.failed_accepts += 1
+        if now >= self.next_warning:
+            log.warning("metrics accept failed; pausing the metrics listener",
+                        error=error.strerror, failures=self.failed_accepts)
+            self.next_warning = now + WARNING_INTERVAL
 
     def close(self) -> None:
         """Drop every descriptor (in a forked child, or when the master exits); no
@@ -285,8 +309,8 @@ class Exporter:
                 conn, _peer = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as error:  # e.g. EMFILE: the scraper waits in the backlog
-                log.warning("metrics accept failed", error=error.strerror)
+            except OSError as error:  # e.g. EMFILE: pause; the scraper waits in the backlog
+                self._pause(now, error)
                 return
             if len(self.scrapes) >= MAX_CLIENTS:
                 conn.close()

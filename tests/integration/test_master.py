@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.master import HANDOFF_BYTES
+from qmqpd.lobby import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
 from tests.support import (
     free_port,
@@ -232,6 +232,14 @@ def finish(sock: socket.socket) -> bytes:
     return read_reply(sock)
 
 
+def finish_if_served(sock: socket.socket) -> bytes:
+    """finish(), for a session that may have had to give way (its socket shut)."""
+    try:
+        return finish(sock)
+    except OSError:
+        return b""
+
+
 def test_serves_and_titles(server_factory: Callable[..., Server]) -> None:
     server = server_factory(prefork=3).start()
     assert len(server.wait_idle(3)) == 3
@@ -275,27 +283,32 @@ def test_maxperip_one_ip_sixty_slow_clients(server_factory: Callable[..., Server
 
 
 def test_maxdaemons_holds_across_ips(server_factory: Callable[..., Server]) -> None:
+    """Six stalled sessions from six IPs, MAXDAEMONS 3: never more than three in service,
+    the others wait in the master. A stalled session gives way (Z, nothing queued) to one
+    that has waited, so in the end each is answered K or that Z."""
     server = server_factory(maxperip=0, maxdaemons=3, prefork=3).start()
     server.wait_idle(3)
     sources = [f"127.0.0.{n}" for n in range(2, 8)]
     clients = [begin(server.port, source) for source in sources]
+    replies: list[bytes] = []
     try:
         busy = wait_until(lambda: len(server.titled("receiving")) == 3 and
                           server.titled("receiving"), what="3 busy workers")
-        time.sleep(0.3)
-        assert len(server.titled("receiving")) == 3
-        assert all(answer_within(sock, 0.05) is None for sock in clients)
-        assert len(server.workers()) == 3
         served = {title.split()[2] for title in busy.values()}  # type: ignore[union-attr]
         assert served <= set(sources) and len(served) == 3
         wait_until(lambda: "setting=MAXDAEMONS" in server.log(), what="the warning")
-        # everyone is served in the end: the backlog held the rest
-        replies = [finish(sock) for sock in clients]
-        assert all(is_ok(reply) for reply in replies), replies
+        for _ in range(10):  # while they give way to each other, three at most are served
+            assert len(server.titled("receiving")) <= 3 and len(server.workers()) == 3
+            time.sleep(0.1)
+        replies = [finish_if_served(sock) for sock in clients]
+        # K, or the give-way Z (lost to the reset when the rest of the request follows it)
+        assert all(is_ok(reply) or b"too slow" in reply or reply == b""
+                   for reply in replies), replies
+        assert "event=give_way" in server.log() or all(map(is_ok, replies))
     finally:
         for sock in clients:
             sock.close()
-    assert server.queued() == 6
+    assert server.queued() == sum(map(is_ok, replies))
     assert "event=perip_limit" not in server.log()
 
 
@@ -416,6 +429,15 @@ def test_hup_with_broken_config_keeps_serving(server_factory: Callable[..., Serv
         assert answer_within(one, 0.3) is None
         assert answer_within(two, 0.3) == TOO_MANY
     assert server.proc is not None and server.proc.poll() is None
+    # PORT cannot change on HUP: the title and status keep showing the port still bound
+    other = free_port()
+    server.config_path.write_text(good.replace(f"port = {server.port}", f"port = {other}"))
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "settings=PORT" in server.log(), what="the restart-only warning")
+    wait_until(lambda: server.log().count("event=reload") == 2, what="the second reload")
+    title = process_title(server.proc.pid)
+    assert f"127.0.0.1:{server.port} " in title and str(other) not in title, title
+    assert is_ok(deliver(server.port))
 
 
 def test_memory_cap_answers_z_and_master_lives(server_factory: Callable[..., Server],

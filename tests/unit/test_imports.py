@@ -47,12 +47,15 @@ PENDING: dict[str, set[str]] = {
     "filters.dk": {"filters.keys", "filters.mailstream",  # one header parser for both
                    "filters.signing"},
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
-                     "qmqpd.proxy"},  # the PROXY header, read before rules and limits
+                     "qmqpd.proxy",  # the PROXY header, read before rules and limits
+                     # the master split by ownership (the card's "Next step" table)
+                     "qmqpd.admission", "qmqpd.listen", "qmqpd.lobby", "qmqpd.handoff"},
     # the planned backlog row: queue choice and flow control, its gauges, its status lines
     "qmqpd.injector": {"qmqpd.backlog"},
     "qmqpd.metrics": {"qmqpd.backlog"},
     "qmqpd.status": {"qmqpd.backlog"},
     "qmqpd.queue": {"qmqpd.commit"},  # the shared commit rounds of COMMIT_MODE=syncfs
+    "qmqpd.pool": {"qmqpd.limits"},  # a busy worker holds its client's Lease
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -76,6 +79,13 @@ PENDING_MODULES: dict[str, set[str]] = {
     "qmqpd.fsio": set(),
     # the one IP parser (v4-mapped folded) and host:port syntax, config's too: stdlib only
     "qmqpd.address": set(),
+    # the master split by ownership (the card's "Next step" table)
+    "qmqpd.listen": set(),  # listening sockets: stdlib
+    "qmqpd.admission": {"qmqpd.proxy", "qmqpd.rules", "qmqpd.limits"},  # the decision
+    # the wait for the request: PROXY header reader, leases, the worker's length parser
+    "qmqpd.lobby": {"qmqpd.proxy", "qmqpd.limits", "qmqpd.netstring"},
+    # lobby -> worker, and the slowest session giving way while others wait
+    "qmqpd.handoff": {"qmqpd.limits", "qmqpd.lobby", "qmqpd.pool"},
 }
 
 
