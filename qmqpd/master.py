@@ -255,7 +255,9 @@ class Master:
         cfg = self.config
         self.proxy = proxy.Policy.from_config(cfg)  # ValueError: refuse the start
         nofile = procctl.raise_fd_limit()
-        self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
+        # the metrics endpoint's connections come out of the limit before the clients'
+        scrapes = self.metrics.size(nofile) if self.metrics is not None else 0
+        self.budget = DescriptorBudget(nofile - scrapes, cfg.maxdaemons + cfg.prefork)
         try:
             self.listeners = open_listeners(cfg.localip, cfg.port,
                                             max(LISTEN_BACKLOG, cfg.maxdaemons))
@@ -373,6 +375,8 @@ class Master:
             soonest.append(self.accept_paused_until)
         if self.timers:
             soonest.append(self.timers[0][0])
+        if self.metrics is not None and (wakeup := self.metrics.next_wakeup()) is not None:
+            soonest.append(wakeup)
         return max(0.0, min(soonest) - now)
 
     def _dispatch(self, data: object, fileobj: object, now: float) -> None:
