@@ -1,7 +1,12 @@
-"""Pure counters for the master: sessions per client IP, and sessions in all.
+"""Counters of the master and the `Lease` that ties a client to them.
 
-No I/O and no clock: the master owns the policy, these only count, so "released exactly
-once" can be checked in one place.
+Owns: sessions per client IP (MAXPERIP), sessions in service (MAXDAEMONS), the descriptor
+budget, and the `Ledger` that issues a `Lease` per admitted client: its per-IP slot at
+admission, its capacity slot at the hand-off, both given back by one `release()`. A lease
+has one owner at a time (the lobby, then a worker record in the pool); a second release
+is a bug that is logged and ignored, never raised, so it cannot end the master.
+Called by: admission (admit), lobby and pool (pass the lease on, release), the master
+(resize, snapshots). Never touches sockets, clocks or processes.
 """
 
 from __future__ import annotations
@@ -9,6 +14,9 @@ from __future__ import annotations
 import functools
 import heapq
 import ipaddress
+from dataclasses import dataclass
+
+from qmqpd import log
 
 # A pure function the master calls several times per connection with the same few
 # addresses: remembered, so ipaddress parses each one once, not on every call.
@@ -56,10 +64,6 @@ class PerIpCounter:
         else:
             self._counts[key] = held - 1
 
-    @property
-    def total(self) -> int:
-        return sum(self._counts.values())
-
     def __len__(self) -> int:
         return len(self._counts)
 
@@ -81,10 +85,6 @@ class Capacity:
     def full(self) -> bool:
         return self.busy >= self.maximum
 
-    @property
-    def free(self) -> int:
-        return max(0, self.maximum - self.busy)
-
     def acquire(self) -> bool:
         if self.full:
             return False
@@ -101,6 +101,70 @@ class Capacity:
         if maximum < 1:
             raise ValueError("capacity must be at least 1")
         self.maximum = maximum
+
+
+# Who holds a lease: the lobby (no worker yet), then a worker; "released" at the end.
+LOBBY = "lobby"
+WORKER = "worker"
+RELEASED = "released"
+
+
+@dataclass(eq=False)
+class Lease:
+    """One admitted client's slots: its per-IP slot from admission on, the capacity slot
+    from the hand-off on. Only its `Ledger` changes it."""
+
+    ip: str
+    owner: str = LOBBY
+    in_service: bool = False  # holds a capacity slot
+
+    @property
+    def released(self) -> bool:
+        return self.owner == RELEASED
+
+
+class Ledger:
+    """The one place slots are taken and given back: per-IP and capacity, by lease."""
+
+    def __init__(self, maxdaemons: int) -> None:
+        self.per_ip = PerIpCounter()
+        self.capacity = Capacity(maxdaemons)
+        self.double_releases = 0
+
+    def admit(self, ip: str, limit: int) -> Lease | None:
+        """A lease with ip's per-IP slot, or None when ip already has `limit` (0: none)."""
+        if not self.per_ip.acquire(ip, limit):
+            return None
+        return Lease(fold_ip(ip))
+
+    @property
+    def full(self) -> bool:
+        return self.capacity.full
+
+    def start(self, lease: Lease) -> bool:
+        """The lease passes to a worker and takes a capacity slot; False when all are busy."""
+        if lease.owner != LOBBY or not self.capacity.acquire():
+            return False
+        lease.owner, lease.in_service = WORKER, True
+        return True
+
+    def release(self, lease: Lease) -> bool:
+        """Give back every slot the lease holds, once; a second release is logged, not
+        raised (False), so a bookkeeping slip costs a log line, never the master."""
+        if lease.released:
+            self.double_releases += 1
+            log.error("lease released twice; ignored", ip=lease.ip)
+            return False
+        held_service, lease.owner = lease.in_service, RELEASED
+        lease.in_service = False
+        self.per_ip.release(lease.ip)
+        if held_service:
+            self.capacity.release()
+        return True
+
+    def idle(self) -> bool:
+        """Nothing held: every lease given back."""
+        return self.capacity.busy == 0 and len(self.per_ip) == 0
 
 
 # Descriptors the master keeps for itself beyond clients and worker channels: listeners,

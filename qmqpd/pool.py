@@ -5,6 +5,12 @@
         +-- dies: boot    +-- retire ------>+------------------------> RETIRING --exit--> gone
             failure
 
+Owns: worker processes, their channels and the selector those sit in, and what a busy
+worker holds for its client (its `Lease`, handed in by the master with the connection).
+Called by: the master (spawn via maintain, take_idle, hand, poll, reload, stop, abort).
+Never touches: rules, limits' counters or a client's data; `poll()` returns what happened
+(`Ended`, `Exit`) and the master settles the leases.
+
 The pool never imports the worker code: the entry function is passed in, so the master
 side does not load protocol, filter or queue code paths. Deadlines use time.monotonic().
 Every state change goes through `_change_state`, which refuses one ALLOWED_FROM does not
@@ -24,13 +30,14 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from qmqpd import ipc, log
 from qmqpd.config import Config
+from qmqpd.limits import Lease
 
 WorkerEntry = Callable[[socket.socket, Config], None]
 
@@ -85,7 +92,7 @@ class Worker:
     max_requests: int
     state: State = State.STARTING
     served: int = 0
-    session: Any = None  # what the master must release when the session ends
+    session: Lease | None = None  # the client's slots, released when the session ends
     idle_since: float = 0.0
     deadline: float | None = None  # next escalation (TERM, then KILL)
     signals_sent: list[int] = field(default_factory=list)
@@ -99,7 +106,7 @@ class Exit:
 
     worker: Worker
     status: int
-    session: Any
+    session: Lease | None
 
     @property
     def description(self) -> str:
@@ -113,7 +120,7 @@ class Ended:
     """A session a worker reported done: what the master must release, and how it ended
     (None when the worker sent no outcome)."""
 
-    session: Any
+    session: Lease
     outcome: ipc.Outcome | None
 
 
@@ -125,11 +132,12 @@ def jittered(max_requests: int) -> int:
 
 
 class Pool:
-    def __init__(self, entry: WorkerEntry, config: Config, selector: selectors.BaseSelector,
+    def __init__(self, entry: WorkerEntry, config: Config,
                  after_fork: Callable[[], None] | None = None) -> None:
         self.entry = entry
         self.config = config
-        self.selector = selector
+        # the workers' channels, apart: read without waiting before every admit
+        self.selector = selectors.DefaultSelector()
         self.after_fork = after_fork
         self.workers: dict[int, Worker] = {}
         self.generation = 0
@@ -144,6 +152,13 @@ class Pool:
     # ---- counts -------------------------------------------------------------------------
     def in_state(self, state: State) -> list[Worker]:
         return [w for w in self.workers.values() if w.state is state]
+
+    def counts(self) -> dict[str, int]:
+        """Workers per state, and in all (for the status)."""
+        counts = {state.value: 0 for state in State}
+        for worker in self.workers.values():
+            counts[worker.state.value] += 1
+        return {**counts, "total": len(self.workers)}
 
     @property
     def busy(self) -> int:
@@ -197,6 +212,7 @@ class Pool:
             master_end.close()
             for other in self.workers.values():
                 other.channel.close()
+            self.selector.close()
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
@@ -226,11 +242,28 @@ class Pool:
         idle.sort(key=lambda w: (w.generation != self.generation, -w.idle_since))
         return idle[0]
 
-    def hand(self, worker: Worker, fd: int, client: ipc.Client, session: Any,
+    def has_idle(self) -> bool:
+        return any(w.state is State.IDLE for w in self.workers.values())
+
+    def hand_to_idle(self, fd: int, client: ipc.Client, session: Lease, now: float) -> bool:
+        """To an idle worker, the next one if its channel fails; False when none took it."""
+        while (worker := self.take_idle()) is not None:
+            if self.hand(worker, fd, client, session, now):
+                return True
+            if worker.state is State.IDLE:  # the worker is fine: the record cannot be made
+                return False
+        return False
+
+    def hand(self, worker: Worker, fd: int, client: ipc.Client, session: Lease,
              now: float) -> bool:
-        """Pass the connection; False (worker being retired) when it cannot take it."""
+        """Pass the connection; False when it cannot go: the worker is being retired (its
+        channel failed), or the client's facts do not fit a record (the worker is fine)."""
         try:
             ipc.send_handoff(worker.channel, fd, client)
+        except ipc.ChannelError as error:
+            log.error("client facts do not fit a handoff record", worker=worker.pid,
+                      ip=session.ip, error=str(error))
+            return False
         except OSError as error:
             log.warning("handoff failed", worker=worker.pid, error=error.strerror)
             self._close_channel(worker)
@@ -241,6 +274,23 @@ class Pool:
         worker.deadline = now + self.config.session_timeout + self.config.timeout + SESSION_SLACK
         worker.signals_sent.clear()
         return True
+
+    def poll(self, now: float) -> list[Ended | Exit]:
+        """Every record the workers have sent so far (read without waiting), then every
+        worker that exited: what the master must settle, in that order."""
+        events: list[Ended | Exit] = []
+        for key, _mask in self.selector.select(0):
+            worker = key.data
+            if worker.pid in self.workers:
+                ended = self.on_readable(worker, now)
+                if ended is not None:
+                    events.append(ended)
+        events.extend(self.reap(now))
+        return events
+
+    def fileno(self) -> int:
+        """Readable when a worker has sent a record (for the master's selector)."""
+        return self.selector.fileno()
 
     def on_readable(self, worker: Worker, now: float) -> Ended | None:
         """Handle one record; a DONE returns the session it ended, anything else None."""
@@ -276,8 +326,9 @@ class Pool:
         self._signal(worker, signal.SIGKILL)
         return None
 
-    def _done(self, worker: Worker, exiting: bool, now: float) -> Any:
+    def _done(self, worker: Worker, exiting: bool, now: float) -> Lease:
         session, worker.session = worker.session, None
+        assert session is not None  # busy workers hold their client's lease
         worker.served += 1
         recycle = worker.max_requests and worker.served >= worker.max_requests
         if exiting:
@@ -346,6 +397,11 @@ class Pool:
             worker.session = None
             if worker.state is State.STARTING and self.spawning:
                 self._boot_failed(gone, now)
+            elif gone.session is not None:
+                log.warning("worker died during a session", worker=pid, ip=gone.session.ip,
+                            status=gone.description)
+            elif status != 0 and not worker.signals_sent:  # not one we stopped
+                log.event("worker_exit", worker=pid, status=gone.description)
             exits.append(gone)
         return exits
 
@@ -358,15 +414,17 @@ class Pool:
                   status=gone.description, failures=self.boot_failures, respawn_in=delay)
 
     # ---- keep the pool at size ----------------------------------------------------------
-    def maintain(self, now: float) -> None:
-        """Deadlines, then respawn; raises BootFailure when workers cannot start."""
+    def maintain(self, now: float) -> bool:
+        """Deadlines, then respawn; True when a fork failed (out of descriptors, memory or
+        processes: the master sheds load); raises BootFailure when workers cannot start."""
         self._enforce_deadlines(now)
         if self.boot_failures >= BOOT_FAILURE_LIMIT:
             raise BootFailure(
                 f"{self.boot_failures} workers in a row died before becoming ready "
                 f"(last: {self.last_boot_failure}); see the worker errors above")
         if not self.spawning:
-            return
+            return False
+        failed = False
         self._retire_stale(now)
         self._retire_surplus(now)
         want = max(self.config.prefork, 1)
@@ -384,7 +442,11 @@ class Pool:
                               retry_in=SPAWN_RETRY)
                     self.next_spawn_warning = now + SPAWN_WARNING_INTERVAL
                 self.spawn_failures += 1
+                failed = True
                 break
+        if self.next_spawn_at <= now:  # the back-off is over: no deadline left to wake for
+            self.next_spawn_at = 0.0
+        return failed
 
     def _enforce_deadlines(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -458,6 +520,16 @@ class Pool:
             if worker.deadline is None or worker.deadline > deadline:
                 worker.deadline = deadline
 
-    def kill_all(self) -> None:
-        for worker in self.workers.values():
-            self._signal(worker, signal.SIGKILL)
+    def abort(self, now: float, seconds: float) -> list[Exit]:
+        """No more spawning; TERM every worker, KILL those left after `seconds`, and reap
+        them (a KILLed one for up to KILL_GRACE more)."""
+        self.spawning = False
+        exits: list[Exit] = []
+        for sig, bound in ((signal.SIGTERM, now + seconds),
+                           (signal.SIGKILL, now + seconds + KILL_GRACE)):
+            for worker in self.workers.values():
+                self._signal(worker, sig)
+            while self.workers and time.monotonic() < bound:
+                exits += self.reap(time.monotonic())
+                time.sleep(0.02)
+        return exits

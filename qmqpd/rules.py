@@ -537,10 +537,13 @@ class RuleTable:
             if self._error and _looks_like_text(path):
                 raise RulesError(self._error)
 
-    def lookup(self, ip: str, host: str = "", info: str = "") -> Rule:
+    def lookup(self, ip: str, host: str = "", info: str = "", refresh: bool = True) -> Rule:
+        """refresh=False: the caller stats the file itself (`refresh()`), e.g. once per
+        loop turn instead of once per lookup."""
         if self.path is None:
             return Rule(is_loopback(ip), {}, None, NO_RULES_REASON)
-        self._refresh()
+        if refresh:
+            self._refresh()
         if self._db is None:
             return Rule(False, {}, None, self._error)
         try:
@@ -549,6 +552,14 @@ class RuleTable:
             self._fail(f"unable to read {self.path}: {error}")
             return Rule(False, {}, None, self._error)
         return Rule(True, {}, None) if found is None else rule_from_data(*found)
+
+    def refresh(self) -> bool:
+        """Reopen the file if it was replaced (one stat); True when it was."""
+        if self.path is None:
+            return False
+        before = self._identity
+        self._refresh()
+        return self._identity != before
 
     def close(self) -> None:
         if self._db is not None:

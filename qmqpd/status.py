@@ -10,7 +10,8 @@ once more at exit. A file and not a control socket, because
 - the rename is atomic, so a reader never sees half a file.
 The price is up to about two seconds of lag, which is fine for counters read by people.
 
-The writer side (`SessionCounters`, `StatusWriter`) is used by the master; the reader side
+The writer side (`Observer`, which owns `SessionCounters` and a `StatusWriter` and also
+feeds the metrics and the process title) is used by the master; the reader side
 (`read_status`, `render_text`, `run`) by the command. Both share the format, so it lives
 in one module. Imports: config, log and the standard library only.
 """
@@ -23,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from qmqpd import log
 from qmqpd.config import Config
@@ -40,7 +41,7 @@ ACTIONS = ("accept", "tempfail", "reject", "discard")
 ANSWER_NAMES = {"K": "accepted", "Z": "tempfailed", "D": "rejected", "": "no_answer"}
 ANSWERS = ("accepted", "tempfailed", "rejected", "no_answer", "worker_died", "unreported")
 CONNECTIONS = ("handed", "denied", "refused_perip", "dropped", "too_slow",
-               "proxy_rejected")
+               "proxy_rejected", "busy")
 # `qmqpd status` exit codes: running; not running (the last status is shown); no status.
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 1
@@ -202,6 +203,95 @@ class StatusWriter:
         self.last_error = ""
 
 
+# ---- the observer ---------------------------------------------------------------------
+# Connection results that are refusals: also counted per client IP in the metrics.
+BUSY_WARNING_INTERVAL = 60.0  # at most one "all MAXDAEMONS busy" warning per this long
+REFUSALS = frozenset({"denied", "refused_perip", "proxy_rejected", "too_slow", "busy"})
+
+
+class Feed(Protocol):
+    """What the observer passes on to the metrics exporter (qmqpd.metrics.Exporter)."""
+
+    def refused(self, ip: str, reason: str) -> None: ...
+
+    def observe(self, session_seconds: float | None, commit_seconds: float | None) -> None: ...
+
+
+class Observer:
+    """The one observer of the master: it owns the counters and keeps the status file,
+    the metrics feed and the process title in step with them. The master tells it what
+    happened (connections, sessions ended, workers died) and, each turn, what it shows;
+    the observer decides nothing about clients or workers."""
+
+    def __init__(self, status_file: str, set_title: Callable[[str], None],
+                 feed: Feed | None = None) -> None:
+        self.counters = SessionCounters()
+        self.writer = StatusWriter(status_file)
+        self.set_title = set_title
+        self.feed = feed
+        self.title_shows: tuple[object, ...] = ()
+        self.next_busy_warning = 0.0
+
+    def connection(self, result: str, ip: str = "") -> None:
+        self.counters.connection(result)
+        if self.feed is not None and result in REFUSALS:
+            self.feed.refused(ip, result)
+
+    def session_ended(self, outcome: Any) -> None:
+        """A done record's outcome (qmqpd.ipc.Outcome), or None when it had none."""
+        if outcome is None:
+            self.counters.session_ended(None, ())
+            return
+        self.counters.session_ended(outcome.answer, outcome.stages)
+        if self.feed is not None:
+            self.feed.observe(outcome.session_seconds, outcome.commit_seconds)
+
+    def worker_died(self) -> None:
+        self.counters.worker_died()
+
+    def show(self, now: float, listening: Iterable[str], busy: int, idle: int, waiting: int,
+             accepting: bool, build: Callable[[], dict[str, Any]]) -> None:
+        """Each loop turn: the title when what it shows changed (the addresses actually
+        bound, not the configured ones), the status file when due."""
+        shown = (tuple(listening), busy, idle, waiting, accepting)
+        if shown != self.title_shows:
+            self.title_shows = shown
+            title = (f"qmqpd: master {','.join(shown[0])} busy={busy} idle={idle} "
+                     f"waiting={waiting}")
+            self.set_title(title if accepting else title + " stopping")
+        self.writer.maybe_write(now, build)
+
+    def status(self, *, state: str, started: float, listen: Iterable[str], config: Config,
+               waiting: int, workers: dict[str, int], generation: int,
+               ledger: Any) -> dict[str, Any]:
+        """The status file's content (also what the metrics read); ledger is the
+        master's qmqpd.limits.Ledger."""
+        return {
+            "version": FORMAT_VERSION, "pid": os.getpid(), "state": state,
+            "started": round(started, 3), "listen": list(listen),
+            "maxdaemons": ledger.capacity.maximum, "maxperip": config.maxperip,
+            "prefork": config.prefork, "generation": generation, "workers": workers,
+            "sessions": ledger.capacity.busy, "waiting": waiting,
+            "clients": len(ledger.per_ip),
+            "busiest": [{"ip": ip, "sessions": count}
+                        for ip, count in ledger.per_ip.busiest(TOP_CLIENTS)],
+            **self.counters.as_dict(),
+        }
+
+    def warn_busy(self, now: float, waiting: int, ledger: Any) -> None:
+        """Clients wait for a worker while every session is busy: one line a minute."""
+        if waiting and ledger.full and now >= self.next_busy_warning:
+            log.warning("all sessions busy; clients wait for a worker; "
+                        "raise MAXDAEMONS if this persists",
+                        setting="MAXDAEMONS", maxdaemons=ledger.capacity.maximum,
+                        waiting=waiting, busiest=",".join(
+                            f"{ip}={n}" for ip, n in ledger.per_ip.busiest(3)))
+            self.next_busy_warning = now + BUSY_WARNING_INTERVAL
+
+    def final(self, now: float, data: dict[str, Any], code: int) -> None:
+        self.writer.write(now, {**data, "state": "stopped", "exit": code})
+
+
 # ---- the command ----------------------------------------------------------------------
 def assess(data: dict[str, Any], now: float) -> dict[str, Any]:
     """The file's data plus what the reader concludes: running, stale, uptime, age."""
@@ -279,6 +369,7 @@ def render_text(status: dict[str, Any]) -> str:
         f"{connections.get('refused_perip', 0)} refused over MAXPERIP, "
         f"{connections.get('dropped', 0)} dropped, "
         f"{connections.get('too_slow', 0)} cut too slow before a worker, "
+        f"{connections.get('busy', 0)} answered busy after waiting for a worker, "
         f"{connections.get('proxy_rejected', 0)} PROXY header rejected")
     for name, counts in status.get("stages", {}).items():
         lines.append(f"stage {name}: " + _counts(counts, _ACTION_WORDS))

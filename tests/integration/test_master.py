@@ -14,14 +14,14 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from qmqpd.master import HANDOFF_BYTES
+from qmqpd.lobby import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
+from qmqpd.status import read_status
 from tests.support import free_port, process_title, read_reply, request, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,14 +274,16 @@ def test_maxdaemons_holds_across_ips(server_factory: Callable[..., Server]) -> N
     try:
         busy = wait_until(lambda: len(server.titled("receiving")) == 3 and
                           server.titled("receiving"), what="3 busy workers")
-        time.sleep(0.3)
+        # the other three have their first HANDOFF_BYTES in and wait in the master
+        wait_until(lambda: read_status(str(server.tmp / "status.json")).get("waiting") == 3,
+                   what="three connections waiting for a worker")
         assert len(server.titled("receiving")) == 3
         assert all(answer_within(sock, 0.05) is None for sock in clients)
         assert len(server.workers()) == 3
         served = {title.split()[2] for title in busy.values()}  # type: ignore[union-attr]
         assert served <= set(sources) and len(served) == 3
         wait_until(lambda: "setting=MAXDAEMONS" in server.log(), what="the warning")
-        # everyone is served in the end: the backlog held the rest
+        # everyone is served in the end: each waiting one gets a worker as one comes free
         replies = [finish(sock) for sock in clients]
         assert all(is_ok(reply) for reply in replies), replies
     finally:
@@ -408,6 +410,15 @@ def test_hup_with_broken_config_keeps_serving(server_factory: Callable[..., Serv
         assert answer_within(one, 0.3) is None
         assert answer_within(two, 0.3) == TOO_MANY
     assert server.proc is not None and server.proc.poll() is None
+    # PORT cannot change on HUP: the title and status keep showing the port still bound
+    other = free_port()
+    server.config_path.write_text(good.replace(f"port = {server.port}", f"port = {other}"))
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "settings=PORT" in server.log(), what="the restart-only warning")
+    wait_until(lambda: server.log().count("event=reload") == 2, what="the second reload")
+    title = process_title(server.proc.pid)
+    assert f"127.0.0.1:{server.port} " in title and str(other) not in title, title
+    assert is_ok(deliver(server.port))
 
 
 def test_memory_cap_answers_z_and_master_lives(server_factory: Callable[..., Server],

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.master import netstring
 from qmqpd.message import Reply
+from qmqpd.netstring import encode
 from qmqpd.status import read_status
 from tests.integration.test_hostile_sessions import SlowSender, trickle, watch_answers
 from tests.integration.test_master import (
@@ -287,7 +287,7 @@ def test_idle_and_slow_connections_hold_no_worker(
             thread.join(10)
         for sock in idle + [s.sock for s in senders]:
             sock.close()
-    too_slow = netstring(Reply.named("too_slow", rate=512).line)
+    too_slow = encode(Reply.named("too_slow", rate=512).line.encode())
     assert [s.answer for s in senders] == [too_slow] * 75
     cut = sorted(s.cut_after for s in senders if s.cut_after is not None)
     print(f"slow senders cut after {cut[0]:.1f} .. {cut[-1]:.1f} s (RATE_GRACE {grace})")

@@ -37,7 +37,10 @@ PENDING: dict[str, set[str]] = {
     "filters.dkim": {"filters.keys", "filters.mailstream"},  # keys: paths, DNS, shared
     "filters.dk": {"filters.keys", "filters.mailstream"},  # one header parser for both
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
-                     "qmqpd.proxy"},  # the PROXY header, read before rules and limits
+                     "qmqpd.proxy",  # the PROXY header, read before rules and limits
+                     # the master split by ownership (the card's "Next step" table)
+                     "qmqpd.admission", "qmqpd.listen", "qmqpd.lobby"},
+    "qmqpd.pool": {"qmqpd.limits"},  # a busy worker holds its client's Lease
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -45,6 +48,11 @@ PENDING_PACKAGES: dict[str, set[str]] = {
 # Modules the card does not list yet, with what they may import.
 PENDING_MODULES: dict[str, set[str]] = {
     "filters.mailstream": set(),  # streaming header parser shared by dk and dkim: stdlib
+    # the master split by ownership (the card's "Next step" table)
+    "qmqpd.listen": set(),  # listening sockets: stdlib
+    "qmqpd.admission": {"qmqpd.proxy", "qmqpd.rules", "qmqpd.limits"},  # the decision
+    # the wait for the request: PROXY header reader, leases, the worker's length parser
+    "qmqpd.lobby": {"qmqpd.proxy", "qmqpd.limits", "qmqpd.netstring"},
 }
 
 

@@ -11,6 +11,7 @@ from qmqpd.limits import (
     FD_RESERVE,
     Capacity,
     DescriptorBudget,
+    Ledger,
     PerIpCounter,
     fold_ip,
 )
@@ -48,7 +49,7 @@ def test_mapped_and_plain_share_one_count() -> None:
 def test_limit_zero_means_no_limit() -> None:
     counter = PerIpCounter()
     assert all(counter.acquire("10.0.0.1", 0) for _ in range(1000))
-    assert counter.total == 1000
+    assert counter.count("10.0.0.1") == 1000
 
 
 def test_release_without_acquire_is_an_error() -> None:
@@ -77,7 +78,7 @@ def test_capacity_full_and_resize() -> None:
     capacity.release()
     assert capacity.full
     capacity.release()
-    assert capacity.free == 1
+    assert capacity.busy == 0 and not capacity.full
     with pytest.raises(ValueError):
         capacity.release()
     with pytest.raises(ValueError):
@@ -106,7 +107,7 @@ def test_counts_match_a_model_and_never_exceed_the_limit(
         if limit:
             assert counter.count(ip) <= limit
         assert counter.count(ip) == model.get(key, 0)
-    assert counter.total == sum(model.values())
+    assert sum(count for _ip, count in counter.busiest(len(counter))) == sum(model.values())
 
 
 def test_descriptor_budget_keeps_a_reserve_and_two_channels_per_worker() -> None:
@@ -119,3 +120,25 @@ def test_descriptor_budget_keeps_a_reserve_and_two_channels_per_worker() -> None
 def test_descriptor_budget_never_below_its_floor() -> None:
     budget = DescriptorBudget(64, 75)
     assert budget.clients == FD_CLIENTS_FLOOR and budget.lingering >= 1
+
+
+def test_a_lease_holds_both_slots_until_its_one_release() -> None:
+    ledger = Ledger(1)
+    lease = ledger.admit("::ffff:10.0.0.1", 1)
+    assert lease is not None and lease.ip == "10.0.0.1"
+    assert ledger.admit("10.0.0.1", 1) is None  # MAXPERIP 1 holds
+    assert ledger.start(lease) and ledger.full
+    assert not ledger.start(lease)  # already a worker's
+    assert ledger.release(lease) and ledger.idle()
+
+
+def test_a_second_release_is_refused_and_counted_not_raised() -> None:
+    ledger = Ledger(2)
+    lease = ledger.admit("10.0.0.1", 0)
+    other = ledger.admit("10.0.0.1", 0)
+    assert lease is not None and other is not None
+    assert ledger.release(lease)
+    assert not ledger.release(lease)  # logged, ignored: the other client's slot stays
+    assert ledger.double_releases == 1
+    assert ledger.per_ip.count("10.0.0.1") == 1
+    assert ledger.release(other) and ledger.idle()
