@@ -13,7 +13,11 @@ with a byte budget, before rules and limits, so everything downstream sees the r
   socket is not reported readable again for data already seen.
 - `Policy` is the setting side: PROXY_PROTOCOL (off, v1, v2, any), PROXY_TRUSTED
   (addresses and CIDR prefixes) and PROXY_TIMEOUT; `client_of` turns a header and the real
-  peer into the address rules and limits must see.
+  peer into the address rules and limits must see. A header makes its sender speak for
+  any client (its rules, keys and limits), so PROXY_TRUSTED may name neither loopback
+  addresses (any local user can bind one as a source address) nor prefixes wider than
+  any one operator's network (IPv4 /8, IPv6 /16) unless PROXY_TRUSTED_UNSAFE says so,
+  and then `warnings()` says so at every start and reload.
 
 `LOCAL` (v2, HAProxy's health checks with check-send-proxy) and `UNKNOWN` (v1) or an
 unspecified or unix family (v2) mean "use the real connection endpoints", as the spec says.
@@ -226,6 +230,14 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 # ---- the settings side ----------------------------------------------------------------
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Any local user can send from these: Linux lets every process bind any 127/8 address.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+            ipaddress.ip_network("::ffff:127.0.0.0/104"))
+# Wider than this is wider than one operator's network: IPv4 /8 is the largest block one
+# organisation holds (10.0.0.0/8, the old class A); IPv6 /16 is wider than any ISP's
+# allocation (RIRs hand out /19 to /32; fc00::/7, every site's unique-local addresses,
+# is wider still). 0.0.0.0/0 and ::/0 trust every peer.
+WIDEST_PREFIX = {4: 8, 6: 16}
 
 
 def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
@@ -237,6 +249,20 @@ def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR prefix") from None
     return tuple(out)
+
+
+def unsafe_entries(trusted: Iterable[Network]) -> list[str]:
+    """Why each PROXY_TRUSTED entry lets the wrong peers speak for any client; [] = none."""
+    found = []
+    for net in trusted:
+        if net.prefixlen < WIDEST_PREFIX[net.version]:
+            found.append(f"{net} is wider than /{WIDEST_PREFIX[net.version]}: every host in "
+                         "it could send a header naming any client")
+        elif any(net.version == loop.version and net.overlaps(loop)  # type: ignore[arg-type]
+                 for loop in LOOPBACK):
+            found.append(f"{net} is a loopback address: any local user can bind it as a "
+                         "source address and send a header naming any client")
+    return found
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -257,6 +283,7 @@ class Policy:
     trusted: tuple[Network, ...] = ()
     timeout: float = 3.0
     budget: int = DEFAULT_BUDGET
+    unsafe_allowed: bool = False  # PROXY_TRUSTED_UNSAFE
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -264,12 +291,30 @@ class Policy:
         if self.mode != "off" and not self.trusted:
             raise ValueError(f"PROXY_PROTOCOL is {self.mode} but PROXY_TRUSTED is empty: "
                              "name the load balancers' addresses")
+        unsafe = unsafe_entries(self.trusted) if self.enabled else []
+        if unsafe and not self.unsafe_allowed:
+            raise ValueError(f"{unsafe[0]}; trust only balancers on other hosts, or set "
+                             "PROXY_TRUSTED_UNSAFE to accept the risk")
 
     @classmethod
     def from_config(cls, config: Any) -> Policy:
-        """From a Config (proxy_protocol, proxy_trusted, proxy_timeout)."""
-        return cls(config.proxy_protocol, parse_networks(config.proxy_trusted),
-                   float(config.proxy_timeout))
+        """From a Config (proxy_protocol, proxy_trusted, proxy_timeout,
+        proxy_trusted_unsafe); ConfigError names PROXY_TRUSTED and where it came from."""
+        from qmqpd.config import problem
+
+        try:
+            return cls(config.proxy_protocol, parse_networks(config.proxy_trusted),
+                       float(config.proxy_timeout),
+                       unsafe_allowed=bool(config.proxy_trusted_unsafe))
+        except ValueError as error:
+            raise problem("PROXY_TRUSTED", config.source("PROXY_TRUSTED"), str(error)) from None
+
+    def warnings(self) -> list[str]:
+        """What an accepted PROXY_TRUSTED_UNSAFE lets through, for the log of each start."""
+        if not self.enabled:
+            return []
+        return [f"PROXY_TRUSTED_UNSAFE accepts it: {reason}"
+                for reason in unsafe_entries(self.trusted)]
 
     @property
     def enabled(self) -> bool:

@@ -78,9 +78,10 @@ class Node:
                     "rules": str(self.dir / "tcp.qmqp.cdb"), "use_fsync": "0",
                     "use_syncdir": "0", "prefork": "3", "maxdaemons": "20",
                     "status_file": str(self.dir / "status.json")}
-        if self.proxy:
+        if self.proxy:  # loopback balancers: trusted only with the explicit override
             settings |= {"proxy_protocol": "v2",
-                         "proxy_trusted": f"{BALANCER}, {SECOND_BALANCER}"}
+                         "proxy_trusted": f"{BALANCER}, {SECOND_BALANCER}",
+                         "proxy_trusted_unsafe": "yes"}
         # JSON strings are TOML basic strings; ports are integers.
         (self.dir / "qmqpd.toml").write_text("".join(
             f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))

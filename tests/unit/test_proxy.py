@@ -73,8 +73,8 @@ def test_v1_unknown_keeps_the_real_endpoints() -> None:
     header = parse(line + b"rest", "v1")
     assert isinstance(header, ProxyHeader)
     assert (header.family, header.source, header.length) == ("unknown", None, len(line))
-    policy = Policy("v1", parse_networks(["127.0.0.10"]))
-    assert policy.client_of(header, ("127.0.0.10", 5000)) == ("127.0.0.10", 5000)
+    policy = Policy("v1", parse_networks(["10.0.0.10"]))
+    assert policy.client_of(header, ("10.0.0.10", 5000)) == ("10.0.0.10", 5000)
 
 
 def test_v1_longest_line_is_accepted_and_one_more_byte_is_not() -> None:
@@ -134,8 +134,8 @@ def test_v2_local_is_the_proxy_itself_whatever_the_block_says() -> None:
     assert header == ProxyHeader(2, "local", "unspec", None, None, 16)
     odd = v2(command=0, family=1, transport=2, block=b"\x01\x02")  # ignored for LOCAL
     assert parse(odd, "v2") == ProxyHeader(2, "local", "unspec", None, None, 18)
-    policy = Policy("v2", parse_networks(["127.0.0.10"]))
-    assert policy.client_of(parse(data, "v2"), ("127.0.0.10", 9)) == ("127.0.0.10", 9)
+    policy = Policy("v2", parse_networks(["10.0.0.10"]))
+    assert policy.client_of(parse(data, "v2"), ("10.0.0.10", 9)) == ("10.0.0.10", 9)
 
 
 def test_v2_unspec_and_unix_families_keep_the_real_endpoints() -> None:
@@ -254,12 +254,12 @@ def test_any_bytes_give_a_header_need_more_or_proxy_error(data: bytes) -> None:
 
 # ---- the policy -----------------------------------------------------------------------
 def test_trusted_sources_by_address_and_prefix() -> None:
-    policy = Policy("v2", parse_networks(["127.0.0.10", "10.1.0.0/16", "2001:db8::/32"]))
-    assert policy.trusts("127.0.0.10")
-    assert policy.trusts("::ffff:127.0.0.10")  # v4-mapped, as a dual-stack socket shows it
+    policy = Policy("v2", parse_networks(["10.0.0.10", "10.1.0.0/16", "2001:db8::/32"]))
+    assert policy.trusts("10.0.0.10")
+    assert policy.trusts("::ffff:10.0.0.10")  # v4-mapped, as a dual-stack socket shows it
     assert policy.trusts("10.1.200.3")
     assert policy.trusts("2001:db8:1::5")
-    assert not policy.trusts("127.0.0.11")
+    assert not policy.trusts("10.0.0.11")
     assert not policy.trusts("10.2.0.1")
     assert not policy.trusts("not an ip")
     policy.check_source("10.1.0.1")
@@ -269,27 +269,27 @@ def test_trusted_sources_by_address_and_prefix() -> None:
 
 
 def test_a_claimed_client_replaces_the_proxy_address() -> None:
-    policy = Policy("any", parse_networks(["127.0.0.10"]))
+    policy = Policy("any", parse_networks(["10.0.0.10"]))
     header = parse(b"PROXY TCP4 127.0.0.2 127.0.0.11 5555 628\r\n", "any")
     assert isinstance(header, ProxyHeader)
-    assert policy.client_of(header, ("127.0.0.10", 40000)) == ("127.0.0.2", 5555)
+    assert policy.client_of(header, ("10.0.0.10", 40000)) == ("127.0.0.2", 5555)
 
 
 def test_policy_needs_trusted_sources_when_on() -> None:
     with pytest.raises(ValueError, match="PROXY_TRUSTED is empty"):
         Policy("v1")
     with pytest.raises(ValueError, match="allowed"):
-        Policy("v3", parse_networks(["127.0.0.1"]))
+        Policy("v3", parse_networks(["10.0.0.1"]))
     with pytest.raises(ValueError, match="not an IP address"):
         parse_networks(["127.0.0.300"])
 
 
 def test_policy_from_the_settings() -> None:
     cfg = config_mod.load(environ={"PROXY_PROTOCOL": "v2",
-                                   "PROXY_TRUSTED": "127.0.0.10, 10.0.0.0/8",
-                                   "PROXY_TIMEOUT": "2.5"})
+                                   "PROXY_TRUSTED": "192.0.2.10, 10.0.0.0/8",
+                                   "PROXY_TIMEOUT": "4.5"})
     policy = Policy.from_config(cfg)
-    assert (policy.mode, policy.timeout) == ("v2", 2.5)
+    assert (policy.mode, policy.timeout) == ("v2", 4.5)
     assert policy.trusts("10.9.9.9") and not policy.trusts("11.0.0.1")
     with pytest.raises(config_mod.ConfigError, match="PROXY_TRUSTED"):
         config_mod.load(environ={"PROXY_TRUSTED": "10.0.0.0/33"})
@@ -297,6 +297,56 @@ def test_policy_from_the_settings() -> None:
         config_mod.load(environ={"PROXY_PROTOCOL": "v3"})
     off = Policy.from_config(config_mod.load(environ={}))
     assert not off.enabled
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("127.0.0.10", "loopback"), ("127.0.0.0/8", "loopback"), ("127.255.0.0/16", "loopback"),
+    ("::1", "loopback"), ("::ffff:127.0.0.10", "loopback"), ("0.0.0.0/0", "wider than /8"),
+    ("::/0", "wider than /16"), ("10.0.0.0/7", "wider than /8"), ("64.0.0.0/2", "wider than /8"),
+    ("fc00::/7", "wider than /16"), ("2000::/3", "wider than /16"),
+])
+def test_trust_that_others_could_borrow_is_refused(entry: str, why: str) -> None:
+    """Loopback (any local user can bind it) or wider than one operator's network: refused
+    unless PROXY_TRUSTED_UNSAFE, which each start and reload then logs."""
+    trusted = parse_networks(["192.0.2.10", entry])
+    with pytest.raises(ValueError, match=f"{why}.*PROXY_TRUSTED_UNSAFE"):
+        Policy("v2", trusted)
+    accepted = Policy("v2", trusted, unsafe_allowed=True)
+    assert accepted.trusts("192.0.2.10")
+    assert [why in warning for warning in accepted.warnings()] == [True]
+    Policy("off", trusted)  # not in use: nothing to refuse
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/8", "192.0.2.10", "172.16.0.0/12", "::2",
+                                   "2001:db8::/16", "fd12:3456:789a::/48", "::ffff:10.0.0.1"])
+def test_trust_in_one_network_is_accepted(entry: str) -> None:
+    policy = Policy("any", parse_networks([entry]))
+    assert policy.warnings() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_ipv4_refusals_follow_the_two_rules(address: int, prefix: int) -> None:
+    net = ipaddress.IPv4Network((address, prefix), strict=False)
+    loopback = net.overlaps(ipaddress.IPv4Network("127.0.0.0/8"))
+    try:
+        Policy("v1", (net,))
+    except ValueError:
+        assert prefix < 8 or loopback
+    else:
+        assert prefix >= 8 and not loopback
+
+
+def test_the_settings_name_the_refused_entry_and_the_override() -> None:
+    unsafe = {"PROXY_PROTOCOL": "v2", "PROXY_TRUSTED": "127.0.0.10"}
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"^PROXY_TRUSTED \(proxy_trusted\) from environment: 127\.0\.0\.10/32 "
+                             r"is a loopback address") as refused:
+        Policy.from_config(config_mod.load(environ=unsafe))
+    assert refused.value.setting == "PROXY_TRUSTED"
+    policy = Policy.from_config(config_mod.load(environ={**unsafe,
+                                                         "PROXY_TRUSTED_UNSAFE": "yes"}))
+    assert policy.trusts("127.0.0.10") and len(policy.warnings()) == 1
 
 
 # ---- reading from a real connection ---------------------------------------------------
@@ -379,7 +429,7 @@ def _sent(data: bytes) -> socket.socket:
 def test_the_master_call_from_accept_to_client(
         connection: tuple[socket.socket, socket.socket]) -> None:
     client, server = connection
-    policy = Policy("any", parse_networks(["127.0.0.0/8"]))
+    policy = Policy("any", parse_networks(["127.0.0.0/8"]), unsafe_allowed=True)
     reader = policy.reader()
     client.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.11 4000 628\r\n" + QMQP_REQUEST)
     select.select([server], [], [], 5)
