@@ -263,8 +263,9 @@ SETTINGS: dict[str, Setting] = {
            "/16 (IPv6); without it such a PROXY_TRUSTED refuses the start, a reload and "
            "`qmqpd check`; with it each start and reload logs a warning per entry",
            "master"),
-        _s("PROXY_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
-           "how long the master waits for a whole PROXY header before closing", "master"),
+        _s("PROXY_TIMEOUT", _float_parser(3, 60), 3.0, "seconds 3-60",
+           "how long the master waits for a whole PROXY header before closing (the "
+           "protocol asks for at least 3 s, to cover a TCP retransmission)", "master"),
         _s("METRICS", _listen_address, "", "empty (off), ip:port or [ipv6]:port",
            "serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9628",
            "master"),

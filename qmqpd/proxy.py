@@ -19,9 +19,13 @@ with a byte budget, before rules and limits, so everything downstream sees the r
   any one operator's network (IPv4 /8, IPv6 /16) unless PROXY_TRUSTED_UNSAFE says so,
   and then `warnings()` says so at every start and reload.
 
-`LOCAL` (v2, HAProxy's health checks with check-send-proxy) and `UNKNOWN` (v1) or an
-unspecified or unix family (v2) mean "use the real connection endpoints", as the spec says.
-Standard library only.
+`LOCAL` (v2, HAProxy's health checks with check-send-proxy) and `UNKNOWN` (v1), or in v2 an
+unspecified family or transport (0x00, 0x01, 0x10, 0x20: "the receiver should ignore
+address information") or the unix family mean "use the real connection endpoints", as the
+spec says; families and transports the spec does not define are refused. A v1 address is
+what the spec allows and no more: IPv4 as four decimal numbers without leading zeros,
+IPv6 as hex groups with at most one `::` (no `%scope`, no dotted IPv4 tail).
+Standard library only (and the shared config leaf, for the settings' errors).
 """
 
 from __future__ import annotations
@@ -134,7 +138,13 @@ def _parse_v1(data: bytes) -> ProxyHeader | NeedMore:
     return ProxyHeader(1, "proxy", proto.lower(), source, destination, length)
 
 
+_V6_CHARACTERS = frozenset("0123456789abcdefABCDEF:")
+
+
 def _v1_address(text: str, version: int) -> str:
+    if version == 6 and not set(text) <= _V6_CHARACTERS:
+        # ipaddress would take `fe80::1%eth0` and `::ffff:192.0.2.1`; the spec does not
+        raise ProxyError(f"PROXY v1 address {text!r} is not an IPv6 address in hex groups")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -168,7 +178,8 @@ def _parse_v2(data: bytes, budget: int) -> ProxyHeader | NeedMore:
     length = V2_FIXED + block
     if length > budget:
         raise ProxyError(f"PROXY v2 header of {length} bytes is over the budget of {budget}")
-    if command == 1 and family in _V2_ADDRESS_SIZES and block < _V2_ADDRESS_SIZES[family]:
+    addressed = command == 1 and transport != 0  # else the addresses are to be ignored
+    if addressed and family in _V2_ADDRESS_SIZES and block < _V2_ADDRESS_SIZES[family]:
         raise ProxyError(f"PROXY v2 address block of {block} bytes is too short for its family")
     if len(data) < length:
         return NEED_MORE
@@ -176,6 +187,8 @@ def _parse_v2(data: bytes, budget: int) -> ProxyHeader | NeedMore:
         return ProxyHeader(2, "local", "unspec", None, None, length)
     if transport == 2:
         raise ProxyError("PROXY v2 header for a datagram transport on a stream connection")
+    if transport == 0:  # UNSPEC: "the receiver should ignore address information"
+        return ProxyHeader(2, "proxy", "unspec", None, None, length)
     if family == 1:
         src, dst, sport, dport = _V2_INET.unpack_from(data, V2_FIXED)
         return ProxyHeader(2, "proxy", "tcp4", (str(ipaddress.IPv4Address(src)), sport),
@@ -339,17 +352,3 @@ class Policy:
         if header.source is None:
             return peer
         return header.source
-
-
-def read_proxy_header(policy: Policy, reader: HeaderReader, sock: socket.socket,
-                      peer: tuple[str, int]) -> tuple[str, int] | None:
-    """The master's call in its first-bytes wait, each time the connection is readable:
-    the (ip, port) rules, limits and the session must see once the header is complete,
-    None to keep waiting (the caller owns the PROXY_TIMEOUT deadline), or ProxyError
-    (untrusted source, bad or missing header, closed): close the connection and log it.
-    With PROXY_PROTOCOL off the peer stands and nothing is read."""
-    if not policy.enabled:
-        return peer
-    policy.check_source(peer[0])
-    header = reader.read(sock)
-    return None if header is None else policy.client_of(header, peer)
