@@ -20,10 +20,10 @@ Releases the lease of every connection it closes; `take_ready` passes the lease 
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import heapq
 import itertools
+import select
 import selectors
 import socket
 import struct
@@ -52,6 +52,13 @@ LINGER_BYTES = 64 * 1024
 LINGER_MAX = 1024
 # The answer to a client that waited WAIT_TIMEOUT for a worker: try another server.
 BUSY_REPLY = "Zserver busy: no worker free, try again later (#4.3.0)"
+# A waiting client whose FIN comes this long after its last data has given up (it timed
+# out and closed); one that half-closes right after its request (FIN with the data) waits on.
+GONE_AFTER_SILENCE_MS = 1000
+# struct tcp_info (linux/tcp.h): tcpi_last_data_recv, ms since data last arrived.
+_TCPI_LAST_DATA_RECV = struct.Struct("=I")
+_TCPI_LAST_DATA_RECV_OFFSET = 52
+_HANGUP_MASK = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # Event results that are not connection counters.
 HEADER_READ = "header"
 SHORT = "short"
@@ -60,7 +67,10 @@ SHED_WARNING_INTERVAL = 10.0
 TIMER_SLACK = 64
 
 
-class Phase(enum.Enum):
+class Phase:
+    """The phases, as plain strings: a change is checked on every step of every
+    connection, and a string hashes from its cache where an Enum member calls Python."""
+
     NEW = "new"
     HEADER = "header"
     FIRST = "first"
@@ -71,7 +81,7 @@ class Phase(enum.Enum):
 
 
 # The one table of phase changes: a phase and the phases it may be entered from.
-ALLOWED_FROM: dict[Phase, frozenset[Phase]] = {
+ALLOWED_FROM: dict[str, frozenset[str]] = {
     Phase.NEW: frozenset(),
     Phase.HEADER: frozenset({Phase.NEW}),
     Phase.FIRST: frozenset({Phase.NEW}),
@@ -92,8 +102,9 @@ class Conn:
     sock: socket.socket
     peer: tuple[str, int]
     started: float  # accepted (or its PROXY header read): the MIN_RATE clock starts here
-    phase: Phase = Phase.NEW
-    deadline: float = 0.0  # of the current phase (the one armed in the timer heap)
+    phase: str = Phase.NEW
+    deadline: float = 0.0  # of the current phase
+    armed: float | None = None  # its earliest entry in the timer heap
     lease: Lease | None = None
     client: Client | None = None
     header: proxy.HeaderReader | None = None
@@ -101,6 +112,7 @@ class Conn:
     grace: float = 0.0
     lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
     watched: bool = False  # registered in the master's selector
+    hup_watched: bool = False  # WAITING, watched for its client going away
     linger_left: int = LINGER_BYTES
 
     @property
@@ -125,21 +137,13 @@ def request_size(head: bytes) -> int | None:
     """Bytes to wait for before the hand-off, from the first bytes of a QMQP request: the
     whole request up to HANDOFF_BYTES; None = the length prefix is not complete yet; 0 =
     a prefix the worker's parser refuses (the worker answers it now)."""
-    data = iter(head)
-    used = 0
-
-    def next_byte() -> int:
-        nonlocal used
-        used += 1
-        return next(data)  # StopIteration: the prefix is not all here
-
     try:
-        length = read_length(next_byte, OUTER_PREFIX_MAX)
-    except StopIteration:
+        length = read_length(iter(head).__next__, OUTER_PREFIX_MAX)
+    except StopIteration:  # the prefix is not all here yet
         return None
     except NetstringError:
         return 0
-    return min(used + length + 1, HANDOFF_BYTES)
+    return min(head.index(b":") + 1 + length + 1, HANDOFF_BYTES)
 
 
 def _available(sock: socket.socket) -> int:
@@ -166,6 +170,11 @@ class Lobby:
         self.order = itertools.count()
         self.events: list[Event] = []
         self.next_shed_warning = 0.0
+        # WAITING connections still there at the end of a turn are watched for their
+        # client going away (one handed in the turn it became ready never is)
+        self.hangup = select.epoll()
+        self.hup_conns: dict[int, Conn] = {}
+        self.to_watch: list[Conn] = []
 
     def configure(self, first_byte_timeout: float, wait_timeout: float,
                   budget: DescriptorBudget) -> None:
@@ -208,24 +217,29 @@ class Lobby:
         conn = Conn(sock, ("", 0), now)
         self._linger(conn, reply, now)
 
-    def _enter(self, conn: Conn, phase: Phase, deadline: float) -> None:
+    def _enter(self, conn: Conn, phase: str, deadline: float) -> None:
         self.conns[conn] = None
         self._change(conn, phase)
         self._arm(conn, deadline)
 
     @staticmethod
-    def _change(conn: Conn, new: Phase) -> None:
+    def _change(conn: Conn, new: str) -> None:
         """Every phase change goes through here and must be one the table allows."""
         if conn.phase not in ALLOWED_FROM[new]:
-            raise PhaseError(f"{conn.peer[0]}: {conn.phase.value} -> {new.value}")
+            raise PhaseError(f"{conn.peer[0]}: {conn.phase} -> {new}")
         conn.phase = new
 
     def _arm(self, conn: Conn, deadline: float) -> None:
+        """A later deadline only moves conn.deadline (the entry due first re-arms it when
+        it pops): one heap push per connection in the usual case."""
         conn.deadline = deadline
+        if conn.armed is not None and conn.armed <= deadline:
+            return
+        conn.armed = deadline
         heapq.heappush(self.timers, (deadline, next(self.order), conn))
-        if len(self.timers) > 2 * self.held() + TIMER_SLACK:
+        if len(self.timers) > 2 * (len(self.conns) + len(self.lingering)) + TIMER_SLACK:
             self.timers = [entry for entry in self.timers
-                           if entry[2].phase is not Phase.GONE and entry[2].deadline == entry[0]]
+                           if entry[2].phase is not Phase.GONE and entry[2].armed == entry[0]]
             heapq.heapify(self.timers)
 
     def _watch(self, conn: Conn) -> None:
@@ -337,22 +351,61 @@ class Lobby:
         self._change(conn, Phase.WAITING)
         self._arm(conn, now + self.wait_timeout)
         self.ready.append(conn)
+        self.to_watch.append(conn)
+
+    def watch_waiting(self) -> None:
+        """End of a turn: connections still waiting for a worker are watched for their
+        client's FIN or reset (EPOLLRDHUP), in an epoll of their own: their request makes
+        them always readable, so the main selector cannot watch them."""
+        for conn in self.to_watch:
+            if conn.phase is Phase.WAITING and not conn.hup_watched:
+                with contextlib.suppress(OSError):
+                    self.hangup.register(conn.sock.fileno(), _HANGUP_MASK)
+                    self.hup_conns[conn.sock.fileno()] = conn
+                    conn.hup_watched = True
+        self.to_watch.clear()
+
+    def hangups(self) -> list[Event]:
+        """Waiting connections whose client has gone: dropped with their lease, nothing
+        queued behind their back. Polled when the epoll says so and before each hand-off."""
+        if not self.hup_conns:
+            return []
+        for fd, mask in self.hangup.poll(0):
+            conn = self.hup_conns.get(fd)
+            if conn is None:
+                continue
+            if mask & (select.EPOLLHUP | select.EPOLLERR) or self._silent(conn):
+                self._close(conn, "dropped", "client gone while waiting for a worker")
+            else:  # half-closed right after its request: it still reads the answer
+                self._unwatch_hangup(conn)
+        return self._take_events()
+
+    @staticmethod
+    def _silent(conn: Conn) -> bool:
+        try:
+            info = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:  # not TCP (a unix socket): a FIN alone is a half-close
+            return False
+        (silent_ms,) = _TCPI_LAST_DATA_RECV.unpack_from(info, _TCPI_LAST_DATA_RECV_OFFSET)
+        return bool(silent_ms >= GONE_AFTER_SILENCE_MS)
+
+    def _unwatch_hangup(self, conn: Conn) -> None:
+        if conn.hup_watched:
+            conn.hup_watched = False
+            self.hup_conns.pop(conn.sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                self.hangup.unregister(conn.sock.fileno())
 
     def take_ready(self) -> Conn | None:
-        """The oldest connection waiting for a worker, out of the lobby with its lease
-        (the caller now owns both), or None."""
+        """The oldest connection waiting for a worker whose client is still there, out of
+        the lobby with its lease (the caller now owns both), or None. Those found gone
+        wait in `events` for the caller."""
+        self.events += self.hangups()
         if not self.ready:
             return None
         conn = self.ready.popleft()
         self._leave(conn)
         return conn
-
-    def put_back(self, conn: Conn, now: float) -> None:
-        """A connection take_ready gave that no worker could take after all: first again."""
-        self.conns[conn] = None
-        conn.phase = Phase.REQUEST  # re-entered as if its request had just completed
-        self._to_waiting(conn, now)
-        self.ready.rotate(1)
 
     # ---- deadlines ----------------------------------------------------------------------
     def expire(self, now: float) -> list[Event]:
@@ -360,9 +413,13 @@ class Lobby:
         time: closed; a request arriving slower than MIN_RATE: answered Z, as its worker
         would; no worker within WAIT_TIMEOUT: answered Z (busy); lingerers: closed."""
         while self.timers and self.timers[0][0] <= now:
-            deadline, _order, conn = heapq.heappop(self.timers)
-            if conn.phase is Phase.GONE or conn.deadline != deadline:
-                continue  # stale: the connection moved on
+            armed, _order, conn = heapq.heappop(self.timers)
+            if conn.phase is Phase.GONE or conn.armed != armed:
+                continue  # stale: the connection moved on, or has an earlier entry
+            conn.armed = None
+            if conn.deadline > now:  # its phase's deadline moved later
+                self._arm(conn, conn.deadline)
+                continue
             if conn.phase is Phase.HEADER:
                 self._close(conn, "proxy_rejected",
                             "no complete PROXY header within PROXY_TIMEOUT")
@@ -406,6 +463,7 @@ class Lobby:
     # ---- refusals and their linger ------------------------------------------------------
     def _refuse_held(self, conn: Conn, result: str, reply: str, now: float) -> None:
         self._unwatch(conn)
+        self._unwatch_hangup(conn)
         self._release(conn)
         self.events.append(Event(result, conn.ip))
         del self.conns[conn]
@@ -449,6 +507,7 @@ class Lobby:
     def _leave(self, conn: Conn) -> None:
         """Out of the lobby's books; the socket stays open and the lease with the caller."""
         self._unwatch(conn)
+        self._unwatch_hangup(conn)
         self.conns.pop(conn, None)
         self.lingering.pop(conn, None)
         self._change(conn, Phase.GONE)
@@ -506,7 +565,11 @@ class Lobby:
             self._close(conn, "", "")
         return self._take_events()
 
+    def take_events(self) -> list[Event]:
+        return self._take_events()
+
     def close_fds(self) -> None:
         """In a forked worker: drop every inherited socket, touching no selector."""
+        self.hangup.close()
         for conn in itertools.chain(self.conns, self.lingering):
             conn.sock.close()

@@ -37,18 +37,18 @@ from qmqpd import admission, listen, log, metrics, procctl, proxy, status
 from qmqpd.config import Config, problem
 from qmqpd.limits import DescriptorBudget, Ledger
 from qmqpd.lobby import HEADER_READ, SHORT, Conn, Event, Lobby
+from qmqpd.message import Reply
 from qmqpd.pool import BootFailure, Ended, Pool
 
 ACCEPT_PAUSE = 0.5  # after running out of descriptors or memory, stop accepting this long
 TICK = 1.0  # longest sleep of the loop: bounds how late a deadline is noticed
 ABORT_GRACE = 5.0  # an aborting master waits this long for TERMed workers, then KILLs
-# Settings a HUP cannot change: the sockets are bound and privileges dropped.
+# Settings a HUP cannot change (sockets bound, privileges dropped); the errors that mean
+# "out of descriptors or memory" (shed load, never exit).
 RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
-# The errors that mean "out of descriptors or memory": shed load, never exit.
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_LISTEN, _WAKEUP, _WORKERS = "listen", "wakeup", "workers"
-# The planner `cli` passes in (qmqpd.plan), so the master never loads filter or queue
-# code itself; it raises ConfigError naming every bad setting.
+_LISTEN, _WAKEUP, _HANGUP, _WORKERS = "listen", "wakeup", "hangup", "workers"
+# cli passes the planner (qmqpd.plan; raises ConfigError): no filter or queue code here
 Planner = Callable[[Config], admission.Plans]
 PlannedEntry = Callable[[socket.socket, Any], None]  # gets the plans current at its fork
 
@@ -72,6 +72,7 @@ class Master:
         self.admission: admission.Admission | None = None
         self.pool: Pool | None = None
         self.signals: list[str] = []  # names, in the order they came
+        self.reap_due = True
         self.wakeup_r, self.wakeup_w = -1, -1
         self.accepting = True
         self.stop_deadline: float | None = None
@@ -105,6 +106,7 @@ class Master:
         gc.freeze()
         self.pool = Pool(self._enter_worker, cfg, after_fork=self._in_child)
         self.selector.register(self.pool.fileno(), selectors.EVENT_READ, _WORKERS)
+        self.selector.register(self.lobby.hangup.fileno(), selectors.EVENT_READ, _HANGUP)
 
     def _enter_worker(self, channel: socket.socket, _config: Config) -> None:
         """In a fresh worker: serve with the plans that were current at the fork."""
@@ -172,20 +174,21 @@ class Master:
         self._count(self.lobby.expire(now), now)
         if self.exporter is not None:
             self.exporter.expire(now)
-        if self.accepting:
+        if self.accepting:  # a replaced rules cdb: planned again
             self.admission.replan_if_changed(now, self.planner)
-        self._hand_ready(now)
+        if self.lobby.ready:
+            self._hand_ready(now)
         self.listeners.watch(self._can_take(now))
+        self.lobby.watch_waiting()
         self.observer.warn_busy(now, len(self.lobby.ready), self.ledger)
-        self.observer.show(now, self.listeners.names, self.ledger.capacity.busy,
-                           self.pool.idle, len(self.lobby.conns), self.accepting, self._status)
+        self.observer.show(now, self.listeners.names, self.ledger.capacity.busy, self.pool.idle,
+                           len(self.lobby.conns), self.accepting, self._status)
 
     def _timeout(self, now: float) -> float:
         assert self.pool is not None  # the soonest of every deadline, at most TICK away
+        paused = self.accept_paused_until if self.accept_paused_until > now else None
         soonest = min(d for d in (now + TICK, self.pool.next_deadline(), self.stop_deadline,
-                                  self.lobby.next_deadline(),
-                                  self.accept_paused_until if self.accept_paused_until > now
-                                  else None,
+                                  self.lobby.next_deadline(), paused,
                                   self.exporter.next_wakeup() if self.exporter else None)
                       if d is not None)
         return max(0.0, soonest - now)
@@ -195,48 +198,48 @@ class Master:
             self._count(self.lobby.readable(data, now), now)
             self._hand_ready(now)
         elif data is _LISTEN:
-            assert isinstance(fileobj, socket.socket)
-            self._accept(fileobj, now)
+            self._accept(fileobj, now)  # type: ignore[arg-type]  # a listening socket
+        elif data is _HANGUP:
+            self._count(self.lobby.hangups(), now)
         elif data is _WAKEUP:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self.wakeup_r, 512):
                     pass
         elif self.exporter is not None and self.exporter.owns(data):
             self.exporter.handle(data, now)
-        # _WORKERS: the next turn settles what they sent
 
     def settle(self, now: float) -> None:
-        """Read every record the workers have sent and reap the dead; give back the
-        leases of ended sessions; then hand waiting connections to idle workers. Called
-        at the start of each turn and after each accept, and nowhere else."""
+        """Read the workers' records, reap the dead, give back the leases of ended sessions,
+        hand waiting connections to idle workers. Each turn and after each accept only."""
         assert self.pool is not None
-        for event in self.pool.poll(now):
+        reap, self.reap_due = self.reap_due, False
+        for event in self.pool.poll(now, reap):
             if isinstance(event, Ended):
                 self.ledger.release(event.session)
                 self.observer.session_ended(event.outcome)
             elif event.session is not None:  # died in a session (the pool logged it)
                 self.ledger.release(event.session)
                 self.observer.worker_died()
-        self._hand_ready(now)
-
+        if self.lobby.ready:
+            self._hand_ready(now)
 
     def _hand_ready(self, now: float) -> None:
         """Connections that have their request go to idle workers, oldest first."""
         assert self.pool is not None
         while (self.lobby.ready and self.accepting and not self.ledger.full
-               and self.pool.has_idle()):
-            conn = self.lobby.take_ready()
-            assert conn is not None and conn.lease is not None and conn.client is not None
+               and self.pool.has_idle() and (conn := self.lobby.take_ready()) is not None):
+            assert conn.lease is not None and conn.client is not None
             self.ledger.start(conn.lease)
             if self.pool.hand_to_idle(conn.sock.fileno(), conn.client, conn.lease, now):
                 self.observer.connection("handed", conn.ip)
-            else:
-                self.ledger.release(conn.lease)
-                self.observer.connection("dropped", conn.ip)
-                log.event("drop", ip=conn.ip, error="no worker could take the connection")
-            conn.sock.close()
+                conn.sock.close()
+                continue
+            self.ledger.release(conn.lease)  # Z: the client tries again, or elsewhere
+            self.observer.connection("dropped", conn.ip)
+            log.event("drop", ip=conn.ip, error="no worker could take the connection")
+            self.lobby.refuse(conn.sock, Reply.named("temporary").line, now)
+        self._count(self.lobby.take_events(), now)  # those found gone before their turn
 
-    # ---- accepting ----------------------------------------------------------------------
     def _can_take(self, now: float) -> bool:
         if not self.accepting or now < self.accept_paused_until:
             return False
@@ -292,8 +295,7 @@ class Master:
                 sock.close()
 
     def _count(self, events: Iterable[Event], now: float) -> None:
-        """What the lobby reports: counted; a PROXY header read goes on to admission."""
-        assert self.admission is not None
+        assert self.admission is not None  # lobby events: counted; a PROXY header admitted
         for event in events:
             if event.result == HEADER_READ:
                 assert event.conn is not None and event.header is not None
@@ -304,16 +306,16 @@ class Master:
             else:
                 self.observer.connection(event.result, event.ip)
 
-    def _shed(self, now: float, reason: str) -> None:
-        """Out of descriptors or memory: free what the master can and pause accepting."""
+    def _shed(self, now: float, reason: str) -> None:  # free what it can, pause accepting
         self._count(self.lobby.shed_load(now, reason), now)
         self.accept_paused_until = now + ACCEPT_PAUSE
 
-    # ---- signals, reload, stop, abort ---------------------------------------------------
     def _handle_signals(self, now: float) -> None:
         pending, self.signals = self.signals, []
-        for name in pending:  # CHLD only wakes the loop: settle reaps
-            if name in ("SIGTERM", "SIGINT"):
+        for name in pending:
+            if name == "SIGCHLD":
+                self.reap_due = True  # settle reaps
+            elif name in ("SIGTERM", "SIGINT"):
                 self._shutdown(now)
             elif name == "SIGHUP":
                 self._reload()
@@ -362,11 +364,9 @@ class Master:
         """Stop accepting, TERM then KILL every worker, write the final status: exit 111."""
         assert self.pool is not None
         self.accepting = False
-        try:
+        with contextlib.suppress(Exception):  # the workers go whatever state the rest is in
             self.listeners.close()
             self.lobby.close_all("server stopping")
-        except Exception as error:  # the workers must go whatever state the rest is in
-            log.error("cannot close clients", error=str(error))
         for gone in self.pool.abort(time.monotonic(), ABORT_GRACE):
             if gone.session is not None:
                 self.ledger.release(gone.session)

@@ -275,9 +275,10 @@ class Pool:
         worker.signals_sent.clear()
         return True
 
-    def poll(self, now: float) -> list[Ended | Exit]:
-        """Every record the workers have sent so far (read without waiting), then every
-        worker that exited: what the master must settle, in that order."""
+    def poll(self, now: float, reap: bool = True) -> list[Ended | Exit]:
+        """Every record the workers have sent so far (read without waiting), then (reap:
+        a child has exited since the last look) every worker that exited: what the master
+        must settle, in that order."""
         events: list[Ended | Exit] = []
         for key, _mask in self.selector.select(0):
             worker = key.data
@@ -285,7 +286,8 @@ class Pool:
                 ended = self.on_readable(worker, now)
                 if ended is not None:
                     events.append(ended)
-        events.extend(self.reap(now))
+        if reap:
+            events.extend(self.reap(now))
         return events
 
     def fileno(self) -> int:
