@@ -18,9 +18,10 @@ state machine that no scraper can hold up:
 - reading: the request line and headers must be in within HEADER_SECONDS of the accept
   and within REQUEST_BYTES (else closed, or 431);
 - held: a complete request waits for its turn; answers go out at most ANSWERS_PER_SECOND
-  (a short burst allowed), the address answered least in the last SERVED_WINDOW first, so
-  a flood costs the master a bounded share of its time and a scraper that asks once per
-  interval goes before the addresses that flood;
+  (a short burst allowed), the address with the fewest requests held first, then the one
+  that asked least lately (halved each ASKED_WINDOW), so a flood costs the master a
+  bounded share of its time and a scraper, one request at a time once per interval, goes
+  before the addresses that flood;
 - sending: the answer, without blocking, within ANSWER_SECONDS of the request.
 Connections are capped (a sixteenth of the descriptor limit, CONNECTIONS_MIN to
 CONNECTIONS_MAX, and the master budgets them); a new connection at the cap is never
@@ -92,10 +93,14 @@ CONNECTIONS_MIN = 16
 CONNECTIONS_MAX = 4096
 # At the cap, the oldest this many are looked at for the one to close.
 VICTIM_SAMPLE = 8
-# Answers per address are counted over this long (halved at each end of it).
-SERVED_WINDOW = 5.0
-ACCEPT_BATCH = 64
-LISTEN_BACKLOG = 1024
+# Requests per address are counted over about this long (halved at each end of it).
+ASKED_WINDOW = 1.0
+# Connections accepted per look: a burst of a thousand reconnects drains in four looks,
+# while an endless connect flood costs at most this many accepts per SERVE_INTERVAL.
+ACCEPT_BATCH = 256
+# Deep enough for a burst of reconnects to wait in the kernel instead of being dropped
+# (a dropped SYN costs a scraper a 1 s retransmission); the kernel caps it at somaxconn.
+LISTEN_BACKLOG = 4096
 SHORTAGE_PAUSE = 1.0
 SHORTAGE_WARNING_INTERVAL = 10.0
 # "Out of descriptors or memory": pause the listener, never spin on it.
@@ -264,13 +269,14 @@ class Exporter:
         self.reading: dict[Scrape, None] = {}
         self.answering: dict[Scrape, None] = {}
         self.per_ip: dict[str, int] = {}
-        # held requests per address, and whose turn is next: a heap of (answers in the
-        # window, order, address); `turns` names each held address's live heap entry
+        # held requests per address, and whose turn is next: a heap of (requests held,
+        # requests lately, order, address) as they were when the entry was made (checked
+        # when it comes up); `turns` names each held address's live entry
         self.held: dict[str, deque[Scrape]] = {}
-        self.queue: list[tuple[int, int, str]] = []
+        self.queue: list[tuple[int, int, int, str]] = []
         self.turns: dict[str, int] = {}
         self.order = itertools.count()
-        self.served: dict[str, int] = {}
+        self.asked: dict[str, int] = {}
         self.window_ends = 0.0
         self.tokens = float(ANSWER_BURST)
         self.tokens_at = 0.0
@@ -519,22 +525,27 @@ class Exporter:
         scrape.state = HELD
         scrape.deadline = now + ANSWER_SECONDS
         self.answering[scrape] = None
+        self.asked[scrape.ip] = self.asked.get(scrape.ip, 0) + 1
         mine = self.held.setdefault(scrape.ip, deque())
         mine.append(scrape)
         if len(mine) == 1:
             self._queue_turn(scrape.ip)
 
+    def _standing(self, ip: str) -> tuple[int, int]:
+        """An address's place in line: requests held, then requests lately."""
+        return len(self.held[ip]), self.asked.get(ip, 0)
+
     def _queue_turn(self, ip: str) -> None:
         turn = next(self.order)
         self.turns[ip] = turn
-        heapq.heappush(self.queue, (self.served.get(ip, 0), turn, ip))
+        heapq.heappush(self.queue, (*self._standing(ip), turn, ip))
 
     def _pump(self, now: float) -> None:
-        """Answer held requests while the rate allows: the address answered least lately
-        first, one answer per turn."""
-        if now >= self.window_ends:  # forget old answers, by halves
-            self.served = {ip: n // 2 for ip, n in self.served.items() if n > 1}
-            self.window_ends = now + SERVED_WINDOW
+        """Answer held requests while the rate allows, one per turn: the address with the
+        fewest held, then the one that asked least lately, first."""
+        if now >= self.window_ends:  # forget old requests, by halves
+            self.asked = {ip: n // 2 for ip, n in self.asked.items() if n > 1}
+            self.window_ends = now + ASKED_WINDOW
         if not self.held:
             self.queue.clear()  # only entries of requests that went while held
             return
@@ -542,12 +553,14 @@ class Exporter:
                           self.tokens + (now - self.tokens_at) * ANSWERS_PER_SECOND)
         self.tokens_at = now
         while self.held and self.tokens >= 1:
-            _count, turn, ip = heapq.heappop(self.queue)
+            held, asked, turn, ip = heapq.heappop(self.queue)
             if self.turns.get(ip) != turn:
                 continue  # its requests went (closed while held); a later entry stands
+            if self._standing(ip) > (held, asked):  # it asked more since: back in line
+                self._queue_turn(ip)
+                continue
             mine = self.held[ip]
             scrape = mine.popleft()
-            self.served[ip] = self.served.get(ip, 0) + 1
             if mine:
                 self._queue_turn(ip)
             else:
