@@ -147,9 +147,15 @@ class Admission:
         self.unusable_rules.clear()
         log.event("replan", reason="rules changed", rules=self.config.rules)
 
-    def decide(self, peer: tuple, local: tuple | None) -> Decision:
+    def decide(self, peer: tuple, local: tuple | None, balancer: bool = False) -> Decision:
         """peer: the client (from the socket, or from its PROXY header); local: the
-        address it connected to, None for a fresh connection (its header may come first)."""
+        address it connected to, None for a fresh connection (its header may come first);
+        balancer: it came through PROXY_SOCKET, whose permissions are the trust, and must
+        start with a header whatever PROXY_PROTOCOL says."""
+        if local is None and balancer:
+            reader = (self.policy.reader() if self.policy.enabled
+                      else proxy.HeaderReader("any"))
+            return AwaitHeader(reader, self.policy.timeout)
         if local is None and self.policy.enabled:
             try:
                 self.policy.check_source(str(peer[0]))

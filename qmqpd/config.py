@@ -126,6 +126,14 @@ def _scan_switch(raw: Any) -> bool | None:
     return None if str(raw).strip().lower() in FALSE_WORDS else True
 
 
+def _octal_mode(raw: Any) -> str:
+    """File permissions as four octal digits (an int is taken as the number itself)."""
+    text = format(raw, "04o") if isinstance(raw, int) and not isinstance(raw, bool) else str(raw)
+    if not text.isdigit() or any(c not in "01234567" for c in text) or int(text, 8) > 0o777:
+        raise ValueError(raw)
+    return format(int(text, 8), "04o")
+
+
 def _host_port(raw: Any) -> str:
     """CLAMD_TCP: empty, or host:port / [v6]:port."""
     text = _str(raw).strip()
@@ -266,6 +274,20 @@ SETTINGS: dict[str, Setting] = {
         _s("PROXY_TIMEOUT", _float_parser(3, 60), 3.0, "seconds 3-60",
            "how long the master waits for a whole PROXY header before closing (the "
            "protocol asks for at least 3 s, to cover a TCP retransmission)", "master"),
+        # A listener for a local balancer that ordinary local users cannot reach.
+        _s("PROXY_SOCKET", _str, "", "a path; empty = none",
+           "a unix socket for a load balancer on this host (HAProxy `server ... "
+           "unix@PATH send-proxy-v2`): every connection on it must start with a PROXY "
+           "header naming the client (v1 or v2, within PROXY_TIMEOUT); who may connect is "
+           "decided by the socket's owner, group and mode, not by an address another "
+           "local user could borrow", "master"),
+        _s("PROXY_SOCKET_USER", _str, "", "a user name or uid; empty = the starting user",
+           "owner of PROXY_SOCKET", "master"),
+        _s("PROXY_SOCKET_GROUP", _str, "", "a group name or gid; empty = unchanged",
+           "group of PROXY_SOCKET: the balancer's group", "master"),
+        _s("PROXY_SOCKET_MODE", _octal_mode, "0660", "octal permissions 0000-0777",
+           "permissions of PROXY_SOCKET (the owner and the balancer's group connect)",
+           "master"),
         _s("METRICS", _listen_address, "", "empty (off), ip:port or [ipv6]:port",
            "serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9628",
            "master"),

@@ -177,11 +177,12 @@ FD_CLIENTS_FLOOR = 8
 class DescriptorBudget:
     """Client sockets the master may hold at once (connections waiting for their first
     bytes or for a worker, refused ones lingering), from RLIMIT_NOFILE: the limit less a
-    reserve and two channels per worker slot (after a reload old and new workers overlap)."""
+    reserve and three descriptors per worker slot: two channels (after a reload old and
+    new workers overlap) and the duplicate of the client's socket while it is served."""
 
     def __init__(self, nofile: int, workers: int) -> None:
         self.nofile = nofile
-        self.clients = max(FD_CLIENTS_FLOOR, nofile - FD_RESERVE - 2 * workers)
+        self.clients = max(FD_CLIENTS_FLOOR, nofile - FD_RESERVE - 3 * workers)
 
     @property
     def lingering(self) -> int:

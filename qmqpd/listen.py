@@ -9,9 +9,12 @@ Never touches: clients (it accepts them and hands them on at once, knowing nothi
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import selectors
 import socket
+import stat
 from collections.abc import Callable, Iterator
 
 from qmqpd import log
@@ -28,6 +31,7 @@ class ListenError(Exception):
         super().__init__(f"cannot listen on {address} port {port}: {error.strerror or error}")
         self.address_problem = not isinstance(error, socket.gaierror) and error.errno in (
             errno.EADDRINUSE, errno.EACCES)
+        self.setting = "PORT" if self.address_problem else "LOCALIP"  # the one to fix
 
 
 def open_socket(address: str, port: int, backlog: int, v6only: bool = True) -> socket.socket:
@@ -61,8 +65,38 @@ def open_listeners(addresses: tuple[str, ...], port: int, backlog: int) -> list[
     return listeners
 
 
+def open_unix(path: str, backlog: int, uid: int = -1, gid: int = -1,
+              mode: int = 0o660) -> socket.socket:
+    """A listening unix socket at path with that owner and mode (PROXY_SOCKET). A stale
+    socket left by a previous run is replaced; one another process listens on is not."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ListenError(path, 0, OSError(errno.EEXIST, "exists and is not a socket"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                raise ListenError(path, 0, OSError(errno.EADDRINUSE, "in use"))
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)  # never reachable by others between bind and chmod
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise ListenError(path, 0, error) from None
+    return sock
+
+
 def name(sock: socket.socket) -> str:
-    """host:port (or [v6]:port) of a bound socket."""
+    """host:port (or [v6]:port, or the path) of a bound socket."""
+    if sock.family == socket.AF_UNIX:
+        return str(sock.getsockname())
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -78,12 +112,25 @@ class Listeners:
         self.watching = False
         self.failure: OSError | None = None  # what ended the last accept batch, if not EAGAIN
 
-    def open(self, addresses: tuple[str, ...], port: int, backlog: int) -> None:
+    def open(self, addresses: tuple[str, ...], port: int, backlog: int,
+             unix: tuple[str, int, int, int] | None = None) -> None:
+        """TCP on each address and port; unix = (path, uid, gid, mode) adds PROXY_SOCKET."""
         self.sockets = open_listeners(addresses, port, max(LISTEN_BACKLOG, backlog))
+        if unix is not None:
+            try:
+                self.sockets.append(open_unix(unix[0], max(LISTEN_BACKLOG, backlog),
+                                              *unix[1:]))
+            except ListenError as error:
+                self.close_fds()
+                error.setting = "PROXY_SOCKET"
+                raise
         self.names = [name(sock) for sock in self.sockets]
 
     def log(self, **fields: object) -> None:
         for sock in self.sockets:
+            if sock.family == socket.AF_UNIX:
+                log.event("listen", path=sock.getsockname(), proxy="required", **fields)
+                continue
             host, port = sock.getsockname()[:2]
             log.event("listen", addr=host, port=port, **fields)
 
@@ -121,6 +168,9 @@ class Listeners:
     def close(self) -> None:
         self.watch(False)
         for sock in self.sockets:
+            if sock.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    os.unlink(sock.getsockname())
             sock.close()
         self.sockets = []
 

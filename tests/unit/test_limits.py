@@ -110,9 +110,9 @@ def test_counts_match_a_model_and_never_exceed_the_limit(
     assert sum(count for _ip, count in counter.busiest(len(counter))) == sum(model.values())
 
 
-def test_descriptor_budget_keeps_a_reserve_and_two_channels_per_worker() -> None:
+def test_descriptor_budget_keeps_a_reserve_and_three_fds_per_worker() -> None:
     budget = DescriptorBudget(1024, 75 + 4)
-    assert budget.clients == 1024 - FD_RESERVE - 2 * 79
+    assert budget.clients == 1024 - FD_RESERVE - 3 * 79
     assert budget.lingering == budget.clients // 2
     assert not budget.over(budget.clients - 1) and budget.over(budget.clients)
 
