@@ -269,7 +269,8 @@ SETTINGS: dict[str, Setting] = {
            "accept a PROXY_TRUSTED that names loopback addresses (any local user can bind "
            "one and send a header naming any client) or prefixes wider than /8 (IPv4) or "
            "/16 (IPv6); without it such a PROXY_TRUSTED refuses the start, a reload and "
-           "`qmqpd check`; with it each start and reload logs a warning per entry",
+           "`qmqpd check`; with it each start and reload logs a warning per entry (a "
+           "balancer on this host: PROXY_SOCKET)",
            "master"),
         _s("PROXY_TIMEOUT", _float_parser(3, 60), 3.0, "seconds 3-60",
            "how long the master waits for a whole PROXY header before closing (the "

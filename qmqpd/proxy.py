@@ -306,8 +306,9 @@ class Policy:
                              "name the load balancers' addresses")
         unsafe = unsafe_entries(self.trusted) if self.enabled else []
         if unsafe and not self.unsafe_allowed:
-            raise ValueError(f"{unsafe[0]}; trust only balancers on other hosts, or set "
-                             "PROXY_TRUSTED_UNSAFE to accept the risk")
+            raise ValueError(f"{unsafe[0]}; trust only balancers on other hosts (one on "
+                             "this host: PROXY_SOCKET), or set PROXY_TRUSTED_UNSAFE to "
+                             "accept the risk")
 
     @classmethod
     def from_config(cls, config: Any) -> Policy:
