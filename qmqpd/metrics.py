@@ -27,12 +27,11 @@ Connections are capped (a sixteenth of the descriptor limit, CONNECTIONS_MIN to
 CONNECTIONS_MAX, and the master budgets them); a new connection at the cap is never
 refused: of the VICTIM_SAMPLE oldest connections still reading their request, the one
 whose address holds the most connections makes room (only when none is reading, one of
-the oldest held ones). The body is
-rendered at most once per RENDER_INTERVAL (the rest get that body): a flood costs little
-CPU and the counters are at most that old. At most ACCEPT_BATCH connections are accepted
-per look (a connection flood beyond that waits in the kernel's backlog). Out of
-descriptors, the listener is paused for SHORTAGE_PAUSE and one warning is logged per
-SHORTAGE_WARNING_INTERVAL.
+the oldest held ones). The body is rendered at most once per RENDER_INTERVAL (the rest
+get that body): a flood costs little CPU and the counters are at most that old. At most
+ACCEPT_BATCH connections are accepted per look (a connection flood beyond that waits in
+the kernel's backlog). Out of descriptors, the listener is paused for SHORTAGE_PAUSE and
+one warning is logged per SHORTAGE_WARNING_INTERVAL.
 
 The master calls: `Exporter(...)`, `open()` (before the privilege drop: the port may be
 low), `size(nofile)` (how many descriptors it keeps), `register()`, `handle(data, now)`
