@@ -25,7 +25,7 @@ from typing import Any
 
 from qmqpd import log
 from qmqpd.limits import Lease, Ledger
-from qmqpd.lobby import Lobby, bytes_waiting
+from qmqpd.lobby import HANDOFF_BYTES, Lobby, bytes_waiting
 from qmqpd.message import Reply
 from qmqpd.pool import Pool
 
@@ -80,7 +80,9 @@ class Handoff:
                and (conn := self.lobby.take_ready()) is not None):
             assert conn.lease is not None and conn.client is not None
             self.ledger.start(conn.lease)
-            seat = self._seat(conn.sock, conn.started, conn.total)
+            # a whole request already in the socket can never give way: no seat, no cost
+            seat = (self._seat(conn.sock, conn.started, conn.total)
+                    if conn.total > HANDOFF_BYTES else None)
             if self.pool.hand_to_idle(conn.sock.fileno(), conn.client, conn.lease, now):
                 self.observer.connection("handed", conn.ip)
                 conn.sock.close()

@@ -175,6 +175,7 @@ class Lobby:
         # go before those that sent only HANDOFF_BYTES of a longer one
         self.whole: deque[Conn] = deque()
         self.part: deque[Conn] = deque()
+        self.ready = 0  # connections waiting for a worker: len(whole) + len(part)
         # (deadline, order, conn); an entry whose conn moved on is stale (lazy deletion,
         # the heap rebuilt when stale entries outnumber the lobby: memory follows what is open)
         self.timers: list[tuple[float, int, Conn]] = []
@@ -194,10 +195,6 @@ class Lobby:
         self.budget = budget
 
     # ---- counts -------------------------------------------------------------------------
-    @property
-    def ready(self) -> int:
-        """Connections waiting for a worker."""
-        return len(self.whole) + len(self.part)
 
     def longest_wait(self, now: float) -> float:
         oldest = [q[0].ready_at for q in (self.whole, self.part) if q]
@@ -379,6 +376,7 @@ class Lobby:
         self._arm(conn, now + self.wait_timeout)
         conn.ready_at = now
         self._queue(conn).append(conn)
+        self.ready += 1
         self.to_watch.append(conn)
 
     def watch_waiting(self) -> None:
@@ -432,6 +430,7 @@ class Lobby:
         if not self.ready:
             return None
         conn = (self.whole or self.part).popleft()
+        self.ready -= 1
         self._leave(conn)
         return conn
 
@@ -457,6 +456,7 @@ class Lobby:
                 self._check_rate(conn, now)
             elif conn.phase is Phase.WAITING:
                 self._queue(conn).remove(conn)
+                self.ready -= 1
                 log.event("busy", ip=conn.ip, waited=round(now - conn.started, 1),
                           answer=BUSY_REPLY)
                 self._refuse_held(conn, "busy", BUSY_REPLY, now)
@@ -536,13 +536,18 @@ class Lobby:
         """Out of the lobby's books; the socket stays open and the lease with the caller."""
         self._unwatch(conn)
         self._unwatch_hangup(conn)
-        self.conns.pop(conn, None)
-        self.lingering.pop(conn, None)
+        if conn.phase is Phase.LINGER:
+            del self.lingering[conn]
+        else:
+            self.conns.pop(conn, None)
         self._change(conn, Phase.GONE)
 
     def _release(self, conn: Conn) -> None:
+        """Give back the lease the lobby holds for conn; it holds none afterwards (a
+        refused connection lingers without one)."""
         if conn.lease is not None:
-            self.ledger.release(conn.lease)
+            lease, conn.lease = conn.lease, None
+            self.ledger.release(lease)
 
     def _close(self, conn: Conn, result: str, reason: str) -> None:
         """Close a connection the lobby holds; result '' = a lingerer (counted already)."""
@@ -550,6 +555,7 @@ class Lobby:
             return
         if conn.phase is Phase.WAITING:
             self._queue(conn).remove(conn)
+            self.ready -= 1
         self._leave(conn)
         self._release(conn)
         if result:

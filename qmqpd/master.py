@@ -232,11 +232,11 @@ class Master:
         if self.lobby.ready:
             self._hand_ready(now)
 
-    def _hand_ready(self, now: float) -> None:
-        """Connections that have their request go to idle workers (handoff)."""
+    def _hand_ready(self, now: float) -> None:  # waiting connections to idle workers
         if self.accepting and self.handoff is not None:
             self.handoff.run(now)
-        self._count(self.lobby.take_events(), now)  # those found gone before their turn
+        if self.lobby.events:  # those found gone before their turn
+            self._count(self.lobby.take_events(), now)
 
     def _can_take(self, now: float) -> bool:
         if not self.accepting or now < self.accept_paused_until:

@@ -9,8 +9,9 @@ packaging/haproxy/qmqpd.cfg: HAProxy on 127.0.0.10 in front of three `qmqpd serv
   is picked up by the health check;
 - the per-client limit held cluster-wide by HAProxy's stick table;
 - qmqpc with a qmqpservers file listing two HAProxy front ends fails over to the second.
-All of them run through PROXY v2 (PROXY_IN_CLUSTER_TESTS); switching that constant off
-runs the last three with PROXY_PROTOCOL off and HAProxy without send-proxy-v2.
+All of them run through PROXY v2 over each node's PROXY_SOCKET (`server nodeN
+unix@PATH send-proxy-v2`, PROXY_IN_CLUSTER_TESTS); switching that constant off runs the last
+three over TCP with PROXY_PROTOCOL off and HAProxy without send-proxy-v2.
 """
 
 from __future__ import annotations
@@ -78,10 +79,8 @@ class Node:
                     "rules": str(self.dir / "tcp.qmqp.cdb"), "use_fsync": "0",
                     "use_syncdir": "0", "prefork": "3", "maxdaemons": "20",
                     "status_file": str(self.dir / "status.json")}
-        if self.proxy:  # loopback balancers: trusted only with the explicit override
-            settings |= {"proxy_protocol": "v2",
-                         "proxy_trusted": f"{BALANCER}, {SECOND_BALANCER}",
-                         "proxy_trusted_unsafe": "yes"}
+        if self.proxy:  # the balancers on this host reach it through its PROXY_SOCKET
+            settings |= {"proxy_socket": str(self.socket)}
         # JSON strings are TOML basic strings; ports are integers.
         (self.dir / "qmqpd.toml").write_text("".join(
             f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
@@ -89,6 +88,15 @@ class Node:
     @property
     def log_path(self) -> Path:
         return self.dir / "qmqpd.log"
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "lb.sock"
+
+    @property
+    def server(self) -> str:
+        """The node as HAProxy's `server` line names it."""
+        return f"unix@{self.socket}" if self.proxy else f"{self.address}:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -162,8 +170,7 @@ class Balancer:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                "QMQP_BIND": f"{self.address}:{self.port}", "QMQP_SOURCE": self.address,
                "QMQP_PER_CLIENT": str(PER_CLIENT), "HAPROXY_STATS_SOCKET": str(self.stats),
-               **{f"QMQPD_NODE{n}": f"{node.address}:{node.port}"
-                  for n, node in enumerate(self.nodes, 1)}}
+               **{f"QMQPD_NODE{n}": node.server for n, node in enumerate(self.nodes, 1)}}
         self.log_path = self.tmp / f"haproxy-{self.address}.log"
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)],

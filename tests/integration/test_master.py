@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +22,6 @@ import pytest
 
 from qmqpd.lobby import HANDOFF_BYTES
 from qmqpd.queue import create_queue, list_messages
-from qmqpd.status import read_status
 from tests.support import free_port, process_title, read_reply, request, toml_text, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,6 +224,14 @@ def finish(sock: socket.socket) -> bytes:
     return read_reply(sock)
 
 
+def finish_if_served(sock: socket.socket) -> bytes:
+    """finish(), for a session that may have had to give way (its socket shut)."""
+    try:
+        return finish(sock)
+    except OSError:
+        return b""
+
+
 def test_serves_and_titles(server_factory: Callable[..., Server]) -> None:
     server = server_factory(prefork=3).start()
     assert len(server.wait_idle(3)) == 3
@@ -267,27 +275,28 @@ def test_maxperip_one_ip_sixty_slow_clients(server_factory: Callable[..., Server
 
 
 def test_maxdaemons_holds_across_ips(server_factory: Callable[..., Server]) -> None:
+    """Six stalled sessions from six IPs, MAXDAEMONS 3: never more than three in service,
+    the others wait in the master. A stalled session gives way (Z, nothing queued) to one
+    that has waited, so in the end each is answered K or that Z."""
     server = server_factory(maxperip=0, maxdaemons=3, prefork=3).start()
     server.wait_idle(3)
     sources = [f"127.0.0.{n}" for n in range(2, 8)]
     clients = [begin(server.port, source) for source in sources]
+    replies: list[bytes] = []
     try:
         busy = wait_until(lambda: len(server.titled("receiving")) == 3 and
                           server.titled("receiving"), what="3 busy workers")
-        # the other three have their first HANDOFF_BYTES in and wait in the master
-        wait_until(lambda: read_status(str(server.tmp / "status.json")).get("waiting") == 3,
-                   what="three connections waiting for a worker")
-        assert len(server.titled("receiving")) == 3
-        assert all(answer_within(sock, 0.05) is None for sock in clients)
-        assert len(server.workers()) == 3
         served = {title.split()[2] for title in busy.values()}  # type: ignore[union-attr]
         assert served <= set(sources) and len(served) == 3
         wait_until(lambda: "setting=MAXDAEMONS" in server.log(), what="the warning")
-        # everyone is answered in the end: each waiting one gets a worker as one comes
-        # free; a stalled session may have had to give way to them (Z, nothing queued)
-        replies = [finish(sock) for sock in clients]
-        assert all(is_ok(reply) or b"too slow" in reply for reply in replies), replies
-        assert sum(map(is_ok, replies)) >= 3
+        for _ in range(10):  # while they give way to each other, three at most are served
+            assert len(server.titled("receiving")) <= 3 and len(server.workers()) == 3
+            time.sleep(0.1)
+        replies = [finish_if_served(sock) for sock in clients]
+        # K, or the give-way Z (lost to the reset when the rest of the request follows it)
+        assert all(is_ok(reply) or b"too slow" in reply or reply == b""
+                   for reply in replies), replies
+        assert "event=give_way" in server.log() or all(map(is_ok, replies))
     finally:
         for sock in clients:
             sock.close()

@@ -90,3 +90,31 @@ def test_timers_do_not_outlive_their_connections() -> None:
             client.close()
         listener.close()
         selector.close()
+
+
+def test_a_refused_connection_lingers_without_its_lease() -> None:
+    """Too slow, answered Z, lingering, closed: its lease is given back once, not twice."""
+    selector = selectors.DefaultSelector()
+    ledger = Ledger(10)
+    hall = Lobby(selector, ledger, DescriptorBudget(4096, 10))
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        client = socket.create_connection(listener.getsockname())
+        client.sendall(b"100000:partial")
+        sock, peer = listener.accept()
+        lease = ledger.admit(peer[0], 0)
+        assert lease is not None
+        facts = Client(remote_ip=peer[0], remote_port=str(peer[1]), local_ip="127.0.0.1",
+                       local_port="628", local_host="test", proto="TCP", rule_env={})
+        hall.enter(sock, peer, lease, facts, 512, 0.0, 0.0)
+        events = hall.expire(100.0)  # far past the MIN_RATE deadline: Z, then linger
+        assert [event.result for event in events] == ["too_slow"]
+        assert ledger.idle() and len(hall.lingering) == 1
+        hall.expire(200.0)  # the linger ends
+        assert hall.held() == 0 and ledger.double_releases == 0
+        client.settimeout(5)
+        assert b"Zconnection too slow" in client.recv(200)
+        client.close()
+    finally:
+        listener.close()
+        selector.close()
