@@ -94,7 +94,9 @@ def node_settings(proxy: bool) -> list[str]:
     """The qmqpd settings that make a node read HAProxy's PROXY v2 header."""
     if not proxy:
         return []
-    return ['proxy_protocol = "v2"', 'proxy_trusted = "127.0.0.1"']
+    # a balancer on loopback: trusted only with the explicit override
+    return ['proxy_protocol = "v2"', 'proxy_trusted = "127.0.0.1"',
+            "proxy_trusted_unsafe = true"]
 
 
 class Node(QmqpdTarget):

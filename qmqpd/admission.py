@@ -127,6 +127,8 @@ class Admission:
         self.ledger = ledger
         self.hostname = hostname
         self.policy = proxy.Policy.from_config(config)  # ValueError: refuse the start
+        for warning in self.policy.warnings():  # each start and reload: loud, every time
+            log.warning(warning, setting="PROXY_TRUSTED_UNSAFE")
         self.unusable_rules: set[str | None] = set()
 
     def replan_if_changed(self, now: float, planner: Callable[[Config], Plans]) -> None:

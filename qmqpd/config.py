@@ -292,8 +292,16 @@ SETTINGS: dict[str, Setting] = {
         _s("PROXY_TRUSTED", _networks, (), "IP addresses or CIDR prefixes, comma separated",
            "the load balancers allowed to send a PROXY header; needed when PROXY_PROTOCOL "
            "is on", "master"),
-        _s("PROXY_TIMEOUT", _float_parser(0.1, 60), 3.0, "seconds 0.1-60",
-           "how long the master waits for a whole PROXY header before closing", "master"),
+        _s("PROXY_TRUSTED_UNSAFE", _parse_bool, False, "yes or no",
+           "accept a PROXY_TRUSTED that names loopback addresses (any local user can bind "
+           "one and send a header naming any client) or prefixes wider than /8 (IPv4) or "
+           "/16 (IPv6); without it such a PROXY_TRUSTED refuses the start, a reload and "
+           "`qmqpd check`; with it each start and reload logs a warning per entry (a "
+           "balancer on this host: PROXY_SOCKET)",
+           "master"),
+        _s("PROXY_TIMEOUT", _float_parser(3, 60), 3.0, "seconds 3-60",
+           "how long the master waits for a whole PROXY header before closing (the "
+           "protocol asks for at least 3 s, to cover a TCP retransmission)", "master"),
         # A listener for a local balancer that ordinary local users cannot reach.
         _s("PROXY_SOCKET", _str, "", "a path; empty = none",
            "a unix socket for a load balancer on this host (HAProxy `server ... "

@@ -85,7 +85,9 @@ class Master:
         cfg = self.config
         proxy.Policy.from_config(cfg)  # ValueError: refuse the start before binding
         nofile = procctl.raise_fd_limit()
-        self.budget = DescriptorBudget(nofile, cfg.maxdaemons + cfg.prefork)
+        # the metrics endpoint's connections come out of the limit before the clients'
+        scrapes = self.exporter.size(nofile) if self.exporter is not None else 0
+        self.budget = DescriptorBudget(nofile - scrapes, cfg.maxdaemons + cfg.prefork)
         self.lobby.configure(cfg.first_byte_timeout, cfg.timeout, self.budget)
         unix = ((cfg.proxy_socket, *_owner(cfg, "PROXY_SOCKET_"), int(cfg.proxy_socket_mode, 8))
                 if cfg.proxy_socket else None)
@@ -193,7 +195,9 @@ class Master:
         assert self.pool is not None  # the soonest of every deadline, at most TICK away
         paused = self.accept_paused_until if self.accept_paused_until > now else None
         soonest = min(d for d in (now + TICK, self.pool.next_deadline(), self.stop_deadline,
-                                  self.lobby.next_deadline(), paused) if d is not None)
+                                  self.lobby.next_deadline(), paused,
+                                  self.exporter.next_wakeup() if self.exporter else None)
+                      if d is not None)
         return max(0.0, soonest - now)
 
     def _dispatch(self, data: object, fileobj: object, now: float) -> None:

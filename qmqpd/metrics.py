@@ -3,33 +3,56 @@
 `GET /metrics` on the address METRICS names (off by default) answers in the Prometheus
 text format, rendered by prometheus-client from a custom collector that reads the status
 the master already builds for STATUS_FILE (`Master._status`), plus what only this module
-keeps: refusals per client IP (a bounded top-N) and two histograms; the queues' backlog
-gauges come from qmqpd.backlog's summaries (the master never scans a queue).
+keeps: refusals per client IP (a bounded top-N), two histograms, and the scrape
+connections this endpoint itself dropped; the queues' backlog gauges come from
+qmqpd.backlog's summaries (the master never scans a queue).
 
-Why in the loop and not a thread: the master is single-threaded and forks workers. A
+Why in the loop and not prometheus-client's threaded server: the master forks workers. A
 second thread could hold a lock (stderr, the registry's) at the moment of a fork and leave
-the worker with it locked forever, and it would read the master's counters while the loop
-changes them. So the exporter is a non-blocking listening socket the master registers in
-its selector; each scrape is a small state machine (read the request, bounded in bytes and
-time; send the body without blocking) and at most MAX_CLIENTS scrapes are open at once, so
-a slow or hostile scraper costs a few descriptors and never stalls an accept. A body is
-rendered at most once per RENDER_INTERVAL (the rest get that body): cheap under a scrape
-storm, and the counters are at most that old.
+the worker with it locked forever, it would read the master's counters while the loop
+changes them, and a thread per connection makes 1,000 idle scrapers 1,000 threads. So the
+endpoint is a non-blocking listening socket in the master's loop. Its sockets live in a
+selector of their own, which the master's selector watches as one descriptor and which is
+looked at most once per SERVE_INTERVAL: whatever scrapers send, they wake the master at
+most that often (each wakeup costs the master its housekeeping). Each scrape is a small
+state machine that no scraper can hold up:
+- reading: the request line and headers must be in within HEADER_SECONDS of the accept
+  and within REQUEST_BYTES (else closed, or 431);
+- held: a complete request waits for its turn; answers go out at most ANSWERS_PER_SECOND
+  (a short burst allowed), the address with the fewest requests held first, then the one
+  that asked least lately (halved each ASKED_WINDOW), so a flood costs the master a
+  bounded share of its time and a scraper, one request at a time once per interval, goes
+  before the addresses that flood;
+- sending: the answer, without blocking, within ANSWER_SECONDS of the request.
+Connections are capped (a sixteenth of the descriptor limit, CONNECTIONS_MIN to
+CONNECTIONS_MAX, and the master budgets them); a new connection at the cap is never
+refused: of the VICTIM_SAMPLE oldest connections still reading their request, the one
+whose address holds the most connections makes room (only when none is reading, one of
+the oldest held ones). The body is rendered at most once per RENDER_INTERVAL (the rest
+get that body): a flood costs little CPU and the counters are at most that old. At most
+ACCEPT_BATCH connections are accepted per look (a connection flood beyond that waits in
+the kernel's backlog). Out of descriptors, the listener is paused for SHORTAGE_PAUSE and
+one warning is logged per SHORTAGE_WARNING_INTERVAL.
 
 The master calls: `Exporter(...)`, `open()` (before the privilege drop: the port may be
-low), `register()`, `handle(data, now)` from its `_dispatch` for every selector entry whose
-data is a `Scrape`, `expire(now)` each tick, `close()` in a forked child and at exit; and
-the feed: `refused(ip, reason)` at each per-IP refusal, `observe(session, commit)` with each
-done record (its session and queue-commit times, measured by the worker, feed the histograms).
+low), `size(nofile)` (how many descriptors it keeps), `register()`, `handle(data, now)`
+from its `_dispatch` for every selector entry `owns(data)`, `expire(now)` each tick,
+`next_wakeup()` for its select timeout, `close()` in a forked child and at exit; and the
+feed: `refused(ip, reason)` at each per-IP refusal, `observe(session, commit)` with each
+done record (its session and queue-commit times, measured by the worker, feed the
+histograms). It never decides anything for the master.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
+import itertools
 import os
 import selectors
 import socket
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,14 +65,7 @@ from qmqpd.status import ANSWER_NAMES
 
 # Text format 0.0.4: what every Prometheus and promtool reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_CLIENTS = 4
-REQUEST_BYTES = 8192
-SCRAPE_SECONDS = 5.0
 RENDER_INTERVAL = 0.5
-# After a failed accept (out of descriptors) the listener pauses this long; one warning
-# per WARNING_INTERVAL.
-ACCEPT_PAUSE = 1.0
-WARNING_INTERVAL = 60.0
 TOP_IPS = 10
 # Refusal counts kept per IP: past this, the least refused half is forgotten.
 TRACKED_IPS = 4096
@@ -60,6 +76,37 @@ COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
                   2.5, 5.0)
 # status.ANSWERS names -> the answer class label (the QMQP status letter)
 ANSWER_CLASSES = {name: letter or "none" for letter, name in ANSWER_NAMES.items()}
+
+# ---- the endpoint's bounds (see the module doc) ---------------------------------------
+# A scraper sends its request as soon as it is connected (Prometheus: a few hundred bytes).
+HEADER_SECONDS = 2.0
+REQUEST_BYTES = 8192
+# From the complete request to the answer's last byte: the wait for a turn and the send.
+ANSWER_SECONDS = 10.0
+# Prometheus scrapes once per interval (15 s by default); an HA pair, a federation and a
+# few people with curl need far less than this, and a flood is held to it.
+ANSWERS_PER_SECOND = 100.0
+ANSWER_BURST = 10
+# The endpoint's sockets are looked at most this often (a scrape waits at most this long).
+SERVE_INTERVAL = 0.02
+CONNECTIONS_MIN = 16
+CONNECTIONS_MAX = 4096
+# At the cap, the oldest this many are looked at for the one to close.
+VICTIM_SAMPLE = 8
+# Requests per address are counted over about this long (halved at each end of it).
+ASKED_WINDOW = 1.0
+# Connections accepted per look: a burst of a thousand reconnects drains in four looks,
+# while an endless connect flood costs at most this many accepts per SERVE_INTERVAL.
+ACCEPT_BATCH = 256
+# Deep enough for a burst of reconnects to wait in the kernel instead of being dropped
+# (a dropped SYN costs a scraper a 1 s retransmission); the kernel caps it at somaxconn.
+LISTEN_BACKLOG = 4096
+SHORTAGE_PAUSE = 1.0
+SHORTAGE_WARNING_INTERVAL = 10.0
+# "Out of descriptors or memory": pause the listener, never spin on it.
+SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           431: "Request Header Fields Too Large"}
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -97,10 +144,12 @@ class MasterCollector:
     """Reads the master's status dict at scrape time; yields metric families."""
 
     def __init__(self, snapshot: Callable[[], Mapping[str, Any]],
-                 queues: Callable[[], list[str]], refusals: RefusalsByIp) -> None:
+                 queues: Callable[[], list[str]], refusals: RefusalsByIp,
+                 dropped: Mapping[str, int] | None = None) -> None:
         self.snapshot = snapshot
         self.queues = queues
         self.refusals = refusals
+        self.dropped = dropped if dropped is not None else {}
 
     def collect(self) -> Iterator[Metric]:
         status = self.snapshot()
@@ -158,6 +207,13 @@ class MasterCollector:
                 stat = os.statvfs(path)
                 free.add_metric([path], stat.f_bavail * stat.f_frsize)
         yield free
+        scrapes = CounterMetricFamily(
+            "qmqpd_metrics_connections_dropped", "Connections to this endpoint closed "
+            "without an answer: evicted (room for a newer one at the cap), slow (request "
+            "or answer past its deadline)", labels=["reason"])
+        for reason, count in self.dropped.items():
+            scrapes.add_metric([reason], count)
+        yield scrapes
         yield from self.backlog()
 
     def backlog(self) -> Iterator[Metric]:
@@ -171,13 +227,21 @@ class MasterCollector:
                 yield family
 
 
+READING, HELD, SENDING = "reading", "held", "sending"
+
+
 @dataclass(eq=False)
 class Scrape:
-    """One scraper's connection: reading its request, then sending the answer."""
+    """One scraper's connection: reading its request, held for its turn, sending."""
 
     sock: socket.socket
+    ip: str
     deadline: float
+    state: str = READING
+    registered: bool = False
     request: bytearray = field(default_factory=bytearray)
+    code: int = 0
+    error_body: bytes = b""
     answer: memoryview | None = None
 
 
@@ -186,16 +250,48 @@ class _Listener:
     sock: socket.socket
 
 
+@dataclass(eq=False)
+class _Sockets:
+    """The master's selector entry for the endpoint's own selector."""
+
+
 class Exporter:
     def __init__(self, address: str, snapshot: Callable[[], Mapping[str, Any]],
                  queues: Callable[[], list[str]] = list) -> None:
         self.address = address
-        self.selector: selectors.BaseSelector | None = None
+        self.loop: selectors.BaseSelector | None = None  # the master's
+        self.selector: selectors.BaseSelector | None = None  # the endpoint's sockets
+        self.entry = _Sockets()
+        self.watched = False  # the endpoint's selector is in the master's
+        self.next_look = 0.0
         self.listener: _Listener | None = None
-        self.scrapes: set[Scrape] = set()
+        self.listening = False
+        self.max_clients = CONNECTIONS_MIN
+        # every open scrape connection; reading and answering (held or sending) each in
+        # the order their deadlines fall; open connections per address
+        self.scrapes: dict[Scrape, None] = {}
+        self.reading: dict[Scrape, None] = {}
+        self.answering: dict[Scrape, None] = {}
+        self.per_ip: dict[str, int] = {}
+        # held requests per address, and whose turn is next: a heap of (requests held,
+        # requests lately, order, address) as they were when the entry was made (checked
+        # when it comes up); `turns` names each held address's live entry
+        self.held: dict[str, deque[Scrape]] = {}
+        self.queue: list[tuple[int, int, int, str]] = []
+        self.turns: dict[str, int] = {}
+        self.order = itertools.count()
+        self.asked: dict[str, int] = {}
+        self.window_ends = 0.0
+        self.tokens = float(ANSWER_BURST)
+        self.tokens_at = 0.0
+        self.paused_until: float | None = None
+        self.shortages = 0
+        self.next_shortage_warning = 0.0
+        self.dropped = {"evicted": 0, "slow": 0}
+        self.accepted = 0
         self.refusals = RefusalsByIp()
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MasterCollector(snapshot, queues, self.refusals))
+        self.registry.register(MasterCollector(snapshot, queues, self.refusals, self.dropped))
         self.session_seconds = Histogram(
             "qmqpd_session_seconds", "Time from a worker's start on a session to its "
             "answer (to its end when none was sent)",
@@ -206,9 +302,6 @@ class Exporter:
             buckets=COMMIT_BUCKETS, registry=self.registry)
         self._body = b""
         self._rendered_at = float("-inf")
-        self.paused_until = 0.0  # the listener is out of the selector until then
-        self.failed_accepts = 0
-        self.next_warning = 0.0
 
     # ---- what the master feeds --------------------------------------------------------
     def refused(self, ip: str, reason: str) -> None:
@@ -240,13 +333,22 @@ class Exporter:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
-            sock.listen(16)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
         except OSError as error:
             sock.close()
             raise OSError(error.errno, f"METRICS {self.address}: {error.strerror}") from None
         self.listener = _Listener(sock)
-        log.event("metrics_listen", addr=host, port=sock.getsockname()[1])
+        self.selector = selectors.DefaultSelector()
+        log.event("metrics_listen", addr=host, port=sock.getsockname()[1],
+                  connections=self.max_clients)
+
+    def size(self, nofile: int) -> int:
+        """Fit the connection cap to the descriptor limit; the descriptors it may hold
+        (its listener and selector included), for the master to keep out of its client
+        budget."""
+        self.max_clients = max(CONNECTIONS_MIN, min(CONNECTIONS_MAX, nofile // 16))
+        return self.max_clients + 2
 
     @property
     def port(self) -> int:
@@ -254,71 +356,149 @@ class Exporter:
         return int(self.listener.sock.getsockname()[1])
 
     def register(self, selector: selectors.BaseSelector) -> None:
+        """Into the master's selector: one entry, the endpoint's own selector."""
         assert self.listener is not None
-        self.selector = selector
-        selector.register(self.listener.sock, selectors.EVENT_READ, self.listener)
+        self.loop = selector
+        self._listen(True)
+        self._watch_endpoint(True)
 
     def owns(self, data: object) -> bool:
         """A selector entry's data that `handle` serves."""
-        return isinstance(data, Scrape | _Listener)
+        return data is self.entry
 
     def handle(self, data: object, now: float) -> None:
-        if isinstance(data, _Listener):
-            self._accept(now)
-        elif isinstance(data, Scrape) and data in self.scrapes:
-            if data.answer is None:
-                self._read(data, now)
-            else:
-                self._send(data)
+        """The endpoint's sockets have news: serve every ready one, then rest until
+        SERVE_INTERVAL is over (`expire` watches again)."""
+        assert self.selector is not None
+        for key, _mask in self.selector.select(0):
+            ready = key.data
+            if isinstance(ready, _Listener):
+                self._accept(now)
+            elif isinstance(ready, Scrape) and ready in self.scrapes:
+                if ready.state == READING:
+                    self._read(ready, now)
+                elif ready.state == SENDING:
+                    self._send(ready)
+        self._pump(now)
+        self._watch_endpoint(False)
+        self.next_look = now + SERVE_INTERVAL
 
     def expire(self, now: float) -> None:
-        for scrape in [s for s in self.scrapes if s.deadline <= now]:
-            self._end(scrape)
-        if self.paused_until and now >= self.paused_until and self.listener is not None:
-            self.paused_until = 0.0
-            assert self.selector is not None
-            self.selector.register(self.listener.sock, selectors.EVENT_READ, self.listener)
+        """Each tick: deadlines, the end of a pause, answers whose turn has come."""
+        if not self.watched and now >= self.next_look:
+            self._watch_endpoint(True)
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+            self._listen(True)
+        for queue in (self.reading, self.answering):
+            while queue:
+                first = next(iter(queue))
+                if first.deadline > now:
+                    break
+                self._end(first, "slow")
+        self._pump(now)
 
-    def _pause(self, now: float, error: OSError) -> None:
-        """An accept failed (out of descriptors): the listener leaves the selector for
-        ACCEPT_PAUSE, so a pending scrape cannot spin the loop; one warning a minute."""
-        assert self.listener is not None and self.selector is not None
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.listener.sock)
-        self.paused_until = now + ACCEPT_PAUSE
-        self.failed_accepts += 1
-        if now >= self.next_warning:
-            log.warning("metrics accept failed; pausing the metrics listener",
-                        error=error.strerror, failures=self.failed_accepts)
-            self.next_warning = now + WARNING_INTERVAL
+    def next_wakeup(self) -> float | None:
+        """The monotonic time `expire` has work next, for the master's select timeout."""
+        times = [next(iter(queue)).deadline for queue in (self.reading, self.answering)
+                 if queue]
+        if self.paused_until is not None:
+            times.append(self.paused_until)
+        if not self.watched:
+            times.append(self.next_look)
+        if self.held:
+            times.append(self.tokens_at + max(0.0, 1 - self.tokens) / ANSWERS_PER_SECOND)
+        return min(times) if times else None
 
     def close(self) -> None:
         """Drop every descriptor (in a forked child, or when the master exits); no
         selector calls: a child's selector is not its own to change."""
         for scrape in self.scrapes:
             scrape.sock.close()
-        self.scrapes.clear()
+        for kept in (self.scrapes, self.reading, self.answering, self.per_ip, self.held,
+                     self.turns):
+            kept.clear()
+        self.queue.clear()
         if self.listener is not None:
             self.listener.sock.close()
             self.listener = None
+        if self.selector is not None:
+            self.selector.close()
+            self.selector = None
+
+    # ---- accepting --------------------------------------------------------------------
+    def _watch_endpoint(self, on: bool) -> None:
+        assert self.loop is not None and self.selector is not None
+        if on and not self.watched:
+            self.loop.register(self.selector.fileno(), selectors.EVENT_READ, self.entry)
+        elif not on and self.watched:
+            self.loop.unregister(self.selector.fileno())
+        self.watched = on
+
+    def _listen(self, on: bool) -> None:
+        assert self.listener is not None and self.selector is not None
+        if on and not self.listening:
+            self.selector.register(self.listener.sock, selectors.EVENT_READ, self.listener)
+        elif not on and self.listening:
+            self.selector.unregister(self.listener.sock)
+        self.listening = on
 
     def _accept(self, now: float) -> None:
         assert self.listener is not None and self.selector is not None
-        while True:
+        for _ in range(ACCEPT_BATCH):  # then the master's other work has its turn
             try:
-                conn, _peer = self.listener.sock.accept()
+                conn, peer = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as error:  # e.g. EMFILE: pause; the scraper waits in the backlog
-                self._pause(now, error)
+            except OSError as error:
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                self._pause(now, error)  # EMFILE and the like: the scraper waits
                 return
-            if len(self.scrapes) >= MAX_CLIENTS:
-                conn.close()
-                continue
+            self.accepted += 1
+            if len(self.scrapes) >= self.max_clients:
+                self._end(self._victim(), "evicted")
             conn.setblocking(False)
-            scrape = Scrape(conn, now + SCRAPE_SECONDS)
-            self.scrapes.add(scrape)
-            self.selector.register(conn, selectors.EVENT_READ, scrape)
+            scrape = Scrape(conn, str(peer[0]), now + HEADER_SECONDS)
+            self.scrapes[scrape] = None
+            self.reading[scrape] = None
+            self.per_ip[scrape.ip] = self.per_ip.get(scrape.ip, 0) + 1
+            self._read(scrape, now)  # often the request is there already
+            if scrape.state == READING and scrape in self.scrapes:
+                self._watch(scrape, selectors.EVENT_READ)
+
+    def _pause(self, now: float, error: OSError) -> None:
+        """Out of descriptors or memory: stop listening for a while (a listener left
+        registered would wake the loop at once, again and again), and say so once."""
+        self._listen(False)
+        self.paused_until = now + SHORTAGE_PAUSE
+        self.shortages += 1
+        if now >= self.next_shortage_warning:
+            log.warning("metrics: cannot accept; scrapes wait", error=error.strerror,
+                        pauses=self.shortages, paused=SHORTAGE_PAUSE,
+                        connections=len(self.scrapes))
+            self.shortages = 0
+            self.next_shortage_warning = now + SHORTAGE_WARNING_INTERVAL
+
+    def _victim(self) -> Scrape:
+        """Who makes room at the cap: among the oldest connections still reading their
+        request (only when none is, the oldest answering ones), the oldest of the address
+        with the most connections, so a crowd from one place does not push out another
+        address's scrape. A sample, not a search: constant work per connection."""
+        oldest = itertools.islice(self.reading or self.answering, VICTIM_SAMPLE)
+        return max(oldest, key=lambda scrape: self.per_ip[scrape.ip])  # first of equals
+
+    # ---- one connection ---------------------------------------------------------------
+    def _watch(self, scrape: Scrape, events: int) -> None:
+        assert self.selector is not None
+        try:
+            if scrape.registered:
+                self.selector.modify(scrape.sock, events, scrape)
+            else:
+                self.selector.register(scrape.sock, events, scrape)
+                scrape.registered = True
+        except OSError:  # ENOMEM in epoll_ctl: this one goes, the loop goes on
+            self._end(scrape, None)
 
     def _read(self, scrape: Scrape, now: float) -> None:
         try:
@@ -328,39 +508,86 @@ class Exporter:
         except OSError:
             data = b""
         if not data:
-            self._end(scrape)
+            self._end(scrape, None)
             return
         scrape.request += data
-        if b"\r\n\r\n" not in scrape.request and b"\n\n" not in scrape.request:
-            if len(scrape.request) >= REQUEST_BYTES:
-                self._answer(scrape, 431, b"request header too large\n")
+        if b"\r\n\r\n" in scrape.request or b"\n\n" in scrape.request:
+            scrape.code, scrape.error_body = _route(bytes(scrape.request))
+        elif len(scrape.request) >= REQUEST_BYTES:
+            scrape.code, scrape.error_body = 431, b"request header too large\n"
+        else:
             return
-        self._answer(scrape, *self._route(bytes(scrape.request), now))
+        self._hold(scrape, now)
 
-    def _route(self, request: bytes, now: float) -> tuple[int, bytes]:
-        parts = request.split(b"\r\n", 1)[0].split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return 400, b"bad request\n"
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
-        if method != b"GET":
-            return 405, b"only GET\n"
-        if target != b"/metrics":
-            return 404, b"qmqpd: metrics are at /metrics\n"
+    def _hold(self, scrape: Scrape, now: float) -> None:
+        """A complete request: wait, off the selector, for its turn."""
+        if scrape.registered:
+            assert self.selector is not None
+            self.selector.unregister(scrape.sock)
+            scrape.registered = False
+        del self.reading[scrape]
+        scrape.state = HELD
+        scrape.deadline = now + ANSWER_SECONDS
+        self.answering[scrape] = None
+        self.asked[scrape.ip] = self.asked.get(scrape.ip, 0) + 1
+        mine = self.held.setdefault(scrape.ip, deque())
+        mine.append(scrape)
+        if len(mine) == 1:
+            self._queue_turn(scrape.ip)
+
+    def _standing(self, ip: str) -> tuple[int, int]:
+        """An address's place in line: requests held, then requests lately."""
+        return len(self.held[ip]), self.asked.get(ip, 0)
+
+    def _queue_turn(self, ip: str) -> None:
+        turn = next(self.order)
+        self.turns[ip] = turn
+        heapq.heappush(self.queue, (*self._standing(ip), turn, ip))
+
+    def _pump(self, now: float) -> None:
+        """Answer held requests while the rate allows, one per turn: the address with the
+        fewest held, then the one that asked least lately, first."""
+        if now >= self.window_ends:  # forget old requests, by halves
+            self.asked = {ip: n // 2 for ip, n in self.asked.items() if n > 1}
+            self.window_ends = now + ASKED_WINDOW
+        if not self.held:
+            self.queue.clear()  # only entries of requests that went while held
+            return
+        self.tokens = min(float(ANSWER_BURST),
+                          self.tokens + (now - self.tokens_at) * ANSWERS_PER_SECOND)
+        self.tokens_at = now
+        while self.held and self.tokens >= 1:
+            held, asked, turn, ip = heapq.heappop(self.queue)
+            if self.turns.get(ip) != turn:
+                continue  # its requests went (closed while held); a later entry stands
+            if self._standing(ip) > (held, asked):  # it asked more since: back in line
+                self._queue_turn(ip)
+                continue
+            mine = self.held[ip]
+            scrape = mine.popleft()
+            if mine:
+                self._queue_turn(ip)
+            else:
+                del self.held[ip], self.turns[ip]
+            self.tokens -= 1
+            self._answer(scrape, now)
+
+    def _answer(self, scrape: Scrape, now: float) -> None:
+        body = self._rendered(now) if scrape.code == 200 else scrape.error_body
+        kind = CONTENT_TYPE if scrape.code == 200 else "text/plain; charset=utf-8"
+        head = (f"HTTP/1.1 {scrape.code} {REASONS[scrape.code]}\r\nContent-Type: {kind}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii")
+        scrape.answer = memoryview(head + body)
+        scrape.state = SENDING
+        self._send(scrape)
+        if scrape.state == SENDING and scrape in self.scrapes and not scrape.registered:
+            self._watch(scrape, selectors.EVENT_WRITE)
+
+    def _rendered(self, now: float) -> bytes:
         if now - self._rendered_at >= RENDER_INTERVAL:
             self._body = self.render()
             self._rendered_at = now
-        return 200, self._body
-
-    def _answer(self, scrape: Scrape, code: int, body: bytes) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large"}[code]
-        kind = CONTENT_TYPE if code == 200 else "text/plain; charset=utf-8"
-        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii")
-        scrape.answer = memoryview(head + body)
-        assert self.selector is not None
-        self.selector.modify(scrape.sock, selectors.EVENT_WRITE, scrape)
-        self._send(scrape)
+        return self._body
 
     def _send(self, scrape: Scrape) -> None:
         assert scrape.answer is not None
@@ -369,16 +596,43 @@ class Exporter:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._end(scrape)
+            self._end(scrape, None)
             return
         scrape.answer = scrape.answer[sent:]
         if not scrape.answer:
-            self._end(scrape)
+            self._end(scrape, None)
 
-    def _end(self, scrape: Scrape) -> None:
-        self.scrapes.discard(scrape)
-        if self.selector is not None:
-            with contextlib.suppress(KeyError, ValueError):
+    def _end(self, scrape: Scrape, reason: str | None) -> None:
+        """Close one connection; reason counts one dropped without its answer."""
+        if scrape not in self.scrapes:
+            return
+        del self.scrapes[scrape]
+        self.reading.pop(scrape, None)
+        self.answering.pop(scrape, None)
+        self.per_ip[scrape.ip] -= 1
+        if not self.per_ip[scrape.ip]:
+            del self.per_ip[scrape.ip]
+        if scrape.state == HELD:
+            mine = self.held[scrape.ip]
+            mine.remove(scrape)
+            if not mine:
+                del self.held[scrape.ip], self.turns[scrape.ip]
+        if scrape.registered and self.selector is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
                 self.selector.unregister(scrape.sock)
         scrape.sock.close()
+        if reason is not None:
+            self.dropped[reason] += 1
 
+
+def _route(request: bytes) -> tuple[int, bytes]:
+    """The answer's status, and its body unless it is the metrics (rendered in turn)."""
+    parts = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return 400, b"bad request\n"
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method != b"GET":
+        return 405, b"only GET\n"
+    if target != b"/metrics":
+        return 404, b"qmqpd: metrics are at /metrics\n"
+    return 200, b""

@@ -13,11 +13,19 @@ with a byte budget, before rules and limits, so everything downstream sees the r
   socket is not reported readable again for data already seen.
 - `Policy` is the setting side: PROXY_PROTOCOL (off, v1, v2, any), PROXY_TRUSTED
   (addresses and CIDR prefixes) and PROXY_TIMEOUT; `client_of` turns a header and the real
-  peer into the address rules and limits must see.
+  peer into the address rules and limits must see. A header makes its sender speak for
+  any client (its rules, keys and limits), so PROXY_TRUSTED may name neither loopback
+  addresses (any local user can bind one as a source address) nor prefixes wider than
+  any one operator's network (IPv4 /8, IPv6 /16) unless PROXY_TRUSTED_UNSAFE says so,
+  and then `warnings()` says so at every start and reload.
 
-`LOCAL` (v2, HAProxy's health checks with check-send-proxy) and `UNKNOWN` (v1) or an
-unspecified or unix family (v2) mean "use the real connection endpoints", as the spec says.
-Standard library only.
+`LOCAL` (v2, HAProxy's health checks with check-send-proxy) and `UNKNOWN` (v1), or in v2 an
+unspecified family or transport (0x00, 0x01, 0x10, 0x20: "the receiver should ignore
+address information") or the unix family mean "use the real connection endpoints", as the
+spec says; families and transports the spec does not define are refused. A v1 address is
+what the spec allows and no more: IPv4 as four decimal numbers without leading zeros,
+IPv6 as hex groups with at most one `::` (no `%scope`, no dotted IPv4 tail).
+Standard library only (and the shared config leaf, for the settings' errors).
 """
 
 from __future__ import annotations
@@ -130,7 +138,13 @@ def _parse_v1(data: bytes) -> ProxyHeader | NeedMore:
     return ProxyHeader(1, "proxy", proto.lower(), source, destination, length)
 
 
+_V6_CHARACTERS = frozenset("0123456789abcdefABCDEF:")
+
+
 def _v1_address(text: str, version: int) -> str:
+    if version == 6 and not set(text) <= _V6_CHARACTERS:
+        # ipaddress would take `fe80::1%eth0` and `::ffff:192.0.2.1`; the spec does not
+        raise ProxyError(f"PROXY v1 address {text!r} is not an IPv6 address in hex groups")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -164,7 +178,8 @@ def _parse_v2(data: bytes, budget: int) -> ProxyHeader | NeedMore:
     length = V2_FIXED + block
     if length > budget:
         raise ProxyError(f"PROXY v2 header of {length} bytes is over the budget of {budget}")
-    if command == 1 and family in _V2_ADDRESS_SIZES and block < _V2_ADDRESS_SIZES[family]:
+    addressed = command == 1 and transport != 0  # else the addresses are to be ignored
+    if addressed and family in _V2_ADDRESS_SIZES and block < _V2_ADDRESS_SIZES[family]:
         raise ProxyError(f"PROXY v2 address block of {block} bytes is too short for its family")
     if len(data) < length:
         return NEED_MORE
@@ -172,6 +187,8 @@ def _parse_v2(data: bytes, budget: int) -> ProxyHeader | NeedMore:
         return ProxyHeader(2, "local", "unspec", None, None, length)
     if transport == 2:
         raise ProxyError("PROXY v2 header for a datagram transport on a stream connection")
+    if transport == 0:  # UNSPEC: "the receiver should ignore address information"
+        return ProxyHeader(2, "proxy", "unspec", None, None, length)
     if family == 1:
         src, dst, sport, dport = _V2_INET.unpack_from(data, V2_FIXED)
         return ProxyHeader(2, "proxy", "tcp4", (str(ipaddress.IPv4Address(src)), sport),
@@ -226,6 +243,14 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 # ---- the settings side ----------------------------------------------------------------
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Any local user can send from these: Linux lets every process bind any 127/8 address.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+            ipaddress.ip_network("::ffff:127.0.0.0/104"))
+# Wider than this is wider than one operator's network: IPv4 /8 is the largest block one
+# organisation holds (10.0.0.0/8, the old class A); IPv6 /16 is wider than any ISP's
+# allocation (RIRs hand out /19 to /32; fc00::/7, every site's unique-local addresses,
+# is wider still). 0.0.0.0/0 and ::/0 trust every peer.
+WIDEST_PREFIX = {4: 8, 6: 16}
 
 
 def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
@@ -237,6 +262,20 @@ def parse_networks(items: Iterable[str]) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"{item!r} is not an IP address or CIDR prefix") from None
     return tuple(out)
+
+
+def unsafe_entries(trusted: Iterable[Network]) -> list[str]:
+    """Why each PROXY_TRUSTED entry lets the wrong peers speak for any client; [] = none."""
+    found = []
+    for net in trusted:
+        if net.prefixlen < WIDEST_PREFIX[net.version]:
+            found.append(f"{net} is wider than /{WIDEST_PREFIX[net.version]}: every host in "
+                         "it could send a header naming any client")
+        elif any(net.version == loop.version and net.overlaps(loop)  # type: ignore[arg-type]
+                 for loop in LOOPBACK):
+            found.append(f"{net} is a loopback address: any local user can bind it as a "
+                         "source address and send a header naming any client")
+    return found
 
 
 def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -257,6 +296,7 @@ class Policy:
     trusted: tuple[Network, ...] = ()
     timeout: float = 3.0
     budget: int = DEFAULT_BUDGET
+    unsafe_allowed: bool = False  # PROXY_TRUSTED_UNSAFE
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -264,12 +304,31 @@ class Policy:
         if self.mode != "off" and not self.trusted:
             raise ValueError(f"PROXY_PROTOCOL is {self.mode} but PROXY_TRUSTED is empty: "
                              "name the load balancers' addresses")
+        unsafe = unsafe_entries(self.trusted) if self.enabled else []
+        if unsafe and not self.unsafe_allowed:
+            raise ValueError(f"{unsafe[0]}; trust only balancers on other hosts (one on "
+                             "this host: PROXY_SOCKET), or set PROXY_TRUSTED_UNSAFE to "
+                             "accept the risk")
 
     @classmethod
     def from_config(cls, config: Any) -> Policy:
-        """From a Config (proxy_protocol, proxy_trusted, proxy_timeout)."""
-        return cls(config.proxy_protocol, parse_networks(config.proxy_trusted),
-                   float(config.proxy_timeout))
+        """From a Config (proxy_protocol, proxy_trusted, proxy_timeout,
+        proxy_trusted_unsafe); ConfigError names PROXY_TRUSTED and where it came from."""
+        from qmqpd.config import problem
+
+        try:
+            return cls(config.proxy_protocol, parse_networks(config.proxy_trusted),
+                       float(config.proxy_timeout),
+                       unsafe_allowed=bool(config.proxy_trusted_unsafe))
+        except ValueError as error:
+            raise problem("PROXY_TRUSTED", config.source("PROXY_TRUSTED"), str(error)) from None
+
+    def warnings(self) -> list[str]:
+        """What an accepted PROXY_TRUSTED_UNSAFE lets through, for the log of each start."""
+        if not self.enabled:
+            return []
+        return [f"PROXY_TRUSTED_UNSAFE accepts it: {reason}"
+                for reason in unsafe_entries(self.trusted)]
 
     @property
     def enabled(self) -> bool:
@@ -294,17 +353,3 @@ class Policy:
         if header.source is None:
             return peer
         return header.source
-
-
-def read_proxy_header(policy: Policy, reader: HeaderReader, sock: socket.socket,
-                      peer: tuple[str, int]) -> tuple[str, int] | None:
-    """The master's call in its first-bytes wait, each time the connection is readable:
-    the (ip, port) rules, limits and the session must see once the header is complete,
-    None to keep waiting (the caller owns the PROXY_TIMEOUT deadline), or ProxyError
-    (untrusted source, bad or missing header, closed): close the connection and log it.
-    With PROXY_PROTOCOL off the peer stands and nothing is read."""
-    if not policy.enabled:
-        return peer
-    policy.check_source(peer[0])
-    header = reader.read(sock)
-    return None if header is None else policy.client_of(header, peer)

@@ -1,8 +1,9 @@
 """`qmqpd serve` with PROXY_PROTOCOL on: the master reads the header a trusted balancer
 sends, before rules and MAXPERIP, so the client it names drives both, and the session's
 TCPREMOTEIP, Received line and log. Real processes and sockets on loopback: 127.0.0.10
-stands for the balancer; the headers name documentation addresses (192.0.2.0/24,
-198.51.100.0/24) as the clients behind it.
+stands for the balancer (trusted only with PROXY_TRUSTED_UNSAFE: any local user can bind a
+loopback address, which the tests at the end show); the headers name documentation
+addresses (192.0.2.0/24, 198.51.100.0/24) as the clients behind it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import errno
 import ipaddress
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -18,6 +20,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from qmqpd.rules import compile_rules
 from qmqpd.status import read_status
@@ -84,8 +88,9 @@ def send(port: int, data: bytes, source: str = BALANCER) -> bytes:
 def start(factory: Callable[..., Server], tmp_path: Path, **settings: object) -> Server:
     (tmp_path / "rules").write_text(RULES)
     compile_rules(str(tmp_path / "rules"), str(tmp_path / "rules.cdb"))
+    settings = {"proxy_trusted": BALANCER, "proxy_trusted_unsafe": True, **settings}
     server = factory(rules=str(tmp_path / "rules.cdb"), proxy_protocol="any",
-                     proxy_trusted=BALANCER, **settings).start()
+                     **settings).start()
     server.wait_idle(2)
     return server
 
@@ -115,7 +120,7 @@ def test_the_header_names_the_client(server_factory: Callable[..., Server],  # n
 
 def test_untrusted_malformed_and_missing_headers_are_closed(
         server_factory: Callable[..., Server], tmp_path: Path) -> None:  # noqa: F811
-    server = start(server_factory, tmp_path, proxy_timeout=0.5)
+    server = start(server_factory, tmp_path, proxy_timeout=3)  # the protocol's least
     # a direct client claiming an address: not a trusted balancer
     assert send(server.port, v2("192.0.2.7") + PAYLOAD, source="127.0.0.2") == b""
     assert send(server.port, b"HELO there\r\n" + PAYLOAD) == b""  # no header at all
@@ -124,7 +129,7 @@ def test_untrusted_malformed_and_missing_headers_are_closed(
         started = time.monotonic()
         assert answer_within(partial, 10) == b""
         waited = time.monotonic() - started
-    assert 0.3 < waited < 5, waited  # PROXY_TIMEOUT 0.5 and a 1 s loop tick, generous
+    assert 2.8 < waited < 8, waited  # PROXY_TIMEOUT 3 and a 1 s loop tick, generous
     log = server.log()
     assert 'event=proxy_reject pid=' in log
     assert 'ip=127.0.0.2 reason="connection from 127.0.0.2, not in PROXY_TRUSTED"' in log
@@ -166,3 +171,110 @@ def test_proxy_protocol_without_trusted_balancers_refuses_to_start(tmp_path: Pat
                          text=True, timeout=30, env=env, cwd=tmp_path, check=False)
     assert run.returncode == 111
     assert "PROXY_PROTOCOL is v2 but PROXY_TRUSTED is empty" in run.stdout + run.stderr
+
+
+# ---- trust a local user cannot borrow --------------------------------------------------
+OTHER_CLIENT_RULES = """\
+10.1.2.3:allow
+:deny
+"""
+# Run as user nobody with the system's Python (standard library only): bind a source
+# address, send a PROXY v2 header naming 10.1.2.3 and a QMQP request, print the answer
+# (or the error).
+AS_NOBODY = """
+import socket, struct, sys
+source, port, request = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+header = (b"\\r\\n\\r\\n\\x00\\r\\nQUIT\\n" + bytes([0x21, 0x11]) + struct.pack(">H", 12)
+          + socket.inet_aton("10.1.2.3") + socket.inet_aton("127.0.0.1")
+          + struct.pack(">HH", 40000, 628))
+try:
+    with socket.socket() as sock:
+        sock.bind((source, 0))
+        sock.settimeout(20)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(header + request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while block := sock.recv(4096):
+            answer += block
+    print(answer.decode(errors="replace") or "closed")
+except OSError as error:
+    print(f"error: {error.strerror}")
+"""
+
+
+def as_nobody(source: str, port: int) -> str:
+    """What user nobody gets when it claims to be 10.1.2.3 from source."""
+    run = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          "/usr/bin/python3", "-I", "-c", AS_NOBODY, source, str(port),
+                          PAYLOAD.hex()],
+                         capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    return run.stdout.strip()
+
+
+def serve_for_other_client(factory: Callable[..., Server], tmp_path: Path,
+                           **settings: object) -> Server:
+    (tmp_path / "rules").write_text(OTHER_CLIENT_RULES)
+    compile_rules(str(tmp_path / "rules"), str(tmp_path / "rules.cdb"))
+    return factory(rules=str(tmp_path / "rules.cdb"), proxy_protocol="v2",
+                   **settings).start()
+
+
+def test_a_local_user_borrows_a_trusted_loopback_balancer(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:  # noqa: F811
+    """The risk the override accepts, shown: user nobody binds the balancer's loopback
+    address and gets 10.1.2.3's rule (K where every local address is denied). The start
+    says so, loudly."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as user nobody")
+    server = serve_for_other_client(server_factory, tmp_path, proxy_trusted=BALANCER,
+                                    proxy_trusted_unsafe=True)
+    assert re.search(r'event=warning .*msg="PROXY_TRUSTED_UNSAFE accepts it: '
+                     r'127\.0\.0\.10/32 is a loopback address', server.log()), server.log()
+    answer = as_nobody(BALANCER, server.port)
+    assert is_ok(answer.encode()), answer
+    wait_until(lambda: re.search(r"event=session pid=\d+ ip=10\.1\.2\.3 ", server.log()),
+               what="the session logged as 10.1.2.3")
+
+
+def test_a_local_user_cannot_borrow_a_balancer_on_another_host(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:  # noqa: F811
+    """Trust that names only another host's balancer: user nobody can neither send from
+    that address (not this host's) nor be believed from a loopback one."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as user nobody")
+    server = serve_for_other_client(server_factory, tmp_path, proxy_trusted="192.0.2.10")
+    assert as_nobody("192.0.2.10", server.port) == "error: Cannot assign requested address"
+    for source in (BALANCER, "127.0.0.1"):  # closed at once: no answer (or a reset)
+        answer = as_nobody(source, server.port)
+        assert answer == "closed" or answer.startswith("error: "), answer
+    log = server.log()
+    assert "event=session" not in log and "PROXY_TRUSTED_UNSAFE" not in log
+    assert log.count("not in PROXY_TRUSTED") == 2
+
+
+def test_loopback_or_wildcard_trust_refuses_start_check_and_reload(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:  # noqa: F811
+    """Without the override: `serve` exits 111 with one line naming PROXY_TRUSTED and why,
+    `qmqpd check` lists it, and a HUP to such a config keeps the running one."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+           "PROXY_PROTOCOL": "v2", "PORT": "0", "STATUS_FILE": ""}
+    for trusted, why in (("127.0.0.10", "is a loopback address: any local user can bind it"),
+                         ("::1", "is a loopback address"), ("0.0.0.0/0", "is wider than /8"),
+                         ("::/0", "is wider than /16")):
+        for command in ("serve", "check"):
+            run = subprocess.run([sys.executable, "-m", "qmqpd", command], capture_output=True,
+                                 text=True, timeout=60, env={**env, "PROXY_TRUSTED": trusted},
+                                 cwd=tmp_path, check=False)
+            assert run.returncode == (111 if command == "serve" else 1), run.stderr
+            lines = [line for line in run.stderr.splitlines() if "PROXY_TRUSTED" in line]
+            assert len(lines) == 1 and why in lines[0], run.stderr
+            assert "PROXY_TRUSTED (proxy_trusted) from environment" in lines[0]
+            assert "PROXY_TRUSTED_UNSAFE" in lines[0]
+    server = serve_for_other_client(server_factory, tmp_path, proxy_trusted="192.0.2.10")
+    server.write_config({**server.settings, "proxy_trusted": "127.0.0.0/8"})
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed" in server.log(), what="the reload refused")
+    assert "is a loopback address" in server.log()
+    assert send(server.port, v2("10.1.2.3") + PAYLOAD) == b""  # still the old trust

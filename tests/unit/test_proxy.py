@@ -19,6 +19,7 @@ from qmqpd.proxy import (
     DEFAULT_BUDGET,
     NEED_MORE,
     V1_MAX,
+    V2_FIXED,
     V2_SIGNATURE,
     HeaderReader,
     Policy,
@@ -26,7 +27,6 @@ from qmqpd.proxy import (
     ProxyHeader,
     parse,
     parse_networks,
-    read_proxy_header,
 )
 
 QMQP_REQUEST = b"20:4:body,4:from,4:rcpt,,"
@@ -68,13 +68,44 @@ def test_v1_tcp6_is_normalised() -> None:
     assert header.destination == ("::1", 0)
 
 
+@pytest.mark.parametrize("address", [
+    "fe80::1%eth0", "fe80::1%1", "::ffff:192.0.2.1", "::192.0.2.1", "64:ff9b::192.0.2.33",
+    "2001:db8::1%25",
+])
+def test_v1_ipv6_outside_the_spec_is_refused(address: str) -> None:
+    """Hex groups and one `::` only: Python would take a scope and a dotted tail."""
+    line = f"PROXY TCP6 {address} ::1 40000 628\r\n".encode()
+    with pytest.raises(ProxyError, match="not an IPv6 address in hex groups"):
+        parse(line, "v1")
+    with pytest.raises(ProxyError, match="not an IPv6 address in hex groups"):
+        parse(f"PROXY TCP6 ::1 {address} 40000 628\r\n".encode(), "v1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.ip_addresses(v=6))
+def test_v1_ipv6_in_hex_groups_is_taken_and_a_dotted_tail_is_not(
+        address: ipaddress.IPv6Address) -> None:
+    for text in (address.compressed, address.exploded, address.exploded.upper()):
+        header = parse(f"PROXY TCP6 {text} ::1 1 2\r\n".encode(), "v1")
+        assert isinstance(header, ProxyHeader) and header.source == (str(address), 1)
+    dotted = f"{address.exploded[:30]}{ipaddress.IPv4Address(address.packed[-4:])}"
+    assert ipaddress.IPv6Address(dotted) == address  # the same address, written otherwise
+    with pytest.raises(ProxyError):
+        parse(f"PROXY TCP6 {dotted} ::1 1 2\r\n".encode(), "v1")
+
+
+def test_v1_ipv4_with_leading_zeros_is_refused() -> None:
+    with pytest.raises(ProxyError, match="not an IP address"):
+        parse(b"PROXY TCP4 192.0.2.010 127.0.0.1 1 2\r\n", "v1")
+
+
 def test_v1_unknown_keeps_the_real_endpoints() -> None:
     line = b"PROXY UNKNOWN ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n"
     header = parse(line + b"rest", "v1")
     assert isinstance(header, ProxyHeader)
     assert (header.family, header.source, header.length) == ("unknown", None, len(line))
-    policy = Policy("v1", parse_networks(["127.0.0.10"]))
-    assert policy.client_of(header, ("127.0.0.10", 5000)) == ("127.0.0.10", 5000)
+    policy = Policy("v1", parse_networks(["10.0.0.10"]))
+    assert policy.client_of(header, ("10.0.0.10", 5000)) == ("10.0.0.10", 5000)
 
 
 def test_v1_longest_line_is_accepted_and_one_more_byte_is_not() -> None:
@@ -134,8 +165,8 @@ def test_v2_local_is_the_proxy_itself_whatever_the_block_says() -> None:
     assert header == ProxyHeader(2, "local", "unspec", None, None, 16)
     odd = v2(command=0, family=1, transport=2, block=b"\x01\x02")  # ignored for LOCAL
     assert parse(odd, "v2") == ProxyHeader(2, "local", "unspec", None, None, 18)
-    policy = Policy("v2", parse_networks(["127.0.0.10"]))
-    assert policy.client_of(parse(data, "v2"), ("127.0.0.10", 9)) == ("127.0.0.10", 9)
+    policy = Policy("v2", parse_networks(["10.0.0.10"]))
+    assert policy.client_of(parse(data, "v2"), ("10.0.0.10", 9)) == ("10.0.0.10", 9)
 
 
 def test_v2_unspec_and_unix_families_keep_the_real_endpoints() -> None:
@@ -144,6 +175,42 @@ def test_v2_unspec_and_unix_families_keep_the_real_endpoints() -> None:
     assert isinstance(unspec, ProxyHeader) and isinstance(unix, ProxyHeader)
     assert (unspec.family, unspec.source) == ("unspec", None)
     assert (unix.family, unix.source) == ("unix", None)
+
+
+@pytest.mark.parametrize("family", [1, 2, 3])
+def test_v2_unspecified_transport_keeps_the_real_endpoints(family: int) -> None:
+    """0x10, 0x20, 0x30: an address family with transport UNSPEC; the spec: "the receiver
+    should ignore address information" (it used to be read as the client)."""
+    addresses = v2_inet("192.0.2.7", "127.0.0.1", 40000, 628)[V2_FIXED:]
+    for block in (addresses, b"", bytes(3)):  # whatever follows, however short
+        header = parse(v2(command=1, family=family, transport=0, block=block), "v2")
+        assert isinstance(header, ProxyHeader)
+        assert (header.family, header.source, header.destination) == ("unspec", None, None)
+        assert header.length == V2_FIXED + len(block)
+        assert Policy("v2", parse_networks(["10.0.0.10"])).client_of(
+            header, ("10.0.0.10", 9)) == ("10.0.0.10", 9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 1), st.integers(0, 255), st.binary(max_size=220))
+def test_v2_every_family_byte_as_the_spec_says(command: int, byte: int, block: bytes) -> None:
+    """Defined families 0-3 and transports 0-2 only; addresses read for TCP over IPv4 and
+    IPv6 only (0x11, 0x21), ignored for LOCAL, UNSPEC and unix; datagrams refused."""
+    data = V2_SIGNATURE + bytes([0x20 | command, byte]) + struct.pack(">H", len(block)) + block
+    family, transport = byte >> 4, byte & 0x0F
+    try:
+        header = parse(data, "v2")
+    except ProxyError:
+        assert (family > 3 or transport > 2
+                or (command == 1 and transport == 2)
+                or (command == 1 and transport == 1 and len(block) < (12, 36, 216)[family - 1]
+                    if family else False))
+        return
+    assert isinstance(header, ProxyHeader) and header.length == len(data)
+    if command == 1 and byte in (0x11, 0x21):
+        assert header.source is not None and header.family == ("tcp4", "tcp6")[family - 1]
+    else:
+        assert header.source is None and header.destination is None
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -254,12 +321,12 @@ def test_any_bytes_give_a_header_need_more_or_proxy_error(data: bytes) -> None:
 
 # ---- the policy -----------------------------------------------------------------------
 def test_trusted_sources_by_address_and_prefix() -> None:
-    policy = Policy("v2", parse_networks(["127.0.0.10", "10.1.0.0/16", "2001:db8::/32"]))
-    assert policy.trusts("127.0.0.10")
-    assert policy.trusts("::ffff:127.0.0.10")  # v4-mapped, as a dual-stack socket shows it
+    policy = Policy("v2", parse_networks(["10.0.0.10", "10.1.0.0/16", "2001:db8::/32"]))
+    assert policy.trusts("10.0.0.10")
+    assert policy.trusts("::ffff:10.0.0.10")  # v4-mapped, as a dual-stack socket shows it
     assert policy.trusts("10.1.200.3")
     assert policy.trusts("2001:db8:1::5")
-    assert not policy.trusts("127.0.0.11")
+    assert not policy.trusts("10.0.0.11")
     assert not policy.trusts("10.2.0.1")
     assert not policy.trusts("not an ip")
     policy.check_source("10.1.0.1")
@@ -269,34 +336,87 @@ def test_trusted_sources_by_address_and_prefix() -> None:
 
 
 def test_a_claimed_client_replaces_the_proxy_address() -> None:
-    policy = Policy("any", parse_networks(["127.0.0.10"]))
+    policy = Policy("any", parse_networks(["10.0.0.10"]))
     header = parse(b"PROXY TCP4 127.0.0.2 127.0.0.11 5555 628\r\n", "any")
     assert isinstance(header, ProxyHeader)
-    assert policy.client_of(header, ("127.0.0.10", 40000)) == ("127.0.0.2", 5555)
+    assert policy.client_of(header, ("10.0.0.10", 40000)) == ("127.0.0.2", 5555)
 
 
 def test_policy_needs_trusted_sources_when_on() -> None:
     with pytest.raises(ValueError, match="PROXY_TRUSTED is empty"):
         Policy("v1")
     with pytest.raises(ValueError, match="allowed"):
-        Policy("v3", parse_networks(["127.0.0.1"]))
+        Policy("v3", parse_networks(["10.0.0.1"]))
     with pytest.raises(ValueError, match="not an IP address"):
         parse_networks(["127.0.0.300"])
 
 
 def test_policy_from_the_settings() -> None:
     cfg = config_mod.load(environ={"PROXY_PROTOCOL": "v2",
-                                   "PROXY_TRUSTED": "127.0.0.10, 10.0.0.0/8",
-                                   "PROXY_TIMEOUT": "2.5"})
+                                   "PROXY_TRUSTED": "192.0.2.10, 10.0.0.0/8",
+                                   "PROXY_TIMEOUT": "4.5"})
     policy = Policy.from_config(cfg)
-    assert (policy.mode, policy.timeout) == ("v2", 2.5)
+    assert (policy.mode, policy.timeout) == ("v2", 4.5)
     assert policy.trusts("10.9.9.9") and not policy.trusts("11.0.0.1")
     with pytest.raises(config_mod.ConfigError, match="PROXY_TRUSTED"):
         config_mod.load(environ={"PROXY_TRUSTED": "10.0.0.0/33"})
+    with pytest.raises(config_mod.ConfigError, match=r"PROXY_TIMEOUT.*seconds 3-60"):
+        config_mod.load(environ={"PROXY_TIMEOUT": "2.9"})  # the protocol asks for 3 s
+    assert config_mod.load(environ={"PROXY_TIMEOUT": "3"}).proxy_timeout == 3
     with pytest.raises(config_mod.ConfigError, match="PROXY_PROTOCOL"):
         config_mod.load(environ={"PROXY_PROTOCOL": "v3"})
     off = Policy.from_config(config_mod.load(environ={}))
     assert not off.enabled
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("127.0.0.10", "loopback"), ("127.0.0.0/8", "loopback"), ("127.255.0.0/16", "loopback"),
+    ("::1", "loopback"), ("::ffff:127.0.0.10", "loopback"), ("0.0.0.0/0", "wider than /8"),
+    ("::/0", "wider than /16"), ("10.0.0.0/7", "wider than /8"), ("64.0.0.0/2", "wider than /8"),
+    ("fc00::/7", "wider than /16"), ("2000::/3", "wider than /16"),
+])
+def test_trust_that_others_could_borrow_is_refused(entry: str, why: str) -> None:
+    """Loopback (any local user can bind it) or wider than one operator's network: refused
+    unless PROXY_TRUSTED_UNSAFE, which each start and reload then logs."""
+    trusted = parse_networks(["192.0.2.10", entry])
+    with pytest.raises(ValueError, match=f"{why}.*PROXY_TRUSTED_UNSAFE"):
+        Policy("v2", trusted)
+    accepted = Policy("v2", trusted, unsafe_allowed=True)
+    assert accepted.trusts("192.0.2.10")
+    assert [why in warning for warning in accepted.warnings()] == [True]
+    Policy("off", trusted)  # not in use: nothing to refuse
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/8", "192.0.2.10", "172.16.0.0/12", "::2",
+                                   "2001:db8::/16", "fd12:3456:789a::/48", "::ffff:10.0.0.1"])
+def test_trust_in_one_network_is_accepted(entry: str) -> None:
+    policy = Policy("any", parse_networks([entry]))
+    assert policy.warnings() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_ipv4_refusals_follow_the_two_rules(address: int, prefix: int) -> None:
+    net = ipaddress.IPv4Network((address, prefix), strict=False)
+    loopback = net.overlaps(ipaddress.IPv4Network("127.0.0.0/8"))
+    try:
+        Policy("v1", (net,))
+    except ValueError:
+        assert prefix < 8 or loopback
+    else:
+        assert prefix >= 8 and not loopback
+
+
+def test_the_settings_name_the_refused_entry_and_the_override() -> None:
+    unsafe = {"PROXY_PROTOCOL": "v2", "PROXY_TRUSTED": "127.0.0.10"}
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"^PROXY_TRUSTED \(proxy_trusted\) from environment: 127\.0\.0\.10/32 "
+                             r"is a loopback address") as refused:
+        Policy.from_config(config_mod.load(environ=unsafe))
+    assert refused.value.setting == "PROXY_TRUSTED"
+    policy = Policy.from_config(config_mod.load(environ={**unsafe,
+                                                         "PROXY_TRUSTED_UNSAFE": "yes"}))
+    assert policy.trusts("127.0.0.10") and len(policy.warnings()) == 1
 
 
 # ---- reading from a real connection ---------------------------------------------------
@@ -374,20 +494,3 @@ def _sent(data: bytes) -> socket.socket:
     select.select([server], [], [], 5)
     server.setblocking(False)
     return server
-
-
-def test_the_master_call_from_accept_to_client(
-        connection: tuple[socket.socket, socket.socket]) -> None:
-    client, server = connection
-    policy = Policy("any", parse_networks(["127.0.0.0/8"]))
-    reader = policy.reader()
-    client.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.11 4000 628\r\n" + QMQP_REQUEST)
-    select.select([server], [], [], 5)
-    assert read_proxy_header(policy, reader, server, ("127.0.0.1", 5)) == ("192.0.2.9", 4000)
-    with pytest.raises(ProxyError, match="not in PROXY_TRUSTED"):
-        read_proxy_header(Policy("any", parse_networks(["10.0.0.1"])), reader, server,
-                          ("127.0.0.1", 5))
-    assert read_proxy_header(Policy(), reader, server, ("127.0.0.1", 5)) == ("127.0.0.1", 5)
-    server.setblocking(True)
-    server.settimeout(5)
-    assert server.recv(1000) == QMQP_REQUEST  # off: nothing was read
