@@ -101,13 +101,9 @@ def plan_all(cfg: config_mod.Config) -> tuple[PlanBook | None, list[config_mod.C
     """The validation `serve` runs at start, on HUP and when the rules cdb changes, and
     `qmqpd check` prints: the workers' user, the rules cdb, then the plan of the base
     settings and of every allowing rule's env."""
-    from qmqpd import plan, proxy, rules
+    from qmqpd import plan, rules
 
     writer, problems = _writer(cfg)
-    try:
-        proxy.Policy.from_config(cfg)
-    except config_mod.ConfigError as error:
-        problems.append(error)
     envs: list[tuple[str, dict[str, str | None]]] = []
     stamp = None
     if cfg.rules:

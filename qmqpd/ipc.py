@@ -21,6 +21,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from qmqpd.errors import TemporaryError
 from qmqpd.message import Client, decode_env_item, encode_env_item
 
 MAX_RECORD = 64 * 1024
@@ -53,7 +54,7 @@ _TIMING = re.compile(r"@([0-9]{1,12})(?:/([0-9]{1,12}))?")
 MAX_MICROSECONDS = 10**12 - 1  # what 12 digits hold: about 11 days
 
 
-class ChannelError(Exception):
+class ChannelError(TemporaryError):
     """A malformed, oversized or unexpected record: the peer cannot be trusted further."""
 
 

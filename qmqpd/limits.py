@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 import heapq
-import ipaddress
 from dataclasses import dataclass
 
 from qmqpd import log
+from qmqpd.address import parse_ip
 
 # A pure function the master calls several times per connection with the same few
 # addresses: remembered, so ipaddress parses each one once, not on every call.
@@ -26,13 +26,8 @@ FOLD_CACHE = 4096
 @functools.lru_cache(maxsize=FOLD_CACHE)
 def fold_ip(ip: str) -> str:
     """One spelling per client: v4-mapped IPv6 becomes dotted IPv4, IPv6 compact form."""
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    address = parse_ip(ip)
+    return ip if address is None else str(address)
 
 
 class PerIpCounter:

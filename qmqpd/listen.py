@@ -18,6 +18,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from qmqpd import log
+from qmqpd.errors import TemporaryError
 
 # The kernel's queue of connections not yet accepted: the master accepts eagerly (idle
 # ones wait in the master without a worker), so this only absorbs bursts of connects.
@@ -26,7 +27,7 @@ LISTEN_BACKLOG = 1024
 ACCEPT_BATCH = 256
 
 
-class ListenError(Exception):
+class ListenError(TemporaryError):
     def __init__(self, address: str, port: int, error: OSError) -> None:
         super().__init__(f"cannot listen on {address} port {port}: {error.strerror or error}")
         self.address_problem = not isinstance(error, socket.gaierror) and error.errno in (

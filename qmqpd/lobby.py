@@ -32,6 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from qmqpd import log, proxy
+from qmqpd.errors import QmqpdError
 from qmqpd.limits import DescriptorBudget, Lease, Ledger
 from qmqpd.message import Client, Reply
 from qmqpd.netstring import OUTER_PREFIX_MAX, NetstringError, read_length
@@ -93,7 +94,7 @@ ALLOWED_FROM: dict[str, frozenset[str]] = {
 }
 
 
-class PhaseError(AssertionError):
+class PhaseError(QmqpdError, AssertionError):
     """A phase change the table does not allow: a bug in the lobby."""
 
 

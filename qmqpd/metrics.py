@@ -110,7 +110,8 @@ REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not All
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """METRICS `ip:port` or `[v6]:port` (validated by config) -> (host, port)."""
+    """METRICS `ip:port` or `[v6]:port` (validated by config; port 0 lets the kernel
+    choose, as tests do) -> (host, port)."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
 

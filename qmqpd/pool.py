@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from qmqpd import ipc, log
 from qmqpd.config import Config
+from qmqpd.errors import QmqpdError, TemporaryError
 from qmqpd.limits import Lease
 
 WorkerEntry = Callable[[socket.socket, Config], None]
@@ -75,11 +76,11 @@ ALLOWED_FROM: dict[State, frozenset[State]] = {
 }
 
 
-class StateError(AssertionError):
+class StateError(QmqpdError, AssertionError):
     """A state change the table does not allow: a bug in the pool, never a client's doing."""
 
 
-class BootFailure(Exception):
+class BootFailure(TemporaryError):
     """Workers keep dying before they are ready: respawning would only loop."""
 
 

@@ -34,10 +34,11 @@ def server_problems(cfg: Config) -> list[ConfigError]:
     try:
         procctl.identity(cfg.user, cfg.group)
     except procctl.ProcError as error:
-        setting = "GROUP" if str(error).startswith("GROUP") else "USER"
-        found.append(problem(setting, cfg.source(setting), str(error)))
+        found.append(problem(error.setting, cfg.source(error.setting), str(error)))
     try:
         proxy.Policy.from_config(cfg)
+    except ConfigError as error:  # already names its setting and source
+        found.append(error)
     except ValueError as error:
         setting = "PROXY_TRUSTED" if cfg.proxy_protocol != "off" else "PROXY_PROTOCOL"
         found.append(problem(setting, cfg.source(setting), str(error)))

@@ -37,6 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from qmqpd.address import parse_ip
+from qmqpd.errors import PermanentError
+
 MODES = ("off", "v1", "v2", "any")
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the spec's longest v1 line, CRLF included
@@ -50,7 +53,7 @@ _V2_INET = struct.Struct(">4s4sHH")
 _V2_INET6 = struct.Struct(">16s16sHH")
 
 
-class ProxyError(Exception):
+class ProxyError(PermanentError):
     """The connection did not start with an acceptable PROXY header; the text says why."""
 
 
@@ -278,16 +281,6 @@ def unsafe_entries(trusted: Iterable[Network]) -> list[str]:
     return found
 
 
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 @dataclass(frozen=True)
 class Policy:
     """PROXY_PROTOCOL, PROXY_TRUSTED and PROXY_TIMEOUT, checked together."""
@@ -335,7 +328,7 @@ class Policy:
         return self.mode != "off"
 
     def trusts(self, ip: str) -> bool:
-        address = _address(ip)
+        address = parse_ip(ip)
         return address is not None and any(address in net for net in self.trusted)
 
     def check_source(self, peer_ip: str) -> None:

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 from qmqpd import log
 from qmqpd.config import Config
+from qmqpd.errors import TemporaryError
+from qmqpd.fsio import replace_file
 
 FORMAT_VERSION = 1
 WRITE_INTERVAL = 1.0
@@ -102,7 +104,7 @@ def master_alive(pid: int) -> bool:
         return True  # no /proc: trust the signal check
 
 
-class StatusError(Exception):
+class StatusError(TemporaryError):
     """No usable status: the message names STATUS_FILE and what is wrong."""
 
 
@@ -124,20 +126,8 @@ def read_status(path: str) -> dict[str, Any]:
 
 def write_atomic(path: str, data: dict[str, Any]) -> None:
     """tmp + rename in the same directory: readers see the old file or the new one."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-        try:
-            os.write(fd, text.encode("utf-8"))
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, text.encode("utf-8"), 0o640)  # client IPs: not for every user
 
 
 class StatusWriter:
