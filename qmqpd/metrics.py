@@ -98,6 +98,8 @@ ASKED_WINDOW = 1.0
 # Connections accepted per look: a burst of a thousand reconnects drains in four looks,
 # while an endless connect flood costs at most this many accepts per SERVE_INTERVAL.
 ACCEPT_BATCH = 256
+# Evictions per look at the cap (looks come at most once per SERVE_INTERVAL): 200 a second.
+EVICTIONS_PER_LOOK = 4
 # Deep enough for a burst of reconnects to wait in the kernel instead of being dropped
 # (a dropped SYN costs a scraper a 1 s retransmission); the kernel caps it at somaxconn.
 LISTEN_BACKLOG = 4096
@@ -446,7 +448,13 @@ class Exporter:
 
     def _accept(self, now: float) -> None:
         assert self.listener is not None and self.selector is not None
+        evicted = 0
         for _ in range(ACCEPT_BATCH):  # then the master's other work has its turn
+            if len(self.scrapes) >= self.max_clients and evicted >= EVICTIONS_PER_LOOK:
+                # At the cap every accept costs an eviction, and an evicted attacker is
+                # back at once: bounded per look, such churn costs the master a small,
+                # fixed share; the rest wait in the kernel's backlog for the next look.
+                return
             try:
                 conn, peer = self.listener.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -459,6 +467,7 @@ class Exporter:
             self.accepted += 1
             if len(self.scrapes) >= self.max_clients:
                 self._end(self._victim(), "evicted")
+                evicted += 1
             conn.setblocking(False)
             scrape = Scrape(conn, str(peer[0]), now + HEADER_SECONDS)
             self.scrapes[scrape] = None
