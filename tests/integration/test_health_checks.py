@@ -33,7 +33,9 @@ from tests.unit.test_metrics import promtool_check, samples
 
 RULES = "127.0.0.:allow\n:deny\n"
 PROBE_ANSWER = b"29:Dno recipients given (#5.1.3),"
-PLAIN, LOCAL, SILENT = 4, 3, 2  # probes on PORT, probes after LOCAL, LOCAL sending nothing
+# probes on PORT, probes after LOCAL; LOCAL (and v1 UNKNOWN) connections sending nothing:
+# closed at once, or held open until FIRST_BYTE_TIMEOUT
+PLAIN, LOCAL, SILENT = 4, 3, 4
 
 
 @pytest.fixture
@@ -46,7 +48,8 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, Path, int]]:
 
     def start(metrics_port: int) -> Server:
         server = Server(tmp_path, rules=str(tmp_path / "tcp.qmqp.cdb"), prefork=2,
-                        proxy_socket=str(lb), metrics=f"127.0.0.1:{metrics_port}")
+                        proxy_socket=str(lb), metrics=f"127.0.0.1:{metrics_port}",
+                        first_byte_timeout=1)
         try:
             return server.start()
         except AssertionError:
@@ -83,8 +86,13 @@ def test_probes_and_local_connections_are_health_checks(
         assert exchange(server.port, PROBE) == PROBE_ANSWER
     for _ in range(LOCAL):
         assert over_unix(lb, V2_LOCAL + PROBE) == PROBE_ANSWER
-    for _ in range(SILENT):
-        assert over_unix(lb, V2_LOCAL) == b""  # closed: nothing to answer
+    for header in (V2_LOCAL, V2_LOCAL, b"PROXY UNKNOWN\r\n"):
+        assert over_unix(lb, header) == b""  # closed: nothing to answer
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:  # sends nothing more
+        held.settimeout(10)
+        held.connect(str(lb))
+        held.sendall(V2_LOCAL)
+        assert read_reply(held) == b""  # closed after FIRST_BYTE_TIMEOUT
     # not the probe: a client that names a sender but no recipient, and a real message
     no_rcpt = exchange(server.port, request(b"Subject: x\n\nbody\n", b"a@example.org", []))
     assert no_rcpt == PROBE_ANSWER  # the same D, but this one is a session
@@ -120,6 +128,7 @@ def test_probes_and_local_connections_are_health_checks(
     assert len(health) == checks, health
     assert sum('answer="Dno recipients given' in line for line in health) == PLAIN + LOCAL
     assert sum("answer=none" in line for line in health) == SILENT
+    assert sum("FIRST_BYTE_TIMEOUT" in line for line in health) == 1
     assert len(sessions) == 2, sessions
     assert sum('answer="Dno recipients given' in line for line in sessions) == 1
     assert sum('answer="Kok ' in line for line in sessions) == 1
