@@ -41,6 +41,7 @@ class SessionResult(Record):
         "error",
         "facts",
         "fatal",
+        "health",
         "qid",
         "queue",
         "recipients",
@@ -70,6 +71,8 @@ class SessionResult(Record):
         # seconds in the injector making the message durable (None: nothing was queued)
         self.commit_seconds = commit_seconds
         self.verdicts: list[pipeline.StageVerdict] = [] if verdicts is None else verdicts
+        # the request was a health check's probe (protocol.PROBE): not a session
+        self.health = False
 
 
 def _shutdown_write(fd: int) -> None:
@@ -185,10 +188,12 @@ def serve_connection(rfd: int, wfd: int, client: Client, plans: PlanBook,
         _receive_and_inject(source, wfd, client, plan, result, announce)
     except Refused as refusal:
         result.reply = refusal.reply
+        result.health = refusal.probe
         _answer_and_drain(source, wfd, refusal.reply, refusal.unread, config.timeout,
                           announce)
     except BadEnvelope as bad:
         result.reply = bad.reply
+        result.health = bad.probe
         announce()
         write_reply(wfd, bad.reply, config.timeout)
     except EarlyEOF:
@@ -229,6 +234,11 @@ def serve_connection(rfd: int, wfd: int, client: Client, plans: PlanBook,
 
 
 def _log_session(client: Client, result: SessionResult, started: float) -> None:
+    if result.health:  # one short line: a balancer sends one every second or so
+        log.event("health", ip=client.remote_ip, port=client.remote_port or None,
+                  answer=result.reply.line if result.reply else "none",
+                  ms=round((time.monotonic() - started) * 1000, 1))
+        return
     log.event(
         "session",
         ip=client.remote_ip,

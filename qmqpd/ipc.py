@@ -6,8 +6,9 @@ facts; rule env entries are encoded as tcprules stores them (``+NAME=value``, ``
 A done record carries the exiting flag, then optionally the session's outcome: the answer's
 status letter, then optionally its timing (``@S`` or ``@S/C``: whole microseconds from the
 session's start to its answer, and spent making the message durable in the queue), then
-``stage=verdict`` entries (bounded names, at most MAX_STAGES). A record without the timing
-field (as older workers send) decodes with no durations; a malformed one is refused.
+``#health`` when the request was a health check's probe, then ``stage=verdict`` entries
+(bounded names, at most MAX_STAGES). A record without the timing field (as older workers
+send) decodes with no durations; a malformed one is refused.
 Sizes are bounded so neither side can be made to hold more than MAX_RECORD bytes.
 """
 
@@ -52,6 +53,8 @@ _ACTION = re.compile(r"[a-z]{1,16}")
 # "@" cannot start a stage name, so the timing field is never mistaken for a verdict.
 _TIMING = re.compile(r"@([0-9]{1,12})(?:/([0-9]{1,12}))?")
 MAX_MICROSECONDS = 10**12 - 1  # what 12 digits hold: about 11 days
+# Neither a stage name nor a timing can start with "#".
+_HEALTH = "#health"
 
 
 class ChannelError(TemporaryError):
@@ -69,6 +72,8 @@ class Outcome:
     session_seconds: float | None = None
     # seconds spent making the message durable in the queue (None: nothing was queued)
     commit_seconds: float | None = None
+    # the request was a health check's probe: counted as such, not as an answer
+    health: bool = False
 
 
 def valid_stage(name: str, action: str) -> bool:
@@ -171,6 +176,8 @@ def encode_outcome(outcome: Outcome) -> list[bytes]:
         fields.append(timing.encode("ascii"))
     elif outcome.commit_seconds is not None:
         raise ChannelError("a commit time without a session time")
+    if outcome.health:
+        fields.append(_HEALTH.encode("ascii"))
     for name, action in outcome.stages:
         if not valid_stage(name, action):
             raise ChannelError(f"bad stage verdict {name!r}={action!r}")
@@ -192,7 +199,7 @@ def _decode_timing(entry: str) -> tuple[float, float | None]:
 
 
 def decode_outcome(fields: list[bytes]) -> Outcome:
-    if len(fields) > MAX_STAGES + 2:
+    if len(fields) > MAX_STAGES + 3:
         raise ChannelError("too many stages in an outcome")
     try:
         answer, *entries = (f.decode("ascii") for f in fields)
@@ -203,6 +210,9 @@ def decode_outcome(fields: list[bytes]) -> Outcome:
     session = commit = None
     if entries and entries[0].startswith("@"):
         session, commit = _decode_timing(entries.pop(0))
+    health = bool(entries) and entries[0] == _HEALTH
+    if health:
+        entries.pop(0)
     if len(entries) > MAX_STAGES:
         raise ChannelError("too many stages in an outcome")
     stages = []
@@ -211,7 +221,7 @@ def decode_outcome(fields: list[bytes]) -> Outcome:
         if not valid_stage(name, action):
             raise ChannelError(f"bad stage verdict {entry!r}")
         stages.append((name, action))
-    return Outcome(answer, tuple(stages), session, commit)
+    return Outcome(answer, tuple(stages), session, commit, health)
 
 
 def send_done(channel: socket.socket, exiting: bool = False,

@@ -14,6 +14,8 @@ Readiness is one peek at the QMQP length prefix, parsed by the worker's own
 worker reads it whole from the socket.
 Called by: the master (enter, readable, expire, take_ready, shed, close_all).
 Never touches: counters (it returns `Event`s and the master counts), rules or workers.
+A connection whose PROXY header says the balancer speaks for itself (LOCAL) and that
+sends nothing is a health check (HEALTH), not a dropped connection.
 Releases the lease of every connection it closes; `take_ready` passes the lease on.
 """
 
@@ -63,6 +65,7 @@ _HANGUP_MASK = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 # Event results that are not connection counters.
 HEADER_READ = "header"
 SHORT = "short"
+HEALTH = "health"
 SHED_WARNING_INTERVAL = 10.0
 # Stale timer entries are dropped once the heap is this much larger than the lobby.
 TIMER_SLACK = 64
@@ -117,6 +120,7 @@ class Conn:
     total: int = 0  # the request's announced size (0: unknown or refused)
     ready_at: float = 0.0  # when it started WAITING
     linger_left: int = LINGER_BYTES
+    own: bool = False  # PROXY LOCAL: the balancer itself (its health check), no client
 
     @property
     def ip(self) -> str:
@@ -127,7 +131,8 @@ class Conn:
 class Event:
     """What became of a connection, for the master's counters: result is a
     status.CONNECTIONS name, or HEADER_READ (the master then decides on the client the
-    header names: `conn`, `header`, `local`), or SHORT (out of descriptors or memory)."""
+    header names: `conn`, `header`, `local`), SHORT (out of descriptors or memory), or
+    HEALTH (a PROXY LOCAL connection closed without a request)."""
 
     result: str
     ip: str
@@ -223,10 +228,11 @@ class Lobby:
         return self._take_events()
 
     def enter(self, sock: socket.socket, peer: tuple[str, int], lease: Lease, client: Client,
-              min_rate: int, grace: float, now: float) -> list[Event]:
-        """An admitted client: wait for its request (often there already)."""
+              min_rate: int, grace: float, now: float, own: bool = False) -> list[Event]:
+        """An admitted client: wait for its request (often there already); own = its
+        PROXY header was LOCAL."""
         conn = Conn(sock, (lease.ip, int(peer[1])), now, lease=lease, client=client,
-                    min_rate=min_rate, grace=grace)
+                    min_rate=min_rate, grace=grace, own=own)
         self._enter(conn, Phase.FIRST, now + self.first_byte_timeout)
         self._look(conn, now, woken=False)
         if conn.phase in (Phase.FIRST, Phase.REQUEST):
@@ -330,6 +336,9 @@ class Lobby:
         except OSError:  # reset, or anything else: the connection is of no further use
             head = b""
         if not head:
+            if conn.own and conn.phase is Phase.FIRST:
+                self._close(conn, HEALTH, "")  # HAProxy's plain TCP check
+                return
             self._close(conn, "dropped", "closed before sending" if conn.phase is Phase.FIRST
                         else "closed before its request was complete")
             return
@@ -452,7 +461,8 @@ class Lobby:
                 self._close(conn, "proxy_rejected",
                             "no complete PROXY header within PROXY_TIMEOUT")
             elif conn.phase is Phase.FIRST:
-                self._close(conn, "dropped", "nothing sent within FIRST_BYTE_TIMEOUT")
+                self._close(conn, HEALTH if conn.own else "dropped",
+                            "nothing sent within FIRST_BYTE_TIMEOUT")
             elif conn.phase is Phase.REQUEST:
                 self._check_rate(conn, now)
             elif conn.phase is Phase.WAITING:
@@ -559,7 +569,10 @@ class Lobby:
             self.ready -= 1
         self._leave(conn)
         self._release(conn)
-        if result:
+        if result == HEALTH:
+            self.events.append(Event(result, conn.ip))
+            log.event("health", ip=conn.ip, answer="none", reason=reason or None)
+        elif result:
             self.events.append(Event(result, conn.ip))
             log.event("proxy_reject" if result == "proxy_rejected" else "drop",
                       ip=conn.ip, reason=reason)

@@ -37,7 +37,7 @@ from qmqpd import admission, listen, log, metrics, procctl, proxy, status
 from qmqpd.config import Config, problem
 from qmqpd.handoff import Handoff
 from qmqpd.limits import DescriptorBudget, Ledger
-from qmqpd.lobby import HEADER_READ, SHORT, Conn, Event, Lobby
+from qmqpd.lobby import HEADER_READ, HEALTH, SHORT, Conn, Event, Lobby
 from qmqpd.pool import BootFailure, Ended, Pool
 
 ACCEPT_PAUSE = 0.5  # after running out of descriptors or memory, stop accepting this long
@@ -267,8 +267,9 @@ class Master:
             self.accept_paused_until = now + ACCEPT_PAUSE
 
     def _admit(self, sock: socket.socket, peer: tuple, local: tuple | None, now: float,
-               balancer: bool = False) -> None:
-        """local is None for a fresh connection, else the address its PROXY header named."""
+               balancer: bool = False, own: bool = False) -> None:
+        """local is None for a fresh connection, else the address its PROXY header named;
+        own: that header was LOCAL (the balancer itself, e.g. its health check)."""
         assert self.admission is not None
         try:
             if local is None and not self.admission.policy.enabled and not balancer:
@@ -284,7 +285,7 @@ class Master:
                                                 decision.reader, decision.timeout, now), now)
         elif isinstance(decision, admission.Admit):
             self._count(self.lobby.enter(sock, peer, decision.lease, decision.client,
-                                         decision.min_rate, decision.grace, now), now)
+                                         decision.min_rate, decision.grace, now, own), now)
             self._hand_ready(now)
         else:  # turned away (logged by admission): Z over MAXPERIP, else closed
             self.observer.connection(decision.result, decision.ip)
@@ -299,7 +300,10 @@ class Master:
             if event.result == HEADER_READ:
                 assert event.conn is not None and event.header is not None
                 client = self.admission.client_of(event.header, event.conn.peer)
-                self._admit(event.conn.sock, client, event.local, now)
+                self._admit(event.conn.sock, client, event.local, now,
+                            own=event.header.own)
+            elif event.result == HEALTH:
+                self.observer.health_check()
             elif event.result == SHORT:
                 self._shed(now, "cannot watch a connection")
             else:

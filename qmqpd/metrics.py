@@ -39,8 +39,8 @@ low), `size(nofile)` (how many descriptors it keeps), `register()`, `handle(data
 from its `_dispatch` for every selector entry `owns(data)`, `expire(now)` each tick,
 `next_wakeup()` for its select timeout, `close()` in a forked child and at exit; and the
 feed: `refused(ip, reason)` at each per-IP refusal, `observe(session, commit)` with each
-done record (its session and queue-commit times, measured by the worker, feed the
-histograms). It never decides anything for the master.
+done record but a health check's (its session and queue-commit times, measured by the
+worker, feed the histograms). It never decides anything for the master.
 """
 
 from __future__ import annotations
@@ -176,6 +176,10 @@ class MasterCollector:
         for result, count in status.get("connections", {}).items():
             connections.add_metric([result], count)
         yield connections
+        yield CounterMetricFamily(
+            "qmqpd_health_checks", "Health checks: a balancer's probe (an empty request, "
+            "answered D and not counted in qmqpd_answers) or a PROXY LOCAL connection that "
+            "closed without a request", value=status.get("health_checks", 0))
         workers = GaugeMetricFamily("qmqpd_workers", "Worker processes by state",
                                     labels=["state"])
         for state, count in status.get("workers", {}).items():

@@ -44,6 +44,11 @@ _NOT_SEPARATORS = bytes(range(256)).translate(None, b":,")
 _SAFE = frozenset(
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.@%+/=:-[]"
 )
+# A health check's probe: an empty message, an empty sender, no recipients (`6:0:,0:,,`,
+# what packaging/haproxy/qmqpd.cfg sends). No mail client sends it (there is nobody to
+# deliver to), so its answer is counted and logged as a health check, not a session.
+PROBE = b"6:0:,0:,,"
+_PROBE_OUTER = 6
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -54,19 +59,21 @@ class Refused(QmqpdError):
     drained (bounded) after the answer so the client really receives it.
     """
 
-    def __init__(self, reply: Reply, unread: int) -> None:
+    def __init__(self, reply: Reply, unread: int, probe: bool = False) -> None:
         super().__init__(reply.line)
         self.reply = reply
         self.unread = unread
+        self.probe = probe  # the request is a health check's PROBE
         self.exit_code = exit_for_status(reply.status)
 
 
 class BadEnvelope(QmqpdError):
     """The request was read completely but cannot be accepted; answer with ``reply``."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, probe: bool = False) -> None:
         super().__init__(reply.line)
         self.reply = reply
+        self.probe = probe  # the request is a health check's PROBE
         self.exit_code = exit_for_status(reply.status)
 
 
@@ -197,7 +204,8 @@ def read_request(
     """Read one whole request (``max_recipients`` 0 = no limit).
 
     Raises NetstringError (malformed), EarlyEOF, IdleTimeout, Refused (answer now, then
-    drain) or BadEnvelope (answer after a complete read).
+    drain) or BadEnvelope (answer after a complete read); the PROBE is always one of the
+    last two, with `probe` set.
     """
     outer = read_length(source.read_byte, OUTER_PREFIX_MAX)
     budget = Budget(source, outer)
@@ -206,10 +214,12 @@ def read_request(
     length = read_length(budget.read_byte)
     if databytes and length > databytes:
         raise Refused(Reply.named("too_big"), budget.remaining)
+    # An empty message in a 6-byte request leaves room for an empty sender only: the PROBE.
+    probe = outer == _PROBE_OUTER and length == 0
     if before_body is not None:
         refusal = before_body(length)
-        if refusal is not None:
-            raise Refused(refusal, budget.remaining)
+        if refusal is not None:  # a probe answered so: the node cannot take mail
+            raise Refused(refusal, budget.remaining, probe)
     data = _read_body(budget, length, spool_dir)
     try:
         expect_comma(budget.read_byte)
@@ -227,7 +237,7 @@ def read_request(
         raise BadEnvelope(Reply.named("bad_address"))
     if not recipients:
         data.close()
-        raise BadEnvelope(Reply.named("no_recipients"))
+        raise BadEnvelope(Reply.named("no_recipients"), probe)
     return Message(sender=sender, recipients=recipients, data=data, received=received)
 
 

@@ -86,6 +86,12 @@ class ProxyHeader:
     destination: tuple[str, int] | None
     length: int  # bytes of the connection the header takes
 
+    @property
+    def own(self) -> bool:
+        """The proxy speaks for itself, not for a client: v2 LOCAL, v1 UNKNOWN (what
+        HAProxy sends on its health checks' connections with check-send-proxy)."""
+        return self.command == "local" or self.family == "unknown"
+
 
 def parse(buffer: bytes | bytearray | memoryview, mode: str = "any",
           budget: int = DEFAULT_BUDGET) -> ProxyHeader | NeedMore:

@@ -58,6 +58,8 @@ class SessionCounters:
         self.connections = dict.fromkeys(CONNECTIONS, 0)
         self.answers = dict.fromkeys(ANSWERS, 0)
         self.stages: dict[str, dict[str, int]] = {}
+        # a balancer's probes and PROXY LOCAL connections: neither answers nor sessions
+        self.health_checks = 0
 
     def connection(self, what: str) -> None:
         self.connections[what] += 1
@@ -83,6 +85,7 @@ class SessionCounters:
             "connections": dict(self.connections),
             "answers": dict(self.answers),
             "stages": {name: dict(self.stages[name]) for name in sorted(self.stages)},
+            "health_checks": self.health_checks,
         }
 
 
@@ -234,12 +237,20 @@ class Observer:
         if outcome is None:
             self.counters.session_ended(None, ())
             return
+        if outcome.health:  # a probe: its answer and time say nothing about the mail
+            self.health_check()
+            return
         self.counters.session_ended(outcome.answer, outcome.stages)
         if self.feed is not None:
             self.feed.observe(outcome.session_seconds, outcome.commit_seconds)
 
     def worker_died(self) -> None:
         self.counters.worker_died()
+
+    def health_check(self) -> None:
+        """A health check: a probe a worker answered, or a PROXY LOCAL connection that
+        closed without a request."""
+        self.counters.health_checks += 1
 
     def show(self, now: float, listening: Iterable[str], busy: int, idle: int, waiting: int,
              accepting: bool, build: Callable[[], dict[str, Any]]) -> None:
@@ -364,6 +375,7 @@ def render_text(status: dict[str, Any]) -> str:
         f"{connections.get('busy', 0)} answered busy after waiting for a worker, "
         f"{connections.get('gave_way', 0)} too slow while others waited, "
         f"{connections.get('proxy_rejected', 0)} PROXY header rejected")
+    lines.append(f"health checks since start: {status.get('health_checks', 0)}")
     for name, counts in status.get("stages", {}).items():
         lines.append(f"stage {name}: " + _counts(counts, _ACTION_WORDS))
     lines.extend(backlog_lines(status.get("backlog", [])))

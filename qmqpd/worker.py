@@ -49,7 +49,7 @@ def outcome_of(result: SessionResult) -> ipc.Outcome:
     answer = result.reply.status if result.reply is not None else ""
     stages = [(v.stage, v.action) for v in result.verdicts if ipc.valid_stage(*v)]
     return ipc.Outcome(answer, tuple(stages[: ipc.MAX_STAGES]),
-                       result.session_seconds, result.commit_seconds)
+                       result.session_seconds, result.commit_seconds, result.health)
 
 
 class _Reporter:

@@ -37,6 +37,7 @@ import pytest
 
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
+from qmqpd.status import read_status
 from tests.support import (
     PortTaken,
     free_port,
@@ -333,6 +334,20 @@ def test_real_clients_get_their_own_rules_and_limits(tmp_path: Path) -> None:
                            if "event=session" in line and "sender=ops@example.org" in line]
         assert client_sessions and not any(f"ip={BALANCER} " in line
                                            for line in client_sessions)
+        # HAProxy's checks (PROXY LOCAL, then the empty probe, every second) are health
+        # checks: counted and logged as such, never as sessions or D answers.
+        def checked() -> list[dict] | None:
+            found = [read_status(str(node.dir / "status.json")) for node in cluster.nodes]
+            return found if all(s.get("health_checks", 0) >= 2 for s in found) else None
+
+        statuses = wait_until(checked, 30, "health checks counted on every node")
+        assert isinstance(statuses, list)
+        assert sum(s["answers"]["rejected"] for s in statuses) == 1  # 127.0.0.3's big one
+        assert sum(s["connections"]["dropped"] for s in statuses) == 0
+        nodes_log = "".join(node.log() for node in cluster.nodes)
+        assert re.search(r"event=health pid=\d+ ip=127\.0\.0\.1 .*answer=\"Dno recipients",
+                         nodes_log), nodes_log[-2000:]
+        assert not re.search(r"event=session .*ip=127\.0\.0\.1 ", nodes_log)
     finally:
         for sock in held:
             sock.close()

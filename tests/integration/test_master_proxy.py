@@ -104,13 +104,15 @@ def test_the_header_names_the_client(server_factory: Callable[..., Server],  # n
     assert send(server.port, v2("198.51.100.4") + PAYLOAD) == b""
     big = request(b"x" * 500, b"sender@example.org", [b"rcpt@example.org"])
     assert re.fullmatch(rb"\d+:D.*,", send(server.port, v2("198.51.100.5") + big), re.DOTALL)
-    # a health check (LOCAL): served as the balancer itself, an empty envelope gets D
+    # a health check (LOCAL): served as the balancer itself, the empty probe gets D
     assert re.fullmatch(rb"\d+:D.*,", send(server.port, V2_LOCAL + b"6:0:,0:,,"), re.DOTALL)
     log = server.log()
     assert re.search(r"event=session pid=\d+ ip=192\.0\.2\.7 ", log), log
     assert re.search(r"event=session pid=\d+ ip=192\.0\.2\.8 ", log), log
     assert re.search(r"event=deny pid=\d+ ip=198\.51\.100\.4 ", log), log
-    assert re.search(rf"event=session pid=\d+ ip={re.escape(BALANCER)} ", log), log
+    # ... logged as a health check, not as a session
+    assert re.search(rf"event=health pid=\d+ ip={re.escape(BALANCER)} ", log), log
+    assert not re.search(rf"event=session pid=\d+ ip={re.escape(BALANCER)} ", log), log
     received = sorted(path.read_bytes() for path in (server.queue / "mess").rglob("*")
                       if path.is_file())
     assert len(received) == 2

@@ -104,6 +104,34 @@ def test_bad_timings_are_channel_errors(pair: tuple[socket.socket, socket.socket
         ipc.receive(master_end)
 
 
+def test_a_health_check_is_counted_apart(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A probe's done record says so; the observer counts it as a health check, not as
+    an answer, and feeds no session time to the metrics."""
+    master_end, worker_end = pair
+    probe = ipc.Outcome("D", (), session_seconds=0.001, health=True)
+    ipc.send_done(worker_end, outcome=probe)
+    ipc.send_done(worker_end, outcome=ipc.Outcome("D", (), session_seconds=0.001))
+    first, second = (ipc.receive(master_end) for _ in range(2))
+    assert first is not None and first.outcome == probe
+    assert second is not None and second.outcome is not None and not second.outcome.health
+    observed: list[object] = []
+
+    class Feed:
+        def refused(self, ip: str, reason: str) -> None:
+            observed.append((ip, reason))
+
+        def observe(self, session: float | None, commit: float | None) -> None:
+            observed.append(session)
+
+    observer = status.Observer("", lambda _title: None, Feed())
+    observer.session_ended(first.outcome)
+    observer.health_check()  # a PROXY LOCAL connection without a request
+    observer.session_ended(second.outcome)
+    counts = observer.counters.as_dict()
+    assert counts["health_checks"] == 2 and counts["answers"]["rejected"] == 1
+    assert observed == [0.001]  # only the session's time
+
+
 def test_a_commit_time_needs_a_session_time(pair: tuple[socket.socket, socket.socket]) -> None:
     with pytest.raises(ipc.ChannelError):
         ipc.send_done(pair[1], outcome=ipc.Outcome("K", commit_seconds=0.1))
