@@ -74,13 +74,13 @@ from serve_vs_postfix import (  # noqa: E402
     QmqpdTarget,
     RunResult,
     _stop_process,
+    add_load_options,
     fmt,
     free_port,
     load_refusal,
     load_text,
     machine_busy_seconds,
     machine_facts,
-    parse_sessions,
     percentile,
     qmqpd_command,
     run_servers,
@@ -638,27 +638,9 @@ def positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), required=True)
-    parser.add_argument("-m", "--messages", type=int, default=2000,
-                        help="messages per timed run (default 2000)")
-    parser.add_argument("-s", "--sessions", type=parse_sessions, default=[1, 8, 32],
-                        help="session counts, comma separated (default 1,8,32)")
-    parser.add_argument("-l", "--length", type=int, default=2048,
-                        help="message bytes, headers included (default 2048)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="interleaved rounds; the table shows medians (default 3)")
-    parser.add_argument("--warmup", type=int, default=200,
-                        help="untimed messages before each timed run (default 200)")
+    add_load_options(parser, 2000, "side", repeat=3, probe=False)
     parser.add_argument("--check", type=positive, default=5,
                         help="messages per side in the check before the runs (default 5)")
-    parser.add_argument("--qmqpd", help="command that runs qmqpd (default: this python -m qmqpd)")
-    parser.add_argument("--maxdaemons", type=int, default=75)
-    parser.add_argument("--prefork", type=int, default=4)
-    parser.add_argument("--max-load", type=float, default=1.0,
-                        help="refuse to start above this 1-minute load average (default 1.0)")
-    parser.add_argument("--force", action="store_true",
-                        help="run even above --max-load (the figures then say little)")
-    parser.add_argument("--json", type=Path, help="also write all figures here")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
 
 

@@ -1035,18 +1035,21 @@ def check(result: RunResult) -> list[str]:
     return problems
 
 
-def add_load_options(parser: argparse.ArgumentParser, messages: int, unit: str) -> None:
-    """The options every serve bench shares: the load, the qmqpd build, the load gate."""
+def add_load_options(parser: argparse.ArgumentParser, messages: int, unit: str,
+                     repeat: int = 1, probe: bool = True) -> None:
+    """The options every serve bench shares: the load, the qmqpd build, the load gate
+    (and the latency probe's pause where a probe runs beside the load)."""
     parser.add_argument("-m", "--messages", type=int, default=messages)
     parser.add_argument("-s", "--sessions", type=parse_sessions, default=[1, 8, 32],
                         help="session counts, comma separated (default 1,8,32)")
     parser.add_argument("-l", "--length", type=int, default=2048, help="message bytes")
-    parser.add_argument("--repeat", type=int, default=1,
+    parser.add_argument("--repeat", type=int, default=repeat,
                         help=f"timed runs per {unit} and session count; the median is shown")
     parser.add_argument("--warmup", type=int, default=200,
                         help="untimed messages before each timed run (default 200)")
-    parser.add_argument("--probe-pause", type=float, default=0.005,
-                        help="seconds between latency probes (default 0.005)")
+    if probe:
+        parser.add_argument("--probe-pause", type=float, default=0.005,
+                            help="seconds between latency probes (default 0.005)")
     parser.add_argument("--qmqpd", help="command that runs qmqpd (default: this python -m qmqpd)")
     parser.add_argument("--maxdaemons", type=int, default=75)
     parser.add_argument("--prefork", type=int, default=4)

@@ -65,11 +65,13 @@ def feed(chunks: list[bytes], close: bool = True, pause: float = 0.0) -> socket.
 
 def parse(chunks: list[bytes], databytes: int = 0, timeout: float = 5.0, **kw):
     sock = feed(chunks)
-    try:
+    peer = _PEERS.pop()  # read to the end here: the peer can go with it (hypothesis runs
+    try:                 # this hundreds of times; kept, their descriptors pile up)
         source = FdSource(sock.fileno(), timeout, time.monotonic() + 30)
         return read_request(source, databytes, RECEIVED, **kw)
     finally:
         sock.close()
+        peer.close()
 
 
 def test_valid_request_parses() -> None:
