@@ -54,6 +54,7 @@ SCAN_DUTY = 10
 # A session scans a stale queue itself when its last scan took at most this long; a
 # longer scan runs in a scanner child, and the session goes on with the stale summary.
 INLINE_SCAN_SECONDS = 0.05
+FUTURE_SLACK = 0.01  # seconds a summary's scan time may lie ahead of the reader's clock
 
 
 class Backlog(NamedTuple):
@@ -138,7 +139,9 @@ def fresh(backlog: Backlog | None, interval: float, now: float) -> bool:
     """A summary young enough to use as it is (see SCAN_DUTY)."""
     if backlog is None:
         return False
-    return 0 <= now - backlog.scanned < max(interval, SCAN_DUTY * backlog.seconds)
+    # A summary stores its scan time to the millisecond (rounded, so up to 0.5 ms ahead of
+    # the clock that read it); one from further in the future is suspect: scan again.
+    return -FUTURE_SLACK <= now - backlog.scanned < max(interval, SCAN_DUTY * backlog.seconds)
 
 
 # ---- the summary file -------------------------------------------------------------------
