@@ -27,10 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.queue import create_queue, list_messages
+from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
 from tests.clamd import Clamd, eicar
 from tests.dnsstub import DnsStub
+from tests.integration.test_signing_served import queued
 from tests.support import (
     exchange,
     need,
@@ -224,14 +225,6 @@ def stages(venv: Path, tmp_path: Path, clamd: Clamd) -> Iterator[dict[str, str]]
            "QHPSI": "1", "CLAMD_TCP": clamd.tcp, "CONTROLDIR": str(control),
            "DKSIGN": "", "DKIMSIGN": "", "DKIMVERIFY": "", "DNS_SERVERS": dns.address}
     dns.close()
-
-
-def queued(queue: Path) -> list[bytes]:
-    found = []
-    for item in sorted(list_messages(str(queue)), key=lambda m: int(m.id)):
-        qid = int(item.id)
-        found.append((queue / "mess" / str(qid % 23) / str(qid)).read_bytes())
-    return found
 
 
 def answer_of(raw: bytes) -> bytes:
