@@ -118,17 +118,25 @@ def open_rules(cfg: Config) -> RulesWatcher:
         "rules unusable; denying clients", rules=cfg.rules, reason=reason))
 
 
+def proxy_policy(config: Config) -> proxy.Policy:
+    """The PROXY policy, its risks logged: at each start (before binding, so every start
+    warning is out once the server listens) and each reload, loud every time.
+    ValueError: refuse the start or the reload."""
+    policy = proxy.Policy.from_config(config)
+    for warning in policy.warnings():
+        log.warning(warning, setting="PROXY_TRUSTED_UNSAFE")
+    return policy
+
+
 class Admission:
-    def __init__(self, config: Config, plans: Plans, rules: RulesWatcher, ledger: Ledger,
-                 hostname: str) -> None:
+    def __init__(self, config: Config, policy: proxy.Policy, plans: Plans,
+                 rules: RulesWatcher, ledger: Ledger, hostname: str) -> None:
         self.config = config
         self.plans = plans
         self.rules = rules
         self.ledger = ledger
         self.hostname = hostname
-        self.policy = proxy.Policy.from_config(config)  # ValueError: refuse the start
-        for warning in self.policy.warnings():  # each start and reload: loud, every time
-            log.warning(warning, setting="PROXY_TRUSTED_UNSAFE")
+        self.policy = policy
         self.unusable_rules: set[str | None] = set()
 
     def replan_if_changed(self, now: float, planner: Callable[[Config], Plans]) -> None:

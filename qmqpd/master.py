@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-from qmqpd import admission, listen, log, metrics, procctl, proxy, status
+from qmqpd import admission, listen, log, metrics, procctl, status
 from qmqpd.config import Config, problem
 from qmqpd.handoff import Handoff
 from qmqpd.limits import DescriptorBudget, Ledger
@@ -83,7 +83,7 @@ class Master:
 
     def start(self) -> None:
         cfg = self.config
-        proxy.Policy.from_config(cfg)  # ValueError: refuse the start before binding
+        policy = admission.proxy_policy(cfg)  # ValueError: refuse the start before binding
         nofile = procctl.raise_fd_limit()
         # the metrics endpoint's connections come out of the limit before the clients'
         scrapes = self.exporter.size(nofile) if self.exporter is not None else 0
@@ -95,14 +95,13 @@ class Master:
             self.listeners.open(cfg.localip, cfg.port, cfg.maxdaemons, unix)
         except listen.ListenError as error:
             raise problem(error.setting, cfg.source(error.setting), str(error)) from None
-        self.listeners.log(nofile=nofile, client_fds=self.budget.clients)
         if self.exporter is not None:  # before the privilege drop: the port may be low
             self.exporter.open()
             self.exporter.register(self.selector)
         self.observer.writer.prepare(*_owner(cfg))
         procctl.drop_privileges(cfg.user, cfg.group)
         plans = self.planner(cfg)  # as the workers' user: keys, queues, every rule
-        self.admission = admission.Admission(cfg, plans, admission.open_rules(cfg),
+        self.admission = admission.Admission(cfg, policy, plans, admission.open_rules(cfg),
                                              self.ledger, socket.gethostname())
         self._install_signals()
         gc.collect()
@@ -111,6 +110,8 @@ class Master:
         self.handoff = Handoff(self.lobby, self.ledger, self.pool, self.observer)
         self.selector.register(self.pool.fileno(), selectors.EVENT_READ, _WORKERS)
         self.selector.register(self.lobby.hangup.fileno(), selectors.EVENT_READ, _HANGUP)
+        # last: once "listen" is logged, every start warning is out and clients are served
+        self.listeners.log(nofile=nofile, client_fds=self.budget.clients)
 
     def _enter_worker(self, channel: socket.socket, _config: Config) -> None:
         """In a fresh worker: serve with the plans that were current at the fork."""
@@ -344,7 +345,8 @@ class Master:
         try:
             new = self.config_loader()
             plans = self.planner(new)
-            admitting = admission.Admission(new, plans, admission.open_rules(new), self.ledger,
+            admitting = admission.Admission(new, admission.proxy_policy(new), plans,
+                                            admission.open_rules(new), self.ledger,
                                             self.admission.hostname)
         except Exception as error:
             log.error("reload failed; keeping the running config", error=str(error))

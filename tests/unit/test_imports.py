@@ -47,7 +47,6 @@ PENDING: dict[str, set[str]] = {
     "filters.dk": {"filters.keys", "filters.mailstream",  # one header parser for both
                    "filters.signing"},
     "qmqpd.master": {"qmqpd.status", "qmqpd.metrics",  # the counters it exposes
-                     "qmqpd.proxy",  # the PROXY header, read before rules and limits
                      # the master split by ownership (the card's "Next step" table)
                      "qmqpd.admission", "qmqpd.listen", "qmqpd.lobby", "qmqpd.handoff"},
     # the planned backlog row: queue choice and flow control, its gauges, its status lines
