@@ -48,7 +48,8 @@ def run_case(work: Path, control: Path, settings: dict[str, str], args: argparse
              f"prefork = {args.sessions}", f"maxdaemons = {args.sessions * 2}",
              f"maxperip = {args.sessions * 2}",
              f"use_fsync = {'true' if args.fsync else 'false'}",
-             f"use_syncdir = {'true' if args.fsync else 'false'}"]
+             f"use_syncdir = {'true' if args.fsync else 'false'}",
+             f"allow_root = {'true' if os.geteuid() == 0 else 'false'}"]
     lines += [f'{key} = "{value}"' for key, value in settings.items()]
     config.write_text("\n".join(lines) + "\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DK", "QUEUE"))}

@@ -59,7 +59,8 @@ finally:
 def config_text(port: int, queue: Path, rules: Path, sessions: int) -> str:
     return (f'localip = "127.0.0.1"\nport = {port}\nqueuedir = "{queue}"\n'
             f"use_fsync = true\nuse_syncdir = true\nmaxdaemons = {max(8, sessions)}\n"
-            f'prefork = {max(2, sessions)}\nrules = "{rules}"\n')
+            f'prefork = {max(2, sessions)}\nrules = "{rules}"\n'
+            f"allow_root = {'true' if os.geteuid() == 0 else 'false'}\n")
 
 
 def send(port: int, messages: int, sessions: int, length: int) -> None:

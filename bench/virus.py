@@ -66,7 +66,8 @@ def start_serve(tmp: Path, port: int, sessions: int, settings: dict[str, str]) -
     values = {"localip": "127.0.0.1", "port": str(port), "queuedir": str(queue),
               "maxdaemons": str(sessions + 2), "prefork": str(sessions), "maxperip": "0",
               "max_requests": "0",  # no recycling: the workers' CPU time stays readable
-              "status_file": str(tmp / f"status-{port}.json"), **settings}
+              "status_file": str(tmp / f"status-{port}.json"),
+              "allow_root": "1" if os.geteuid() == 0 else "0", **settings}
     config.write_text("".join(f'{key} = "{value}"\n' for key, value in values.items()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QHPSI", "CLAMD"))}
     env["PYTHONPATH"] = str(ROOT)

@@ -27,6 +27,13 @@ from qmqpd.netstring import encode
 BIN = Path(sys.executable).parent
 
 
+def operator_environ(**extra: str) -> dict[str, str]:
+    """The environment a documented command runs in on an operator's machine: this
+    environment without the ALLOW_ROOT that tests/conftest.py adds for the suite's own
+    servers (a bench run with sudo must say so itself)."""
+    return {**{k: v for k, v in os.environ.items() if k != "ALLOW_ROOT"}, **extra}
+
+
 def command(name: str) -> list[str]:
     """The installed console script, or the module when running from a checkout."""
     script = BIN / name

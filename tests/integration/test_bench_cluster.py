@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 
 from tests.integration.test_cluster import PROXY_IN_CLUSTER_TESTS
-from tests.support import needs_postfix, process_gone
+from tests.support import needs_postfix, operator_environ, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "cluster.py"
@@ -55,7 +55,8 @@ def test_small_run_through_one_and_three_nodes(tmp_path: Path) -> None:
         [sys.executable, str(BENCH), "--qmqpd", qmqpd, "--force", "-m", "12", "-s", "1,3",
          "--warmup", "2", "--prefork", "2", "--proxy", "on" if PROXY_IN_CLUSTER_TESTS else "off",
          "--json", str(report)],
-        capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path)
+        capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path,
+        env=operator_environ())
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(report.read_text())
     runs = {(row["target"], row["sessions"]): row for row in data["results"]}

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.support import interrupt_when, needs_postfix, process_gone
+from tests.support import interrupt_when, needs_postfix, operator_environ, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "filter_vs_milter.py"
@@ -137,7 +137,8 @@ def _run(case: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedPr
     result = subprocess.run(
         _command(case, "-m", str(MESSAGES), "-s", ",".join(map(str, SESSIONS)), "--repeat",
                  "2", "--warmup", "5", "--check", "2", "--json", str(report), *extra),
-        capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path)
+        capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path,
+        env=operator_environ())
     assert result.returncode == 0, result.stderr[-3000:]
     return result, json.loads(report.read_text())
 
@@ -207,7 +208,7 @@ def test_interrupt_stops_every_process(tmp_path: Path) -> None:
         process = subprocess.Popen(
             _command("virus", "-m", "200000", "-s", "2", "--warmup", "0", "--check", "1"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-            env={**os.environ, "TMPDIR": str(bench_tmp)})
+            env=operator_environ(TMPDIR=str(bench_tmp)))
         seen, rest = interrupt_when(process, lambda seen: "msg/s" in seen, signal.SIGINT)
         assert process.returncode == 130, rest[-2000:]
         pids = {name: int(pid) for name, pid in re.findall(r"started (\S+) pid (\d+)", seen)}

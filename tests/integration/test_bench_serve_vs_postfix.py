@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import interrupt_when, needs_postfix, process_gone
+from tests.support import interrupt_when, needs_postfix, operator_environ, process_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "serve_vs_postfix.py"
@@ -46,7 +46,8 @@ def test_small_run_measures_all_three_and_stops_them(tmp_path: Path) -> None:
     result = subprocess.run(
         _command("-m", "30", "-s", "1,3", "--warmup", "5", "--sync-messages", "10",
                  "--json", str(report)),
-        capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path)
+        capture_output=True, text=True, timeout=180, check=False, cwd=tmp_path,
+        env=operator_environ())
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(report.read_text())
     runs = {(row["target"], row["sessions"]): row for row in data["results"]}
@@ -89,7 +90,7 @@ def test_interrupt_stops_every_server(tmp_path: Path, bench_tmp: Path) -> None:
         _command("-m", "200000", "-s", "2", "--warmup", "0", "--targets", "qmqpd,postfix",
                  "--sync-messages", "0"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "TMPDIR": str(bench_tmp)})
+        env=operator_environ(TMPDIR=str(bench_tmp)))
     # wait until both servers are up and the first timed run is under way
     seen, rest = interrupt_when(
         process, lambda seen: "postfix" in _started_pids(seen) and "msg/s" in seen,
