@@ -311,7 +311,8 @@ SETTINGS: dict[str, Setting] = {
            "local user could borrow", "master"),
         _s("PROXY_SOCKET_USER", _str, "", "a user name or uid; empty = the starting user",
            "owner of PROXY_SOCKET", "master"),
-        _s("PROXY_SOCKET_GROUP", _str, "", "a group name or gid; empty = unchanged",
+        _s("PROXY_SOCKET_GROUP", _str, "",
+           "a group name or gid; empty = PROXY_SOCKET_USER's primary group, or unchanged",
            "group of PROXY_SOCKET: the balancer's group", "master"),
         _s("PROXY_SOCKET_MODE", _octal_mode, "0660", "octal permissions 0000-0777",
            "permissions of PROXY_SOCKET (the owner and the balancer's group connect)",
@@ -320,7 +321,9 @@ SETTINGS: dict[str, Setting] = {
            "serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9628",
            "master"),
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
-           "idle timeout of each read and write"),
+           "idle timeout of each read and write; under `qmqpd serve` its global value is "
+           "also how long a connection whose request is in waits for a free worker "
+           "before it is answered Zserver busy: no worker free, try again later (#4.3.0)"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",
            "hard limit on one whole session; MIN_RATE ends slow transfers long before it"),
         _s("MIN_RATE", _int_parser(0, 1 << 30), 512, "bytes per second, 0 = no minimum",
@@ -395,9 +398,9 @@ SETTINGS: dict[str, Setting] = {
            "a queue whose oldest todo/ entry is older looks stuck (qmail-send is not taking "
            "its mail): new mail goes to another queue while one has room", "backlog"),
         _s("QUEUE_MAX_TODO", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
-           "answer Zqueue backlog too large (#4.3.1) while the chosen queue has more todo/ "
-           "entries than this (qmail-send is behind); e.g. what its qmail-send takes in a "
-           "few minutes", "backlog"),
+           "answer Zqueue backlog too large, try another server (#4.3.1) while the chosen "
+           "queue has more todo/ entries than this (qmail-send is behind); e.g. what its "
+           "qmail-send takes in a few minutes", "backlog"),
         _s("QUEUE_MAX_TODO_AGE", _int_parser(0, 86400 * 7), 1800,
            "seconds, 0 = no limit",
            "answer Z (as QUEUE_MAX_TODO) while the chosen queue's oldest todo/ entry is "
@@ -629,8 +632,8 @@ def _toml_value(value: Any) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):  # a float as TOML writes it (3.0), not as a string
+        return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
