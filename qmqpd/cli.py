@@ -481,8 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     check_p = with_config(rules_sub.add_parser("check", help="show the rule an IP gets"))
     check_p.add_argument("ip")
     check_p.add_argument("--rules", help="the cdb (default: RULES setting)")
-    check_p.add_argument("--host", default="")
-    check_p.add_argument("--info", default="")
+    check_p.add_argument("--host", default="",
+                         help="the client's host name (TCPREMOTEHOST), for =host rules")
+    check_p.add_argument("--info", default="",
+                         help="the client's ident answer (TCPREMOTEINFO), for info@ rules")
     rules.set_defaults(func=cmd_rules)
 
     queue_p = sub.add_parser("queue", help="create, list or count qmail queues")
