@@ -292,7 +292,7 @@ SETTINGS: dict[str, Setting] = {
         _s("PROXY_TRUSTED", _networks, (), "IP addresses or CIDR prefixes, comma separated",
            "the load balancers allowed to send a PROXY header; needed when PROXY_PROTOCOL "
            "is on", "master"),
-        _s("PROXY_TRUSTED_UNSAFE", _parse_bool, False, "yes or no",
+        _s("PROXY_TRUSTED_UNSAFE", _parse_bool, False, "1/0, yes/no, on/off; empty = off",
            "accept a PROXY_TRUSTED that names loopback addresses (any local user can bind "
            "one and send a header naming any client) or prefixes wider than /8 (IPv4) or "
            "/16 (IPv6); without it such a PROXY_TRUSTED refuses the start, a reload and "
