@@ -394,7 +394,7 @@ SETTINGS: dict[str, Setting] = {
            "fewest todo/ entries (near-equal counts are ties, chosen at random), skipping "
            "queues over a QUEUE_MAX_* limit or stuck (QUEUE_STUCK_AGE) while another has "
            "room; random = any queue under the limits (qmail-multi)", "backlog"),
-        _s("QUEUE_STUCK_AGE", _int_parser(0, 86400 * 7), 120, "seconds, 0 = never avoid",
+        _s("QUEUE_STUCK_AGE", _int_parser(0, 86400 * 7), 120, "seconds 0-604800, 0 = never avoid",
            "a queue whose oldest todo/ entry is older looks stuck (qmail-send is not taking "
            "its mail): new mail goes to another queue while one has room", "backlog"),
         _s("QUEUE_MAX_TODO", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
@@ -402,7 +402,7 @@ SETTINGS: dict[str, Setting] = {
            "queue has more todo/ entries than this (qmail-send is behind); e.g. what its "
            "qmail-send takes in a few minutes", "backlog"),
         _s("QUEUE_MAX_TODO_AGE", _int_parser(0, 86400 * 7), 1800,
-           "seconds, 0 = no limit",
+           "seconds 0-604800, 0 = no limit",
            "answer Z (as QUEUE_MAX_TODO) while the chosen queue's oldest todo/ entry is "
            "older than this: qmail-send is stopped or stuck", "backlog"),
         _s("QUEUE_MAX_MESSAGES", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
