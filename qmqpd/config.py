@@ -449,7 +449,8 @@ SETTINGS: dict[str, Setting] = {
         _s("DKIMKEYS", _str, "dkimkeys", "a path (relative = under CONTROLDIR); empty = none",
            "file of domain:keypath lines overriding DKIMSIGN per domain", "signing"),
         _s("DKIMSIGNOPTIONS", _str, "", "-c r|s|t|u -l -q -t -i identity -x secs|- -z 1|2|3|4",
-           "DKIM signing options as qmail-dkim takes them", "signing"),
+           "DKIM signing options as qmail-dkim takes them; q= and t= are always written, "
+           "so -q and -t change nothing", "signing"),
         _s("DKIMSIGNEXTRA", _optional_str, None, "unset or a key path; % = domain",
            "a second DKIM signature with this key (e.g. Ed25519 beside RSA)", "signing"),
         _s("DKIMSIGNOPTIONSEXTRA", _str, "", "as DKIMSIGNOPTIONS",
@@ -467,7 +468,8 @@ SETTINGS: dict[str, Setting] = {
         _s("DKKEY", _str, "domainkeys/%/default", "a key path; % = domain",
            "key path used when DKSIGN is set but empty", "signing"),
         _s("DKSIGNOPTIONS", _str, "", "-c nofws|simple -h -b N -s keyfile",
-           "DomainKeys signing options as qmail-dk takes them", "signing"),
+           "DomainKeys signing options as qmail-dk takes them; -b is accepted and "
+           "changes nothing", "signing"),
         _s("DKVERIFY", _letters("ABCDEFGHIJKLMabcdefghijklm"), None,
            "unset, or result letters A-M (upper = D, lower = Z)",
            "verify DomainKey signatures, add Authentication-Results, reject listed results",
