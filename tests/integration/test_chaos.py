@@ -40,7 +40,8 @@ from tests.queue_oracle import (
     leftover_writer_pid,
     scan_queue,
 )
-from tests.serve_process import ServeProcess, is_busy_worker, kill_child, title, wait_until
+from tests.serve_process import ServeProcess, is_busy_worker, kill_child, title
+from tests.support import wait_until
 
 SESSIONS = 8
 KILL_EVERY = 0.2

@@ -28,7 +28,8 @@ from qmqpd.rules import compile_rules
 from tests.integration.test_plan import CASES as PLAN_CASES
 from tests.integration.test_plan import World, clean_env, unescaped
 from tests.integration.test_plan import world as world
-from tests.support import command, free_port, stop_process, toml_text, wait_until
+from tests.serve_process import ServeProcess
+from tests.support import command, free_port, toml_text, wait_until
 
 WAIT = 60.0
 SERVICE_USER = "nobody"
@@ -232,50 +233,42 @@ def test_service_cases_get_the_same_verdict(service: Service, case: Case,
     assert_both_refuse(config, expected.format(config=config), env)
 
 
+def served(service: Service, tmp_path: Path, **settings: object) -> ServeProcess:
+    """`qmqpd serve` on the service's world (not started yet; its config is written)."""
+    base = {key: value for key, value in service.base().items() if key != "port"}
+    return ServeProcess(tmp_path, environ=clean_env(), **{**base, **settings})
+
+
 def test_the_good_service_passes_both(service: Service, tmp_path: Path) -> None:
     """The base of the cases is good: check says ok, serve starts as the user."""
-    config = tmp_path / "qmqpd.toml"
-    config.write_text(toml_text({**service.base(), "soft_mem": 1 << 30}))
+    server = served(service, tmp_path, soft_mem=1 << 30)
+    config = server.config_path
     checked = subprocess.run([*command("qmqpd"), "check", "--config", str(config)],
                              env=clean_env(), capture_output=True, text=True, timeout=WAIT)
     assert checked.returncode == 0 and checked.stdout.startswith("ok:"), checked.stderr
-    log = tmp_path / "serve.log"
-    with open(log, "ab") as out:
-        server = subprocess.Popen([*command("qmqpd"), "serve", "--config", str(config)],
-                                  env=clean_env(), stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=out, cwd=tmp_path)
     try:
-        wait_until(lambda: "event=listen" in log.read_text() or server.poll() is not None,
-                   what="serve to listen")
-        assert server.poll() is None, log.read_text()
+        server.start()
         status = service.root / "run" / "status.json"
         wait_until(status.exists, what="the status file")
         info = status.stat()
         assert (info.st_mode & 0o777, info.st_uid) == (0o640, _nobody()[0])
         assert info.st_gid == _nobody()[1]
     finally:
-        stop_process(server)
+        server.stop()
 
 
 def test_clamd_not_answering_is_a_warning_in_both(service: Service, tmp_path: Path) -> None:
-    config = tmp_path / "qmqpd.toml"
     missing = tmp_path / "no-clamd.sock"
-    config.write_text(toml_text({**service.base(), "qhpsi": "1",
-                                 "clamd_socket": str(missing)}))
+    server = served(service, tmp_path, qhpsi="1", clamd_socket=str(missing))
+    config = server.config_path
     checked = subprocess.run([*command("qmqpd"), "check", "--config", str(config)],
                              env=clean_env(), capture_output=True, text=True, timeout=WAIT)
     expected = f"QHPSI (qhpsi) from config file {config}: clamd at {missing} does not answer"
     assert checked.returncode == 0, checked.stderr
     assert f"qmqpd check: warning: {expected}" in checked.stderr
-    log = tmp_path / "serve.log"
-    with open(log, "ab") as out:
-        server = subprocess.Popen([*command("qmqpd"), "serve", "--config", str(config)],
-                                  env=clean_env(), stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=out, cwd=tmp_path)
     try:
-        wait_until(lambda: expected in unescaped(log.read_text()) or server.poll() is not None,
-                   what="the warning in serve's log")
-        assert server.poll() is None, log.read_text()
-        assert "event=warning" in log.read_text()
+        server.start()  # it listens: the warning did not stop it
+        assert expected in unescaped(server.log()), server.log()
+        assert "event=warning" in server.log()
     finally:
-        stop_process(server)
+        server.stop()

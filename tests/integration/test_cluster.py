@@ -19,11 +19,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,17 +33,15 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
 from qmqpd.status import read_status
+from tests.serve_process import ServeProcess
 from tests.support import (
-    PortTaken,
     free_port,
     port_clash,
     read_reply,
     request,
     stop_process,
-    wait_listening,
     wait_until,
 )
 
@@ -67,41 +63,23 @@ RULES = """\
 """
 
 
-@dataclass
-class Node:
+class Node(ServeProcess):
     """One `qmqpd serve` on its own loopback address with its own queue and log."""
 
-    address: str
-    tmp: Path
-    proxy: bool
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.port = free_port(self.address)
-        self.dir = self.tmp / f"node-{self.address}"
-        self.queue = self.dir / "queue"
+    def __init__(self, address: str, tmp: Path, proxy: bool) -> None:
+        self.address = address
+        self.proxy = proxy
+        self.dir = tmp / f"node-{address}"
         self.dir.mkdir()
-        create_queue(str(self.queue))
         (self.dir / "tcp.qmqp").write_text(RULES)
         compile_rules(str(self.dir / "tcp.qmqp"), str(self.dir / "tcp.qmqp.cdb"))
-        self.write_config()
-        self.started = False
-
-    def write_config(self) -> None:
-        settings = {"localip": self.address, "port": self.port, "queuedir": str(self.queue),
-                    "rules": str(self.dir / "tcp.qmqp.cdb"), "use_fsync": "0",
-                    "use_syncdir": "0", "prefork": "3", "maxdaemons": "20",
-                    "status_file": str(self.dir / "status.json")}
-        if self.proxy:  # the balancers on this host reach it through its PROXY_SOCKET
-            settings |= {"proxy_socket": str(self.socket)}
-        # JSON strings are TOML basic strings; ports are integers.
-        (self.dir / "qmqpd.toml").write_text("".join(
-            f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "qmqpd.log"
+        # the balancers on this host reach it through its PROXY_SOCKET
+        through = {"proxy_socket": str(self.socket)} if proxy else {}
+        environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
+                   "ALLOW_ROOT": "1"}  # run as whoever runs the suite, root included
+        super().__init__(self.dir, environ=environ, localip=address,
+                         rules=str(self.dir / "tcp.qmqp.cdb"), use_fsync="0",
+                         use_syncdir="0", prefork="3", maxdaemons="20", **through)
 
     @property
     def socket(self) -> Path:
@@ -112,45 +90,18 @@ class Node:
         """The node as HAProxy's `server` line names it."""
         return f"unix@{self.socket}" if self.proxy else f"{self.address}:{self.port}"
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def start(self) -> Node:
-        """Start (or restart after kill) and wait for the listen event. On the first start a
-        port another process took since free_port chose it means a fresh port."""
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT),
-               "ALLOW_ROOT": "1"}  # run as whoever runs the suite, root included
-        for _attempt in range(10):
-            mark = len(self.log())
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "qmqpd", "serve", "--config",
-                     str(self.dir / "qmqpd.toml")], stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=log, env=env, cwd=self.dir)
-            try:
-                wait_listening(self.proc, lambda mark=mark: self.log()[mark:])
-            except PortTaken:
-                if self.started:
-                    raise
-                self.port = free_port(self.address)
-                self.write_config()
-                continue
-            self.started = True
-            return self
-        raise AssertionError(f"node {self.address}: its port was taken 10 times in a row")
-
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.kill_master()
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
+    def stop(self, seconds: float = 30) -> int | None:
+        status = super().stop(seconds)
+        self.reap_orphans(10)  # workers a kill left behind end with their session
+        return status
 
     def queued_ids(self) -> set[str]:
         """The X-Test-Id of every message in this node's queue."""
         found = set()
+        assert self.queue is not None
         for path in (self.queue / "mess").rglob("*"):
             if path.is_file():
                 match = re.search(rb"X-Test-Id: (\S+)", path.read_bytes())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -24,16 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.config import SETTINGS
 from qmqpd.netstring import encode
 from qmqpd.queue import create_queue, list_messages
+from tests.serve_process import ServeProcess
 from tests.support import (
     command,
     read_reply,
     request,
-    start_on_free_port,
-    toml_text,
-    wait_listening,
     wait_until,
 )
 
@@ -42,76 +38,17 @@ MESSAGE = b"Subject: test\n\nhello\n"
 MIB = 1 << 20
 
 
-def child_titles(pid: int) -> list[str]:
-    titles = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) != pid:
-                    continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                titles.append(cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError, IndexError):
-            continue
-    return titles
-
-
-class Serve:
-    """`qmqpd serve --config FILE` with its own queue, log and port; stopped by PID."""
-
-    def __init__(self, tmp: Path, **settings: object) -> None:
-        self.queue = tmp / "queue"
-        create_queue(str(self.queue))
-        self.log_path = tmp / "serve.log"
-        config = tmp / "qmqpd.toml"
-        env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-        env["PYTHONPATH"] = str(ROOT)
-        env["ALLOW_ROOT"] = "1"  # served as whoever runs the suite, root included
-
-        def start(port: int) -> subprocess.Popen[bytes]:
-            self.port = port
-            config.write_text(toml_text({
-                "port": port, "queuedir": str(self.queue), "use_fsync": False,
-                "use_syncdir": False, "status_file": str(tmp / "status.json"), **settings}))
-            mark = len(self.log())
-            with open(self.log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "qmqpd", "serve", "--config", str(config)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=tmp)
-            wait_listening(proc, lambda: self.log()[mark:])
-            return proc
-
-        self.proc = start_on_free_port(start)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def titled(self, word: str) -> int:
-        return sum(word in title for title in child_titles(self.proc.pid))
-
-    def queued(self) -> int:
-        return sum(1 for _ in list_messages(str(self.queue)))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
-    started: list[Serve] = []
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start `qmqpd serve` with its own queue (tmp/queue), log and port, no fsync; every
+    one started is stopped by PID at the end."""
+    started: list[ServeProcess] = []
 
-    def start(**settings: object) -> Serve:
-        server = Serve(tmp_path, **settings)
+    def start(**settings: object) -> ServeProcess:
+        server = ServeProcess(tmp_path, name="serve", use_fsync=False, use_syncdir=False,
+                              **settings)
         started.append(server)
-        return server
+        return server.start()
 
     yield start
     for server in started:
@@ -173,7 +110,7 @@ def watch_answers(senders: list[SlowSender], stop: threading.Event) -> None:
 GRACE = 4  # RATE_GRACE for this test: short so the test stays fast; the default is 20
 
 
-def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) -> None:
+def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., ServeProcess]) -> None:
     """75 clients at 1 byte/s from 3 IPs (MAXDAEMONS 75, MAXPERIP 25) wait in the master
     without a worker (it hands a connection over only once its request is in the socket),
     so a client from a 4th IP is answered K at once; the master cuts them with the rate
@@ -181,7 +118,7 @@ def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) ->
     held every worker until the rate rule cut them; without the rule (MIN_RATE 0) for
     SESSION_TIMEOUT (3600 s)."""
     server = serve(maxdaemons=75, maxperip=25, prefork=4, rate_grace=GRACE, min_rate=512)
-    wait_until(lambda: server.titled("worker idle") == 4, seconds=60, what="4 idle workers")
+    wait_until(lambda: len(server.titled("worker idle")) == 4, seconds=60, what="4 idle workers")
     payload = request(b"x" * 5000, b"slow@example.org", [b"rcpt@example.org"])
     senders: list[SlowSender] = []
     stop = threading.Event()
@@ -199,7 +136,7 @@ def test_slow_senders_do_not_deny_a_fresh_client(serve: Callable[..., Serve]) ->
             thread.start()
         wait_until(lambda: all(sender.sent >= 2 for sender in senders), seconds=GRACE,
                    what="75 slow senders under way")
-        assert server.titled(" receiving") == 0
+        assert not server.titled(" receiving")
         first_slow = min(sender.started for sender in senders)
 
         asked = time.monotonic()
@@ -247,7 +184,7 @@ def slow_then_fast(port: int, source: str, payload: bytes, slow_seconds: float) 
         return read_reply(sock)
 
 
-def test_min_rate_from_a_rule(serve: Callable[..., Serve], tmp_path: Path) -> None:
+def test_min_rate_from_a_rule(serve: Callable[..., ServeProcess], tmp_path: Path) -> None:
     """A rule can exempt a known slow relay; everyone else is held to MIN_RATE."""
     rules = tmp_path / "rules.txt"
     rules.write_text('127.0.0.2:allow,MIN_RATE="0"\n:allow\n')
@@ -342,7 +279,7 @@ def test_16_mib_envelope_of_one_byte_recipients(queue: Path, limit: str) -> None
         assert len(queued) == 1
 
 
-def test_maxrecipients_from_a_rule(serve: Callable[..., Serve], tmp_path: Path) -> None:
+def test_maxrecipients_from_a_rule(serve: Callable[..., ServeProcess], tmp_path: Path) -> None:
     rules = tmp_path / "rules.txt"
     rules.write_text('127.0.0.2:allow,MAXRECIPIENTS="3"\n127.0.0.3:allow,MAXRECIPIENTS="0"\n'
                      ":allow\n")

@@ -21,14 +21,12 @@ from pathlib import Path
 import pytest
 
 from qmqpd.lobby import HANDOFF_BYTES
-from qmqpd.queue import create_queue, list_messages
+from tests.serve_process import ServeProcess
 from tests.support import (
     free_port,
-    port_clash,
     process_title,
     read_reply,
     request,
-    toml_text,
     wait_until,
 )
 
@@ -37,123 +35,13 @@ TOO_MANY = b"43:Ztoo many connections from your IP (#4.3.2),"
 MESSAGE = b"Subject: test\n\nhello\n"
 
 
-def children(pid: int) -> dict[int, str]:
-    """pid -> process title of every child of pid."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            if ppid != pid:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                title = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        found[int(entry)] = title
-    return found
-
-
-class Server:
-    """One `qmqpd serve --config FILE` process with its own queue and log."""
+class Server(ServeProcess):
+    """One `qmqpd serve --config FILE` with its own queue and log (tmp/queue, made if
+    missing), 2 prefork workers and no fsync unless the test says otherwise."""
 
     def __init__(self, tmp: Path, **settings: object) -> None:
-        self.tmp = tmp
-        # a dual-stack listener needs a port free on every address, v4 and v6
-        self.probe_host = "::" if settings.get("localip") == "::" else "127.0.0.1"
-        self.port = free_port(self.probe_host)
-        self.queue = tmp / "queue"
-        if not self.queue.exists():
-            create_queue(str(self.queue))
-        self.config_path = tmp / "qmqpd.toml"
-        self.log_path = tmp / "qmqpd.log"
-        base: dict[str, object] = {"port": self.port, "queuedir": str(self.queue),
-                                   "use_fsync": False, "use_syncdir": False, "prefork": 2,
-                                   "status_file": str(tmp / "status.json")}
-        base.update(settings)
-        self.settings = base
-        self.write_config(base)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def write_config(self, settings: dict[str, object]) -> None:
-        self.config_path.write_text(toml_text(settings))
-
-    def start(self, argv: list[str] | None = None) -> Server:
-        """Start and wait for the listen event. A port taken by another process since
-        free_port chose it (the machine is shared) means a fresh port, not a failure."""
-        for _attempt in range(10):
-            mark = len(self.log())
-            try:
-                return self._start(argv)
-            except AssertionError:
-                if not port_clash(self.log()[mark:]):
-                    raise
-                self.port = free_port(self.probe_host)
-                self.settings["port"] = self.port
-                self.write_config(self.settings)
-        raise AssertionError(f"the port was taken 10 times in a row:\n{self.log()[-2000:]}")
-
-    def _start(self, argv: list[str] | None) -> Server:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the process keeps it
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        for name in ("MAXPERIP", "MAXDAEMONS", "RULES", "SOFT_MEM", "PREFORK", "PORT"):
-            env.pop(name, None)
-        self.proc = subprocess.Popen(
-            argv or [sys.executable, "-m", "qmqpd", "serve", "--config", str(self.config_path)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.tmp)
-        log.close()
-        wait_until(lambda: "event=listen" in self.log() or self.proc.poll() is not None,
-                   what="the listen event")
-        assert self.proc.poll() is None, self.log()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def workers(self) -> dict[int, str]:
-        return children(self.pid)
-
-    def titled(self, word: str) -> dict[int, str]:
-        return {pid: t for pid, t in self.workers().items() if word in t}
-
-    def wait_idle(self, count: int) -> dict[int, str]:
-        return wait_until(lambda: len(self.titled("worker idle")) >= count and
-                          self.titled("worker idle"), what=f"{count} idle workers")  # type: ignore[return-value]
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, seconds: float = 15) -> int:
-        assert self.proc is not None
-        return self.proc.wait(seconds)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        workers = list(self.workers())
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        for pid in workers:  # stragglers only: a pid still titled as our worker
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                    if cmdline.read().startswith(b"qmqpd: worker"):
-                        os.kill(pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-
-    def queued(self) -> int:
-        return sum(1 for _ in list_messages(str(self.queue)))
+        super().__init__(tmp, **{"use_fsync": False, "use_syncdir": False, "prefork": 2,
+                                 **settings})
 
 
 @pytest.fixture
@@ -508,7 +396,7 @@ def test_worker_that_cannot_boot_stops_master(server_factory: Callable[..., Serv
     server = server_factory(prefork=2)
     launcher = tmp_path / "launch.py"
     launcher.write_text(BROKEN_LAUNCHER)
-    server.start([sys.executable, str(launcher), str(server.config_path)])
+    server.spawn([sys.executable, str(launcher), str(server.config_path)])
     assert server.wait(20) == 111
     log = server.log()
     assert "worker cannot boot" in log

@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 import resource
 import selectors
-import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,9 +65,7 @@ def serve(factory: Callable[..., Server], nofile: int = 0, **settings: object) -
 
 def limited(server: Server, nofile: int) -> list[str]:
     """The server's command line under `ulimit -n nofile` (exec keeps the PID)."""
-    command = shlex.join([sys.executable, "-m", "qmqpd", "serve", "--config",
-                          str(server.config_path)])
-    return ["/bin/sh", "-c", f"ulimit -n {nofile} && exec {command}"]
+    return ["/bin/sh", "-c", f'ulimit -n {nofile} && exec "$@"', "sh", *server.argv()]
 
 
 def open_idle(port: int, sources: list[str], seconds: float = 15) -> list[socket.socket]:

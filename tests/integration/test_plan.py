@@ -26,15 +26,12 @@ import pytest
 from qmqpd.filters import keys
 from qmqpd.queue import create_queue
 from qmqpd.rules import compile_rules
+from tests.serve_process import ServeProcess
 from tests.support import (
-    PortTaken,
     command,
     exchange,
     free_port,
-    port_clash,
     request,
-    start_on_free_port,
-    stop_process,
     toml_text,
     wait_until,
 )
@@ -295,51 +292,33 @@ def test_config_command_warns_with_the_same_problems(world: World, tmp_path: Pat
 
 # ---- the same cases on HUP: the running configuration stays --------------------------------
 
-class Running:
+class Running(ServeProcess):
     """One `qmqpd serve` whose config file the test rewrites before each HUP."""
 
     def __init__(self, world: World, tmp: Path, **settings: object) -> None:
-        self.config = tmp / "running.toml"
-        self.log_path = tmp / "running.log"
-
-        def start(port: int) -> subprocess.Popen[bytes]:
-            self.good = {**world.base(), **settings, "port": port}
-            self.port = port
-            self.config.write_text(toml_text(self.good))
-            mark = len(self.log())
-            with open(self.log_path, "ab") as log:
-                proc = subprocess.Popen(
-                    [*command("qmqpd"), "serve", "--config", str(self.config)],
-                    env=clean_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp)
-            wait_until(lambda: "event=listen" in self.log()[mark:] or proc.poll() is not None,
-                       what="the listen event")
-            if proc.poll() is not None:
-                if port_clash(self.log()[mark:]):
-                    raise PortTaken(self.log()[mark:])
-                raise AssertionError(self.log())
-            return proc
-
-        self.proc = start_on_free_port(start)
+        base = {key: value for key, value in world.base().items() if key != "port"}
+        super().__init__(tmp, name="running", environ=clean_env(), **{**base, **settings})
+        self.start()
         # Served once (an empty request: D, nothing queued): the master's loop runs and
         # handles HUP; a HUP before that would end it (SIGHUP's default action).
         wait_until(lambda: b":D" in exchange(self.port, b"6:0:,0:,,")[:6],
                    what="the first answer", explain=self.log)
 
+    @property
+    def config(self) -> Path:
+        assert self.config_path is not None
+        return self.config_path
+
     def log(self) -> str:
-        if not self.log_path.exists():
-            return ""
-        return unescaped(self.log_path.read_text(errors="replace"))
+        return unescaped(super().log())
 
     def hup_with(self, settings: dict[str, object]) -> str:
         """Write settings over the good ones, HUP, return the reload's log line."""
         before = self.log().count("event=error")
-        self.config.write_text(toml_text({**self.good, **settings}))
-        self.proc.send_signal(signal.SIGHUP)
+        self.config.write_text(toml_text({**self.settings, **settings}))
+        self.signal(signal.SIGHUP)
         wait_until(lambda: self.log().count("event=error") > before, what="the reload's error")
         return [line for line in self.log().splitlines() if "event=error" in line][-1]
-
-    def stop(self) -> None:
-        stop_process(self.proc)
 
 
 @pytest.fixture(scope="module")

@@ -108,19 +108,17 @@ def test_envelope_bytes_are_escaped(tmp_path: Path) -> None:
 def test_subcommands_share_serve_s_defaults(tmp_path: Path) -> None:
     """After the quick start (`qmqpd serve` with nothing configured), `config`, `queue
     list`, `queue stat` and `status` with no arguments look where serve put things."""
-    import signal
+    from tests.serve_process import ServeProcess
+    from tests.support import wait_until
 
-    from tests.support import stop_process, wait_until
-
-    log = tmp_path / "serve.log"
-    env = {**os.environ, "PORT": "0"}  # the embedded 6280 may be taken on a shared host
-    with open(log, "ab") as out:
-        server = subprocess.Popen([*command("qmqpd"), "serve"], cwd=tmp_path, env=env,
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    # no config file, no queue or status file named: the embedded defaults, but PORT
+    # from the environment (the embedded 6280 may be taken on a shared host)
+    server = ServeProcess(tmp_path, name="serve", config_file=False, port=0, queuedir=None,
+                          status_file=None)
     try:
-        wait_until(lambda: (tmp_path / "var" / "status.json").exists()
-                   or server.poll() is not None, what="serve's status file")
-        assert server.poll() is None, log.read_text()
+        server.start()
+        wait_until(lambda: (tmp_path / "var" / "status.json").exists(),
+                   what="serve's status file")
         shown = qmqpd("config", cwd=tmp_path)
         assert "QUEUEDIR='./var/queue'  # embedded defaults" in shown.stdout
         assert "STATUS_FILE='./var/status.json'  # embedded defaults" in shown.stdout
@@ -132,7 +130,7 @@ def test_subcommands_share_serve_s_defaults(tmp_path: Path) -> None:
         status = qmqpd("status", cwd=tmp_path)
         assert status.returncode == 0 and f"pid {server.pid}, running" in status.stdout
     finally:
-        stop_process(server, signal.SIGTERM)
+        server.stop()
 
 
 def test_version_is_the_package_s() -> None:

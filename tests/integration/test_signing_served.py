@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +24,11 @@ from qmqpd.filters import dk, keys
 from qmqpd.filters import dkim as fdkim
 from qmqpd.queue import list_messages
 from tests.dnsstub import DnsStub, opendkim_in_namespace
+from tests.serve_process import ServeProcess
 from tests.support import (
     exchange,
     need,
     request,
-    start_on_free_port,
-    stop_process,
-    wait_listening,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -375,29 +372,14 @@ def test_rule_env_signs_for_one_client_only(tmp_path: Path, queue: Path, control
     with open(rules_text, "rb") as text:
         subprocess.run([need("tcprules"), str(rules_cdb), str(tmp_path / "rules.tmp")],
                        stdin=text, check=True, timeout=30)
-    config = tmp_path / "qmqpd.toml"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DK", "DKIM"))}
-    env["PYTHONPATH"] = str(ROOT)
-    log_path = tmp_path / "serve.log"
-
-    def start(port: int) -> tuple[subprocess.Popen[bytes], int]:
-        config.write_text(f'port = {port}\nqueuedir = "{queue}"\ncontroldir = "{control}"\n'
-                          f'rules = "{rules_cdb}"\nuse_fsync = false\nuse_syncdir = false\n'
-                          "prefork = 2\n")
-        with open(log_path, "ab") as log:
-            mark = log.tell()
-            proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config",
-                                     str(config)], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, env=env, cwd=tmp_path)
-        wait_listening(proc, lambda: log_path.read_bytes()[mark:].decode(errors="replace"))
-        return proc, port
-
-    proc, port = start_on_free_port(start)
+    server = ServeProcess(tmp_path, queue, name="serve", controldir=str(control),
+                          rules=str(rules_cdb), use_fsync=False, use_syncdir=False,
+                          prefork=2, status_file=None).start()
     try:
-        assert send(port, source="127.0.0.2").startswith(b"K")
-        assert send(port, source="127.0.0.1").startswith(b"K")
+        assert send(server.port, source="127.0.0.2").startswith(b"K")
+        assert send(server.port, source="127.0.0.1").startswith(b"K")
     finally:
-        stop_process(proc)
+        server.stop()
     # queue ids are inode numbers: their order is not the order of arrival
     first, second = sorted(queued(queue), key=lambda m: b"from unknown (127.0.0.1)" in m)
     assert first.startswith(b"DKIM-Signature: ")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -25,14 +23,12 @@ from qmqpd.filters import virus
 from qmqpd.message import Message, MessageData
 from qmqpd.queue import list_messages
 from tests.clamd import SIGNATURE, Clamd, eicar
+from tests.serve_process import ServeProcess
 from tests.support import (
     TcpServerSession,
     exchange,
     need,
     request,
-    start_on_free_port,
-    stop_process,
-    wait_listening,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,36 +98,13 @@ def own_clamd(tmp_path: Path) -> Iterator[Clamd]:
     daemon.stop()
 
 
-class Serve:
+class Serve(ServeProcess):
     """`qmqpd serve --config FILE` with settings as TOML strings (every setting parses text)."""
 
     def __init__(self, tmp: Path, queue: Path, settings: dict[str, str]) -> None:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("QHPSI", "CLAMD", "REJECTVIRUS", "VIRUSFORWARD"))}
-        env["PYTHONPATH"] = str(ROOT)
-
-        def start(port: int) -> subprocess.Popen[bytes]:
-            self.port = port
-            self.log_path = tmp / f"serve-{port}.log"
-            config = tmp / f"qmqpd-{port}.toml"
-            base = {"PORT": str(port), "QUEUEDIR": str(queue), "USE_FSYNC": "0",
-                    "USE_SYNCDIR": "0", "PREFORK": "2", "STATUS_FILE": str(tmp / "status.json"),
-                    **settings}
-            config.write_text("".join(f'{k.lower()} = "{v}"\n' for k, v in base.items()))
-            with open(self.log_path, "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config",
-                                         str(config)], stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=log, env=env, cwd=tmp)
-            wait_listening(proc, self.log, seconds=20)
-            return proc
-
-        self.proc = start_on_free_port(start)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        stop_process(self.proc)
+        super().__init__(tmp, queue, name=f"serve-{next(_counter)}", use_fsync="0",
+                         use_syncdir="0", prefork="2", **settings)
+        self.start(seconds=20)
 
 
 class Session:

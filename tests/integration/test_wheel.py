@@ -32,6 +32,7 @@ from qmqpd.rules import compile_rules
 from tests.clamd import Clamd, eicar
 from tests.dnsstub import DnsStub
 from tests.integration.test_signing_served import queued
+from tests.serve_process import ServeProcess
 from tests.support import (
     exchange,
     need,
@@ -242,30 +243,19 @@ def mail_dkim(message: bytes, records: Path) -> list[str]:
     return checked.stdout.decode().splitlines()
 
 
-def start_serve(venv: Path, tmp_path: Path, env: dict[str, str]) -> tuple[
-        subprocess.Popen[bytes], int]:
-    log_path = tmp_path / "serve.log"
-
-    def start(port: int) -> tuple[subprocess.Popen[bytes], int]:
-        mark = log_path.stat().st_size if log_path.exists() else 0
-        with open(log_path, "ab") as log:
-            server = subprocess.Popen(
-                [str(venv / "bin" / "qmqpd"), "serve"], cwd=tmp_path,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=clean_env(PORT=str(port), LOCALIP="127.0.0.1", PREFORK="1",
-                              STATUS_FILE=str(tmp_path / "status.json"), **env))
-
-        wait_listening(server, lambda: log_path.read_bytes()[mark:].decode(errors="replace"),
-                       seconds=60)
-        return server, port
-
-    return start_on_free_port(start)
+def start_serve(venv: Path, tmp_path: Path, stages: dict[str, str]) -> ServeProcess:
+    """The venv's `qmqpd serve` without a config file: every setting from the environment."""
+    return ServeProcess(tmp_path, name="serve", qmqpd=[str(venv / "bin" / "qmqpd")],
+                        config_file=False, environ=clean_env(), localip="127.0.0.1",
+                        prefork="1", status_file=str(tmp_path / "status.json"),
+                        **stages).start(seconds=60)
 
 
 def test_serve_with_every_stage_signs_what_mail_dkim_verifies(
         venv: Path, tmp_path: Path, stages: dict[str, str]) -> None:
     queue = Path(stages["QUEUEDIR"])
-    server, port = start_serve(venv, tmp_path, stages)
+    server = start_serve(venv, tmp_path, stages)
+    port = server.port
     try:
         servers = tmp_path / "qmqpservers"
         servers.write_text(f"127.0.0.1:{port}\n")
@@ -282,8 +272,8 @@ def test_serve_with_every_stage_signs_what_mail_dkim_verifies(
                                        b"joe@example.org", [b"rcpt@example.net"]))
         assert answer_of(virus).startswith(b"D"), virus
     finally:
-        stop_process(server)
-    assert server.returncode == 0, (tmp_path / "serve.log").read_text()
+        status = server.stop()
+    assert status == 0, server.log()
     first, second = queued(queue)
     assert b"\nX-QHPSI: clean\n" in first
     assert b"\nDomainKey-Signature: " in first or first.startswith(b"DomainKey-Signature: ")
