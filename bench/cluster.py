@@ -47,15 +47,13 @@ from serve_vs_postfix import (
     RunResult,
     Target,
     _stop_process,
-    add_load_options,
+    bench_main,
+    bench_options,
     fmt,
-    load_refusal,
     load_text,
     machine_facts,
     measure,
-    qmqpd_command,
     report,
-    run_servers,
     summarise_runs,
     tree_cpu_seconds,
     wait_for_port,
@@ -108,11 +106,7 @@ class Node(QmqpdTarget):
         # run's sessions plus one health check from each balancer
         super().__init__(root, command, maxdaemons, prefork, max_sessions + 2, extra)
         self.name = f"node{number}"
-        self.dir = root / self.name
-        self.queue = self.dir / "queue"
-        self.log = self.dir / "qmqpd.log"
-        self.config = self.dir / "qmqpd.toml"
-        self.rules = self.dir / "tcp.qmqp.cdb"
+        self.dir = root / self.name  # its queue, rules, config and log
 
 
 class Direct(Target):
@@ -247,20 +241,17 @@ def parse_targets(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_load_options(parser, 5_000, "path")
+    parser = bench_options(__doc__, 5_000, "path")
     parser.add_argument("--targets", type=parse_targets, default=list(TARGETS),
                         help="which of direct,one,three to measure (default all)")
     parser.add_argument("--proxy", choices=("on", "off"), default="on",
                         help="HAProxy sends PROXY v2 and the nodes read it (default on)")
-    parser.add_argument("--qmqpd-setting", action="append", default=[], metavar="LINE",
-                        help='a setting for every node as TOML, e.g. "use_syncdir = false"')
     return parser
 
 
 def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
     proxy = args.proxy == "on"
-    command = qmqpd_command(args.qmqpd)
+    command = args.qmqpd
     most = max(args.sessions)
     nodes = [Node(root, n, command, args.maxdaemons, args.prefork, most,
                   [*node_settings(proxy), *args.qmqpd_setting])
@@ -306,15 +297,17 @@ def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> in
         "machine": facts, "load_after": load_after, "accepted_per_node": per_node})
 
 
+def missing_tools(_args: argparse.Namespace) -> str | None:
+    """Why this bench cannot run here (None: it can)."""
+    for tool, package in ((HAPROXY, "haproxy"), (QMQP_SOURCE, "postfix")):
+        if not os.access(tool, os.X_OK):
+            return f"{tool} not found (Debian package {package})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if load_refusal(os.getloadavg()[0], args.max_load, args.force) is None:
-        for tool, package in ((HAPROXY, "haproxy"), (QMQP_SOURCE, "postfix")):
-            if not os.access(tool, os.X_OK):
-                print(f"cluster: {tool} not found (Debian package {package})",
-                      file=sys.stderr)
-                return 111
-    return run_servers("cluster", args, run, "qmqpd-cluster-bench-")
+    return bench_main("cluster", build_parser(), argv, missing_tools, run,
+                      "qmqpd-cluster-bench-")
 
 
 if __name__ == "__main__":

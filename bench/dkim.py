@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,14 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent]
 sys.path.insert(0, str(ROOT))
 
-from bench.benchlib import QMQP_SOURCE, free_port, qmqp_source, stop_process, wait_for_port  # noqa: E402
+from bench.benchlib import QMQP_SOURCE, BenchError, qmqp_source, start_qmqpd  # noqa: E402
 from qmqpd.filters import keys  # noqa: E402
 from qmqpd.queue import create_queue  # noqa: E402
-
-# `qmqpd serve` with the stage modules loaded in the master before it forks (what the
-# serve command does once it calls filters.pipeline.preload itself).
-SERVE = ("import sys; from qmqpd.filters import pipeline; pipeline.preload(); "
-         "from qmqpd.cli import main; sys.exit(main(['serve', '--config', sys.argv[1]]))")
 
 
 def run_case(work: Path, control: Path, settings: dict[str, str], args: argparse.Namespace
@@ -42,33 +36,22 @@ def run_case(work: Path, control: Path, settings: dict[str, str], args: argparse
     """(msgs/s, messages queued) for one server configuration."""
     queue = work / f"queue{time.monotonic_ns()}"
     create_queue(str(queue))
-    port = free_port()
-    config = work / "qmqpd.toml"
-    lines = [f"port = {port}", f'queuedir = "{queue}"', f'controldir = "{control}"',
-             f"prefork = {args.sessions}", f"maxdaemons = {args.sessions * 2}",
-             f"maxperip = {args.sessions * 2}",
-             f"use_fsync = {'true' if args.fsync else 'false'}",
-             f"use_syncdir = {'true' if args.fsync else 'false'}",
-             f"allow_root = {'true' if os.geteuid() == 0 else 'false'}"]
-    lines += [f'{key} = "{value}"' for key, value in settings.items()]
-    config.write_text("\n".join(lines) + "\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DK", "QUEUE"))}
-    env["PYTHONPATH"] = str(ROOT)
-    with open(work / "serve.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-c", SERVE, str(config)], stdout=log,
-                                stderr=log, env=env, stdin=subprocess.DEVNULL)
+    # `qmqpd serve` loads the stage modules in the master before it forks
+    server = start_qmqpd(work, name="serve", queuedir=str(queue), controldir=str(control),
+                         prefork=args.sessions, maxdaemons=args.sessions * 2,
+                         maxperip=args.sessions * 2, use_fsync=args.fsync,
+                         use_syncdir=args.fsync, **settings)
     try:
-        wait_for_port(port, proc)
-        load(port, args, warmup(args))  # every worker has loaded its key
+        load(server.port, args, warmup(args))  # every worker has loaded its key
         started = time.monotonic()
-        load(port, args, args.messages)
+        load(server.port, args, args.messages)
         elapsed = time.monotonic() - started
     finally:
-        stop_process(proc)
+        server.stop()
     queued = len(os.listdir(queue / "todo"))
     shutil.rmtree(queue)
     if args.keep_log:
-        shutil.copy(work / "serve.log", args.keep_log)
+        shutil.copy(server.log_path, args.keep_log)
     return args.messages / elapsed, queued
 
 
@@ -140,7 +123,11 @@ def main() -> int:
         rates: dict[str, list[float]] = {name: [] for name, _ in cases}
         for _ in range(args.rounds):
             for name, settings in cases:
-                rate, queued = run_case(work, control, settings, args)
+                try:
+                    rate, queued = run_case(work, control, settings, args)
+                except BenchError as error:
+                    print(f"dkim: {error}", file=sys.stderr)
+                    return 111
                 if queued != args.messages + warmup(args):
                     print(f"  warning: {queued} messages queued", file=sys.stderr)
                 rates[name].append(rate)

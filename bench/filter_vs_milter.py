@@ -74,16 +74,14 @@ from serve_vs_postfix import (  # noqa: E402
     QmqpdTarget,
     RunResult,
     _stop_process,
-    add_load_options,
+    bench_main,
+    bench_options,
     fmt,
     free_port,
-    load_refusal,
     load_text,
     machine_busy_seconds,
     machine_facts,
     percentile,
-    qmqpd_command,
-    run_servers,
     stable_count,
     summarise_runs,
     tree_cpu_seconds,
@@ -615,17 +613,19 @@ def check_virus(qmqpd: Side, postfix: Side, messages: Messages, count: int
 
 
 # -- the run ---------------------------------------------------------------------------------
-def require_tools(case: str) -> None:
+def missing_tools(args: argparse.Namespace) -> str | None:
+    """Why this case cannot run here (None: it can)."""
     if os.geteuid() != 0:
-        sys.exit("filter_vs_milter: must run as root (Postfix's master needs it); "
-                 "try: sudo .venv/bin/python bench/filter_vs_milter.py")
-    needed = {"dkim": [OPENDKIM], "virus": [CLAMAV_MILTER]}[case]
+        return ("must run as root (Postfix's master needs it); "
+                "try: sudo .venv/bin/python bench/filter_vs_milter.py")
+    needed = {"dkim": [OPENDKIM], "virus": [CLAMAV_MILTER]}[args.case]
     for tool in (POSTFIX, POSTCAT, *needed):
         if not os.access(tool, os.X_OK):
-            sys.exit(f"filter_vs_milter: {tool} not found (Debian packages postfix, "
-                     "opendkim, clamav-milter, clamav-daemon)")
-    if case == "dkim" and shutil.which("perl") is None:
-        sys.exit("filter_vs_milter: perl with Mail::DKIM (libmail-dkim-perl) is needed")
+            return (f"{tool} not found (Debian packages postfix, opendkim, clamav-milter, "
+                    "clamav-daemon)")
+    if args.case == "dkim" and shutil.which("perl") is None:
+        return "perl with Mail::DKIM (libmail-dkim-perl) is needed"
+    return None
 
 
 def positive(text: str) -> int:
@@ -636,9 +636,8 @@ def positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_options(__doc__, 2000, "side", repeat=3, probe=False)
     parser.add_argument("--case", choices=sorted(CASES), required=True)
-    add_load_options(parser, 2000, "side", repeat=3, probe=False)
     parser.add_argument("--check", type=positive, default=5,
                         help="messages per side in the check before the runs (default 5)")
     return parser
@@ -675,7 +674,7 @@ def make_sides(args: argparse.Namespace, root: Path, command: list[str],
         shared = [clamd]
         records = None
     qmqpd = QmqpdTarget(root, command, args.maxdaemons, args.prefork, max(args.sessions),
-                        settings)
+                        [*settings, *args.qmqpd_setting])
     postfix = MilterPostfix(root, milter.socket)
     for thing in (milter, qmqpd, postfix):
         started(stack, thing)
@@ -690,7 +689,7 @@ def peer_versions(case: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
-    command = qmqpd_command(args.qmqpd)
+    command = args.qmqpd
     qmqpd, postfix, records = make_sides(args, root, command, stack)
     facts = {**machine_facts(command, root), **peer_versions(args.case)}
     print("machine: " + "; ".join(f"{key} {value}" for key, value in facts.items()))
@@ -795,11 +794,8 @@ def _readable_by_postfix(root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if load_refusal(os.getloadavg()[0], args.max_load, args.force) is None:
-        require_tools(args.case)
-    return run_servers("filter_vs_milter", args, run, "qmqpd-filter-bench-",
-                       _readable_by_postfix)
+    return bench_main("filter_vs_milter", build_parser(), argv, missing_tools, run,
+                      "qmqpd-filter-bench-", _readable_by_postfix)
 
 
 

@@ -32,15 +32,13 @@ from bench.benchlib import (
     QMQP_SOURCE,
     BenchError,
     cpu_seconds,
-    free_port,
+    loopback_rules,
     qmqp_source,
-    stop_process,
-    wait_for_port,
+    start_qmqpd,
 )
 
 SENDER = "bench@example.com"
 RECIPIENT = "sink@example.net"
-START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 # The master under cProfile counting its own CPU time (not wall time: on a busy machine a
 # call that wakes a worker would look slow while the master merely waited for the core).
@@ -56,13 +54,6 @@ finally:
 """
 
 
-def config_text(port: int, queue: Path, rules: Path, sessions: int) -> str:
-    return (f'localip = "127.0.0.1"\nport = {port}\nqueuedir = "{queue}"\n'
-            f"use_fsync = true\nuse_syncdir = true\nmaxdaemons = {max(8, sessions)}\n"
-            f'prefork = {max(2, sessions)}\nrules = "{rules}"\n'
-            f"allow_root = {'true' if os.geteuid() == 0 else 'false'}\n")
-
-
 def send(port: int, messages: int, sessions: int, length: int) -> None:
     qmqp_source(port, messages, sessions, length, SENDER, RECIPIENT, timeout=600)
 
@@ -73,33 +64,26 @@ def measure(command: list[str], root: Path, messages: int, sessions: int, length
     if profile and command[1:3] != ["-m", "qmqpd"]:
         raise BenchError("--profile needs the qmqpd command to be PYTHON -m qmqpd")
     root.mkdir()
-    queue, rules_text, rules = root / "queue", root / "tcp.qmqp", root / "tcp.qmqp.cdb"
+    queue = root / "queue"
     subprocess.run([*command, "queue", "create", str(queue)], check=True,
                    stdout=subprocess.DEVNULL, cwd=root)
-    rules_text.write_text(f'127.0.0.1:allow,MAXPERIP="{sessions + 4}"\n:deny\n')
-    subprocess.run([*command, "rules", "compile", str(rules_text), str(rules)], check=True,
-                   stdout=subprocess.DEVNULL, cwd=root)
-    port = free_port()
-    config = root / "qmqpd.toml"
-    config.write_text(config_text(port, queue, rules, sessions))
-    serve = [*command, "serve", "--config", str(config)]
-    if profile:  # python -m qmqpd ... -> python -c PROFILED FILE ...
-        serve = [serve[0], "-c", PROFILED, profile, *serve[3:]]
-    with open(root / "qmqpd.log", "wb") as log:
-        process = subprocess.Popen(serve, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   start_new_session=True, cwd=root)
+    rules = loopback_rules(command, root, sessions)
+    # python -m qmqpd ... -> python -c PROFILED FILE ...
+    qmqpd = [command[0], "-c", PROFILED, profile] if profile else command
+    server = start_qmqpd(root, qmqpd, queuedir=str(queue), use_fsync=True, use_syncdir=True,
+                         maxdaemons=max(8, sessions), prefork=max(2, sessions),
+                         rules=str(rules))
     try:
-        wait_for_port(port, process, START_TIMEOUT)
-        send(port, 20, 1, length)  # warm up: workers started, code paths loaded
-        before = cpu_seconds(process.pid)
-        send(port, messages, sessions, length)
-        after = cpu_seconds(process.pid)
+        send(server.port, 20, 1, length)  # warm up: workers started, code paths loaded
+        before = cpu_seconds(server.pid)
+        send(server.port, messages, sessions, length)
+        after = cpu_seconds(server.pid)
     finally:
-        stop_process(process, STOP_TIMEOUT)
-    accepted = (root / "qmqpd.log").read_bytes().count(b' answer="K')
+        server.stop(STOP_TIMEOUT)
+    accepted = server.log().count(' answer="K')
     if accepted < messages + 20:
         raise BenchError(f"only {accepted} of {messages + 20} messages accepted; "
-                         f"see {root / 'qmqpd.log'}")
+                         f"see {server.log_path}")
     return (after[0] - before[0]) / messages, (after[1] - before[1]) / messages
 
 

@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -39,9 +40,16 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+if CHECKOUT not in sys.path:
+    sys.path.append(CHECKOUT)  # tests.serve_process: the controller the tests start qmqpd with
+
+from tests.serve_process import ServeFailed, ServeProcess  # noqa: E402
 
 QMQP_SOURCE = "/usr/sbin/qmqp-source"
 QMQP_SINK = "/usr/sbin/qmqp-sink"
@@ -391,46 +399,48 @@ class QmqpdTarget(Target):
         super().__init__(root)
         self.command = command
         self.dir = root / "qmqpd"
-        self.queue = self.dir / "queue"
-        self.log = self.dir / "qmqpd.log"
-        self.config = self.dir / "qmqpd.toml"
-        self.rules = self.dir / "tcp.qmqp.cdb"
         self.max_sessions = max_sessions
         self.maxdaemons = maxdaemons
         self.prefork = prefork
         self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server: ServeProcess | None = None
+
+    @property
+    def queue(self) -> Path:
+        return self.dir / "queue"
 
     def start(self) -> None:
+        """`qmqpd serve` through the tests' controller (tests/serve_process.py), on a port
+        it picks; BenchError with its hint (exit code, likely cause, log tail) if it does
+        not listen."""
         self.dir.mkdir()
         # cwd: a `python -m qmqpd` command must not pick up a qmqpd/ from where we started
         subprocess.run([*self.command, "queue", "create", str(self.queue)], check=True,
                        stdout=subprocess.DEVNULL, cwd=self.dir)
-        rules_text = self.dir / "tcp.qmqp"
+        rules_text, rules = self.dir / "tcp.qmqp", self.dir / "tcp.qmqp.cdb"
         rules_text.write_text(load_generator_rules(self.max_sessions))
-        subprocess.run([*self.command, "rules", "compile", str(rules_text), str(self.rules)],
+        subprocess.run([*self.command, "rules", "compile", str(rules_text), str(rules)],
                        check=True, stdout=subprocess.DEVNULL, cwd=self.dir)
-        self.config.write_text(qmqpd_config(self.port, self.queue, self.maxdaemons,
-                                            self.prefork, self.rules, self.extra))
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [*self.command, "serve", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                cwd=self.dir)
-        wait_for_port(self.port, lambda: self.process is not None and self.process.poll() is None)
+        settings = tomllib.loads(qmqpd_config(self.port, self.queue, self.maxdaemons,
+                                              self.prefork, rules, self.extra))
+        del settings["port"]  # the controller's: a free one, another if it is taken
+        self.server = ServeProcess(self.dir, qmqpd=self.command, new_session=True, **settings)
+        try:
+            self.server.start(START_TIMEOUT)
+        except ServeFailed as failed:
+            raise BenchError(str(failed)) from None
+        self.port = self.server.port
 
     def stop(self) -> None:
-        if self.process is not None:
-            _stop_process(self.process)
+        if self.server is not None:
+            self.server.stop(STOP_TIMEOUT)
 
     def main_pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.poll() is None else None
+        running = self.server is not None and self.server.proc is not None
+        return self.server.pid if running and self.server.proc.poll() is None else None
 
     def accepted(self) -> int:
-        try:
-            return self.log.read_bytes().count(b' answer="K')
-        except OSError:
-            return 0
+        return self.server.log().count(' answer="K') if self.server else 0
 
     def settle(self) -> None:
         """Empty the queue between runs (untimed), standing in for qmail-send, so every
@@ -446,9 +456,7 @@ class QmqpdTarget(Target):
         prefork workers after it starts listening."""
         deadline = time.monotonic() + timeout
         while True:
-            pid = self.main_pid()
-            idle = [child for child in children_of(pid) if "worker idle" in
-                     process_title(child)] if pid else []
+            idle = list(self.server.titled("worker idle")) if self.main_pid() else []
             if len(idle) >= at_least or time.monotonic() >= deadline:
                 return idle
             time.sleep(0.1)
@@ -880,19 +888,15 @@ def summarise_profile(raw: str, top: int = 15) -> dict[str, object]:
 
 
 # -- the run ------------------------------------------------------------------------------
-def require_root() -> None:
+def missing_for_postfix(_args: argparse.Namespace) -> str | None:
+    """Why this bench cannot run here (None: it can)."""
     if os.geteuid() != 0:
-        sys.exit("serve_vs_postfix: must run as root (Postfix's master needs it); "
-                 "try: sudo .venv/bin/python bench/serve_vs_postfix.py")
+        return ("must run as root (Postfix's master needs it); "
+                "try: sudo .venv/bin/python bench/serve_vs_postfix.py")
     for tool in (QMQP_SOURCE, QMQP_SINK, POSTFIX):
         if not os.access(tool, os.X_OK):
-            sys.exit(f"serve_vs_postfix: {tool} not found (Debian package postfix)")
-
-
-def qmqpd_command(option: str | None) -> list[str]:
-    if option:
-        return option.split()
-    return [sys.executable, "-m", "qmqpd"]
+            return f"{tool} not found (Debian package postfix)"
+    return None
 
 
 def version_of(command: list[str]) -> str:
@@ -1037,10 +1041,13 @@ def check(result: RunResult) -> list[str]:
     return problems
 
 
-def add_load_options(parser: argparse.ArgumentParser, messages: int, unit: str,
-                     repeat: int = 1, probe: bool = True) -> None:
-    """The options every serve bench shares: the load, the qmqpd build, the load gate
-    (and the latency probe's pause where a probe runs beside the load)."""
+def bench_options(description: str, messages: int, unit: str, repeat: int = 1,
+                  probe: bool = True) -> argparse.ArgumentParser:
+    """The parser of a serve bench (its description: the first line of description) with
+    the options every one shares: the load, the qmqpd build and its settings, the load
+    gate, the report (and the latency probe's pause where a probe runs beside the load).
+    The bench adds its own; bench_main parses them."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("-m", "--messages", type=int, default=messages)
     parser.add_argument("-s", "--sessions", type=parse_sessions, default=[1, 8, 32],
                         help="session counts, comma separated (default 1,8,32)")
@@ -1052,7 +1059,12 @@ def add_load_options(parser: argparse.ArgumentParser, messages: int, unit: str,
     if probe:
         parser.add_argument("--probe-pause", type=float, default=0.005,
                             help="seconds between latency probes (default 0.005)")
-    parser.add_argument("--qmqpd", help="command that runs qmqpd (default: this python -m qmqpd)")
+    parser.add_argument("--qmqpd", type=shlex.split, default=[sys.executable, "-m", "qmqpd"],
+                        metavar="COMMAND",
+                        help="command that runs qmqpd (default: this python -m qmqpd)")
+    parser.add_argument("--qmqpd-setting", action="append", default=[], metavar="LINE",
+                        help='a qmqpd setting as TOML, e.g. "use_syncdir = false" '
+                             "(repeatable; replaces the bench's value)")
     parser.add_argument("--maxdaemons", type=int, default=75)
     parser.add_argument("--prefork", type=int, default=4)
     parser.add_argument("--max-load", type=float, default=1.0,
@@ -1061,16 +1073,13 @@ def add_load_options(parser: argparse.ArgumentParser, messages: int, unit: str,
                         help="run even above --max-load (the figures then say little)")
     parser.add_argument("--json", type=Path, help="also write all figures here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_load_options(parser, 10_000, "server")
+    parser = bench_options(__doc__, 10_000, "server")
     parser.add_argument("--targets", default="sink,qmqpd,postfix",
                         help="which of sink,qmqpd,postfix to run (default all)")
-    parser.add_argument("--qmqpd-setting", action="append", default=[], metavar="LINE",
-                        help='a qmqpd setting as TOML, e.g. "use_syncdir = false" '
-                             "(repeatable; replaces the bench's value)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, one extra qmqpd run at the largest "
                              "session count under py-spy")
@@ -1087,7 +1096,7 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace, root: Path, stack: contextlib.ExitStack) -> int:
     wanted = {item.strip() for item in args.targets.split(",")}
-    command = qmqpd_command(args.qmqpd)
+    command = args.qmqpd
     targets: list[Target] = []
     if "sink" in wanted:
         targets.append(SinkTarget(root))
@@ -1177,15 +1186,22 @@ def report(args: argparse.Namespace, results: list[RunResult], targets: list[Tar
 Runner = Callable[[argparse.Namespace, Path, contextlib.ExitStack], int]
 
 
-def run_servers(name: str, args: argparse.Namespace, run_with: Runner,
-                prefix: str, prepare: Callable[[Path], None] | None = None) -> int:
-    """A bench's frame: refuse above the load limit, then run in a temporary directory
-    that is removed afterwards (unless --keep); everything the run registered on the
-    stack is stopped on an error, Ctrl-C or TERM. The exit status."""
+def bench_main(name: str, parser: argparse.ArgumentParser, argv: list[str] | None,
+               missing: Callable[[argparse.Namespace], str | None], run_with: Runner,
+               prefix: str, prepare: Callable[[Path], None] | None = None) -> int:
+    """A serve bench's frame: parse its options (bench_options and its own); refuse above
+    the load limit (75: try later) and say what the machine lacks to run it (111); then run
+    in a temporary directory that is removed afterwards (unless --keep); everything the
+    run registered on the stack is stopped on an error, Ctrl-C or TERM. The exit status."""
+    args = parser.parse_args(argv)
     refusal = load_refusal(os.getloadavg()[0], args.max_load, args.force)
     if refusal:
         print(f"{name}: {refusal}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again later
+    lacking = missing(args)
+    if lacking:
+        print(f"{name}: {lacking}", file=sys.stderr)
+        return 111
     signal.signal(signal.SIGTERM, _raise_interrupt)
     root = Path(tempfile.mkdtemp(prefix=prefix))
     if prepare is not None:
@@ -1210,10 +1226,8 @@ def _readable_by_postfix(root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if load_refusal(os.getloadavg()[0], args.max_load, args.force) is None:
-        require_root()
-    return run_servers("serve_vs_postfix", args, run, "qmqpd-bench-", _readable_by_postfix)
+    return bench_main("serve_vs_postfix", build_parser(), argv, missing_for_postfix, run,
+                      "qmqpd-bench-", _readable_by_postfix)
 
 
 if __name__ == "__main__":

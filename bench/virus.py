@@ -5,7 +5,9 @@ A private clamd (test database: one EICAR signature, so the scan cost is clamd's
 and hashing, not the size of the official database) listens on a unix socket in a
 temporary directory. Every message is different (counter in the Subject and body), so
 clamd's clean-result cache never answers for it. The client is qmqpd's own QMQP client
-(`qmqpd.client.send`) in N threads, one connection per message.
+(`qmqpd.client.send`) in N threads, one connection per message. qmqpd runs with its
+limits on: a tcprules rule gives 127.0.0.1 the sessions of the run, MAXPERIP keeps its
+default for every other client.
 
 Printed side by side: msgs/s and p50/p99 latency with the stage off and on, and clamd's
 own scan time for the same kind of message measured directly (raw INSTREAM, one message
@@ -22,7 +24,6 @@ import platform
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,13 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchlib import BenchError, loopback_rules, start_qmqpd  # noqa: E402
 from bench.benchlib import cpu_seconds as user_system_seconds  # noqa: E402
-from bench.benchlib import free_port, stop_process  # noqa: E402
 from qmqpd.client import Server, send  # noqa: E402
 from qmqpd.filters import virus  # noqa: E402
 from qmqpd.message import Message, MessageData  # noqa: E402
 from qmqpd.queue import create_queue  # noqa: E402
 from tests.clamd import Clamd  # noqa: E402
+from tests.serve_process import ServeProcess  # noqa: E402
 
 RECEIVED = b"Received: from unknown (127.0.0.1)\n  by bench with QMQP; 1 Jan 2024 00:00:00 -0000\n"
 
@@ -59,29 +61,20 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def start_serve(tmp: Path, port: int, sessions: int, settings: dict[str, str]) -> subprocess.Popen:
-    queue = tmp / f"queue-{port}"
+def start_serve(tmp: Path, name: str, sessions: int, settings: dict[str, str]) -> ServeProcess:
+    """`qmqpd serve` with its own queue, prefork workers for every session, all of them up.
+    The per-IP limit stays on: a rule gives 127.0.0.1 (the client) the run's sessions."""
+    directory = tmp / name
+    directory.mkdir()
+    queue = directory / "queue"
     create_queue(str(queue))
-    config = tmp / f"qmqpd-{port}.toml"
-    values = {"localip": "127.0.0.1", "port": str(port), "queuedir": str(queue),
-              "maxdaemons": str(sessions + 2), "prefork": str(sessions), "maxperip": "0",
-              "max_requests": "0",  # no recycling: the workers' CPU time stays readable
-              "status_file": str(tmp / f"status-{port}.json"),
-              "allow_root": "1" if os.geteuid() == 0 else "0", **settings}
-    config.write_text("".join(f'{key} = "{value}"\n' for key, value in values.items()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QHPSI", "CLAMD"))}
-    env["PYTHONPATH"] = str(ROOT)
-    log = open(tmp / f"serve-{port}.log", "ab")  # noqa: SIM115 - the child keeps it
-    proc = subprocess.Popen([sys.executable, "-m", "qmqpd", "serve", "--config", str(config)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=tmp)
-    log.close()
-    stop = time.monotonic() + 20
-    while b"event=listen" not in (tmp / f"serve-{port}.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > stop:
-            raise SystemExit(f"qmqpd serve did not start: see {tmp}/serve-{port}.log")
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the prefork workers come up
-    return proc
+    rules = loopback_rules([sys.executable, "-m", "qmqpd"], directory, sessions)
+    server = start_qmqpd(directory, name="serve", queuedir=str(queue),
+                         maxdaemons=str(sessions + 2), prefork=str(sessions), rules=str(rules),
+                         max_requests="0",  # no recycling: the workers' CPU time stays readable
+                         **settings)
+    server.wait_idle(sessions)  # the master forks its prefork workers after it listens
+    return server
 
 
 def drive(port: int, count: int, sessions: int, size: int, first: int) -> dict[str, float]:
@@ -159,19 +152,9 @@ def cpu_seconds(pid: int) -> float:
     return sum(user_system_seconds(pid))
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_cpu_seconds(server: ServeProcess) -> float:
     """CPU time of a `qmqpd serve` master and its live workers."""
-    total = cpu_seconds(pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    total += cpu_seconds(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+    return cpu_seconds(server.pid) + sum(cpu_seconds(pid) for pid in server.workers())
 
 
 def main() -> int:
@@ -189,33 +172,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-virus-") as scratch:
         tmp = Path(scratch)
         clamd = Clamd(tmp / "clamd", temporary_directory=args.clamd_tmp).start()
-        procs: list[subprocess.Popen] = []
+        servers: dict[str, ServeProcess] = {}
         try:
             sync = "1" if args.fsync else "0"
             base = {"use_fsync": sync, "use_syncdir": sync}
-            ports = {"off": free_port(), "on": free_port()}
-            procs.append(start_serve(tmp, ports["off"], args.sessions, base))
-            procs.append(start_serve(tmp, ports["on"], args.sessions, {
-                **base, "qhpsi": "1", "clamd_socket": str(clamd.socket_path)}))
+            servers["off"] = start_serve(tmp, "off", args.sessions, base)
+            servers["on"] = start_serve(tmp, "on", args.sessions, {
+                **base, "qhpsi": "1", "clamd_socket": str(clamd.socket_path)})
             figures: dict[str, dict[str, float]] = {}
             number = 0
             clamd_cpu = 0.0
             serve_cpu: dict[str, float] = {}
-            for index, label in enumerate(("off", "on", "off", "on")):  # warm-up, measured
-                proc = procs[index % 2]
-                before = cpu_seconds(clamd.pid), tree_cpu_seconds(proc.pid)
-                figures[label] = drive(ports[label], args.count, args.sessions, args.size,
+            for label in ("off", "on", "off", "on"):  # warm-up, measured
+                server = servers[label]
+                before = cpu_seconds(clamd.pid), tree_cpu_seconds(server)
+                figures[label] = drive(server.port, args.count, args.sessions, args.size,
                                        number)
                 clamd_cpu = cpu_seconds(clamd.pid) - before[0]
-                serve_cpu[label] = tree_cpu_seconds(proc.pid) - before[1]
+                serve_cpu[label] = tree_cpu_seconds(server) - before[1]
                 number += args.count
             path = str(clamd.socket_path)
-            in_worker = logged_stage_ms(tmp / f"serve-{ports['on']}.log", args.count)
+            in_worker = logged_stage_ms(servers["on"].log_path, args.count)
             under_load = raw_concurrent_ms(path, args.count, args.sessions, args.size, number)
             alone_stage, alone_raw = stage_vs_raw_ms(path, 300, args.size, number + args.count)
+        except BenchError as error:
+            raise SystemExit(f"virus: {error}") from None
         finally:
-            for proc in procs:
-                stop_process(proc)
+            for server in servers.values():
+                server.stop()
             clamd.stop()
 
     off, on = figures["off"], figures["on"]

@@ -99,6 +99,18 @@ def test_rule_gives_the_load_generator_its_sessions_and_the_probe(sessions: int)
     assert default == ":deny"
 
 
+def test_the_options_every_serve_bench_shares() -> None:
+    parser = bench.bench_options("A bench.\n\nMore text.", 100, "server", repeat=3)
+    args = parser.parse_args(["--qmqpd", "env PYTHONPATH=/x python3 -m qmqpd",
+                              "--qmqpd-setting", "timeout = 9", "-s", "1,4"])
+    assert args.qmqpd == ["env", "PYTHONPATH=/x", "python3", "-m", "qmqpd"]
+    assert args.qmqpd_setting == ["timeout = 9"] and args.sessions == [1, 4]
+    defaults = parser.parse_args([])
+    assert defaults.qmqpd == [sys.executable, "-m", "qmqpd"]
+    assert (defaults.messages, defaults.repeat, defaults.qmqpd_setting) == (100, 3, [])
+    assert parser.description == "A bench."
+
+
 def test_load_refusal_above_the_limit_unless_forced() -> None:
     assert bench.load_refusal(0.4, 1.0, force=False) is None
     assert bench.load_refusal(1.0, 1.0, force=False) is None

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from bench.benchlib import BenchError, cpu_seconds, free_port, stop_process, wait_for_port
+from bench.benchlib import BenchError, cpu_seconds, loopback_rules, start_qmqpd
+from qmqpd.rules import check
+from tests.support import command
 
 
 def test_cpu_seconds_counts_this_process_alone() -> None:
@@ -23,31 +23,18 @@ def test_cpu_seconds_counts_this_process_alone() -> None:
     assert sum(after) >= user + system
 
 
-def test_wait_for_port_stops_when_the_server_exits() -> None:
-    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    try:
-        with pytest.raises(BenchError, match="exited during start-up"):
-            wait_for_port(free_port(), process, 30)
-    finally:
-        process.wait()
+@pytest.mark.parametrize(("sessions", "limit"), [(1, 5), (8, 12), (32, 40)])
+def test_loopback_rules_give_the_load_generator_its_sessions(tmp_path: Path, sessions: int,
+                                                            limit: int) -> None:
+    cdb = str(loopback_rules(command("qmqpd"), tmp_path, sessions))
+    assert check(cdb, "127.0.0.1") == (
+        f"rule 127.0.0.1:\nset environment variable MAXPERIP={limit}\nallow connection\n")
+    assert check(cdb, "127.0.0.2").endswith("deny connection\n")
 
 
-def test_wait_for_port_returns_once_something_listens() -> None:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        try:
-            wait_for_port(listener.getsockname()[1], sleeper, 30)
-        finally:
-            stop_process(sleeper)
-
-
-def test_stop_process_kills_what_ignores_term() -> None:
-    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('ready', flush=True); time.sleep(60)")
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    assert process.stdout is not None and process.stdout.readline() == b"ready\n"
-    stop_process(process, 0.5)
-    assert process.returncode == -9
-    process.stdout.close()
+def test_a_server_that_does_not_start_is_a_bench_error_with_the_cause(tmp_path: Path) -> None:
+    with pytest.raises(BenchError) as raised:
+        start_qmqpd(tmp_path, maxperip="lots")
+    text = str(raised.value)
+    assert "exit code 111" in text
+    assert "likely cause: a refused setting: MAXPERIP (maxperip)" in text, text
