@@ -38,7 +38,6 @@ from bench.benchlib import cpu_seconds as user_system_seconds  # noqa: E402
 from qmqpd.client import Server, send  # noqa: E402
 from qmqpd.filters import virus  # noqa: E402
 from qmqpd.message import Message, MessageData  # noqa: E402
-from qmqpd.queue import create_queue  # noqa: E402
 from tests.clamd import Clamd  # noqa: E402
 from tests.serve_process import ServeProcess  # noqa: E402
 
@@ -66,10 +65,8 @@ def start_serve(tmp: Path, name: str, sessions: int, settings: dict[str, str]) -
     The per-IP limit stays on: a rule gives 127.0.0.1 (the client) the run's sessions."""
     directory = tmp / name
     directory.mkdir()
-    queue = directory / "queue"
-    create_queue(str(queue))
     rules = loopback_rules([sys.executable, "-m", "qmqpd"], directory, sessions)
-    server = start_qmqpd(directory, name="serve", queuedir=str(queue),
+    server = start_qmqpd(directory,  # its queue, config and log in directory
                          maxdaemons=str(sessions + 2), prefork=str(sessions), rules=str(rules),
                          max_requests="0",  # no recycling: the workers' CPU time stays readable
                          **settings)

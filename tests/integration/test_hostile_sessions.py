@@ -45,8 +45,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
     started: list[ServeProcess] = []
 
     def start(**settings: object) -> ServeProcess:
-        server = ServeProcess(tmp_path, name="serve", use_fsync=False, use_syncdir=False,
-                              **settings)
+        server = ServeProcess(tmp_path, use_fsync=False, use_syncdir=False, **settings)
         started.append(server)
         return server.start()
 

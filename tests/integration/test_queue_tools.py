@@ -113,7 +113,7 @@ def test_subcommands_share_serve_s_defaults(tmp_path: Path) -> None:
 
     # no config file, no queue or status file named: the embedded defaults, but PORT
     # from the environment (the embedded 6280 may be taken on a shared host)
-    server = ServeProcess(tmp_path, name="serve", config_file=False, port=0, queuedir=None,
+    server = ServeProcess(tmp_path, config_file=False, port=0, queuedir=None,
                           status_file=None)
     try:
         server.start()

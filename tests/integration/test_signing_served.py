@@ -372,7 +372,7 @@ def test_rule_env_signs_for_one_client_only(tmp_path: Path, queue: Path, control
     with open(rules_text, "rb") as text:
         subprocess.run([need("tcprules"), str(rules_cdb), str(tmp_path / "rules.tmp")],
                        stdin=text, check=True, timeout=30)
-    server = ServeProcess(tmp_path, queue, name="serve", controldir=str(control),
+    server = ServeProcess(tmp_path, queue, controldir=str(control),
                           rules=str(rules_cdb), use_fsync=False, use_syncdir=False,
                           prefork=2, status_file=None).start()
     try:

@@ -245,7 +245,7 @@ def mail_dkim(message: bytes, records: Path) -> list[str]:
 
 def start_serve(venv: Path, tmp_path: Path, stages: dict[str, str]) -> ServeProcess:
     """The venv's `qmqpd serve` without a config file: every setting from the environment."""
-    return ServeProcess(tmp_path, name="serve", qmqpd=[str(venv / "bin" / "qmqpd")],
+    return ServeProcess(tmp_path, qmqpd=[str(venv / "bin" / "qmqpd")],
                         config_file=False, environ=clean_env(), localip="127.0.0.1",
                         prefork="1", status_file=str(tmp_path / "status.json"),
                         **stages).start(seconds=60)
