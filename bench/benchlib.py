@@ -37,7 +37,7 @@ def start_qmqpd(directory: Path, qmqpd: Sequence[str] | None = None, name: str =
                           **{"localip": "127.0.0.1", "allow_root": os.geteuid() == 0,
                              **settings})
     try:
-        return server.start(START_TIMEOUT)
+        return server.start(seconds=START_TIMEOUT)
     except ServeFailed as failed:
         raise BenchError(str(failed)) from None
 

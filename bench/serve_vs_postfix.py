@@ -426,7 +426,7 @@ class QmqpdTarget(Target):
         del settings["port"]  # the controller's: a free one, another if it is taken
         self.server = ServeProcess(self.dir, qmqpd=self.command, new_session=True, **settings)
         try:
-            self.server.start(START_TIMEOUT)
+            self.server.start(seconds=START_TIMEOUT)
         except ServeFailed as failed:
             raise BenchError(str(failed)) from None
         self.port = self.server.port

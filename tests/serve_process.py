@@ -299,7 +299,7 @@ class ServeProcess:
                                   f"command: {' '.join(line)}") from None
         return self.proc
 
-    def start(self, seconds: float = 30, argv: Sequence[str] | None = None) -> ServeProcess:
+    def start(self, argv: Sequence[str] | None = None, *, seconds: float = 30) -> ServeProcess:
         """Start and wait until it listens. Before the first start, a port someone took
         since it was chosen means a fresh port (when the test did not name one); after a
         kill, the same port is tried again until `seconds` are over (a killed master's
