@@ -153,13 +153,6 @@ def request_total(head: bytes) -> int | None:
     return head.index(b":") + 1 + length + 1
 
 
-def request_size(head: bytes) -> int | None:
-    """Bytes to wait for before the hand-off: the whole request up to HANDOFF_BYTES (None
-    and 0 as request_total: the worker answers a refused prefix at once)."""
-    total = request_total(head)
-    return total if not total else min(total, HANDOFF_BYTES)
-
-
 def bytes_waiting(sock: socket.socket) -> int:
     """Bytes in the socket's receive queue (FIONREAD): counted, not copied."""
     (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))
