@@ -6,7 +6,7 @@ master replans from the same watcher), each rule's merged settings, and the deci
 `Deny` (close, nothing sent), `Refuse` (Z over MAXPERIP) or `Admit` with the client's
 facts and a `Lease` from the ledger.
 Called by: the master, once per accepted connection (and again once its PROXY header
-names the real client), and once per turn (`new_turn`).
+names the real client), and once per turn (`rules.new_turn`, `replan_if_changed`).
 Never touches: a socket (the master passes the addresses), workers or the lobby. Each
 decision is logged here, where it is made.
 """
