@@ -159,42 +159,13 @@ def _clamd_warnings(config: Config) -> list[str]:
     """QHPSI on and clamd not answering PING: every message gets Z until it answers."""
     if not config.qhpsi:
         return []
+    from qmqpd.filters import virus  # the stage's own clamd client, only with QHPSI on
+
     target = config.clamd_tcp or config.clamd_socket
-    reason = clamd_ping(config.clamd_tcp, config.clamd_socket, min(config.clamd_timeout, 3.0))
+    reason = virus.scanner_for(config).ping(min(config.clamd_timeout, 3.0))
     if reason is None:
         return []
     return [f"QHPSI (qhpsi) from {config.source('QHPSI')}: clamd at {target} does not answer "
             f"({reason}); every message gets Z until it does"
             + ("" if not config.qhpsi_pass_on_error else
                " (QHPSI_PASS_ON_ERROR: queued unscanned instead)")]
-
-
-def clamd_ping(tcp: str, unix: str, timeout: float) -> str | None:
-    """None when clamd answers PING with PONG, else why not."""
-    import socket
-
-    try:
-        if tcp:
-            host, _colon, port = tcp.rpartition(":")
-            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(unix)
-            except OSError:
-                sock.close()
-                raise
-        with sock:
-            sock.sendall(b"zPING\0")
-            answer = b""
-            while b"\0" not in answer and len(answer) < 64:
-                block = sock.recv(64)
-                if not block:
-                    break
-                answer += block
-    except OSError as error:
-        return error.strerror or type(error).__name__
-    if not answer.startswith(b"PONG"):
-        return f"answered {answer[:32]!r} to PING"
-    return None
