@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from qmqpd import fsio, log
 from qmqpd.address import split_host_port
-from qmqpd.errors import TemporaryError
+from qmqpd.errors import EXIT_PERMANENT, EXIT_TEMPORARY, TemporaryError
 from qmqpd.filters.base import Verdict
 from qmqpd.message import Reply
 
@@ -453,10 +453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileExistsError:
         print(f"qmqpd dkim: key {args.selector} for {args.domain} exists; --force replaces it",
               file=sys.stderr)
-        return 1
-    except (ValueError, KeyError, OSError) as error:
+        return EXIT_PERMANENT
+    except (ValueError, KeyError) as error:  # a bad domain, selector, size, user or group
         print(f"qmqpd dkim: {error}", file=sys.stderr)
-        return 1
+        return EXIT_PERMANENT
+    except OSError as error:  # the key could not be written: try again
+        print(f"qmqpd dkim: {error}", file=sys.stderr)
+        return EXIT_TEMPORARY
     print(f"# private key: {path}", file=sys.stderr)
     print(zone_line(valid_domain(args.domain) or args.domain, args.selector, record))
     return 0

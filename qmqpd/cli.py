@@ -1,4 +1,4 @@
-"""`qmqpd serve / session / rules / queue / config`: the command line.
+"""The command line: `qmqpd` serve, session, check, config, rules, queue, service, status, dkim.
 
 Subcommands import what they need lazily: `qmqpd session` runs once per connection under
 tcpserver, so its start-up must stay small.
@@ -255,8 +255,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
     if args.rules_command == "compile":
         try:
             count = rules.compile_rules(args.text, args.cdb)
-        except (rules.RulesError, OSError) as error:
-            return _fail(str(error), 100)  # tcprules' exit code for bad input
+        except rules.RulesError as error:
+            return _fail(str(error), error.exit_code)  # 100, tcprules' code for bad input
+        except OSError as error:  # a file that cannot be read or written: 111, as tcprules
+            return _fail(f"{error.filename or args.cdb}: {error.strerror or error}")
         print(f"{args.cdb}: {count} keys")
         return 0
     cdb = args.rules or _load(args, embedded=True).rules
@@ -467,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(sub.add_parser(
         "check", help="validate settings, queues, keys and every rule as `serve` would; "
-        "non-zero exit on any problem")).set_defaults(func=cmd_check)
+        "exit 111 on any problem")).set_defaults(func=cmd_check)
 
     rules = sub.add_parser("rules", help="compile or check tcprules-format access rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -477,8 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     check_p = with_config(rules_sub.add_parser("check", help="show the rule an IP gets"))
     check_p.add_argument("ip")
     check_p.add_argument("--rules", help="the cdb (default: RULES setting)")
-    check_p.add_argument("--host", default="")
-    check_p.add_argument("--info", default="")
+    check_p.add_argument("--host", default="",
+                         help="the client's host name (TCPREMOTEHOST), for =host rules")
+    check_p.add_argument("--info", default="",
+                         help="the client's ident answer (TCPREMOTEINFO), for info@ rules")
     rules.set_defaults(func=cmd_rules)
 
     queue_p = sub.add_parser("queue", help="create, list or count qmail queues")

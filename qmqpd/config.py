@@ -261,11 +261,11 @@ SETTINGS: dict[str, Setting] = {
            "master"),
         _s("RULES", _str, "", "path of a tcprules cdb (`qmqpd rules compile` makes it)",
            "client access rules; unset = loopback only", "master"),
-        _s("MAXDAEMONS", _int_parser(1, 100000), 75, "an integer >= 1",
+        _s("MAXDAEMONS", _int_parser(1, 100000), 75, "an integer 1-100000",
            "sessions served at once (tcpserver -c)", "master"),
-        _s("MAXPERIP", _int_parser(0, 100000), 25, "an integer >= 0 (0 = no limit)",
+        _s("MAXPERIP", _int_parser(0, 100000), 25, "an integer 0-100000 (0 = no limit)",
            "sessions at once from one client IP (tcpserver -C); rule MAXPERIP overrides", "master"),
-        _s("PREFORK", _int_parser(0, 100000), 4, "an integer >= 0",
+        _s("PREFORK", _int_parser(0, 100000), 4, "an integer 0-100000",
            "idle workers kept ready", "master"),
         _s("MAX_REQUESTS", _int_parser(0), 1000, "an integer >= 0 (0 = never recycle)",
            "sessions a worker serves before it is replaced (with jitter)", "master"),
@@ -292,7 +292,7 @@ SETTINGS: dict[str, Setting] = {
         _s("PROXY_TRUSTED", _networks, (), "IP addresses or CIDR prefixes, comma separated",
            "the load balancers allowed to send a PROXY header; needed when PROXY_PROTOCOL "
            "is on", "master"),
-        _s("PROXY_TRUSTED_UNSAFE", _parse_bool, False, "yes or no",
+        _s("PROXY_TRUSTED_UNSAFE", _parse_bool, False, "1/0, yes/no, on/off; empty = off",
            "accept a PROXY_TRUSTED that names loopback addresses (any local user can bind "
            "one and send a header naming any client) or prefixes wider than /8 (IPv4) or "
            "/16 (IPv6); without it such a PROXY_TRUSTED refuses the start, a reload and "
@@ -311,7 +311,8 @@ SETTINGS: dict[str, Setting] = {
            "local user could borrow", "master"),
         _s("PROXY_SOCKET_USER", _str, "", "a user name or uid; empty = the starting user",
            "owner of PROXY_SOCKET", "master"),
-        _s("PROXY_SOCKET_GROUP", _str, "", "a group name or gid; empty = unchanged",
+        _s("PROXY_SOCKET_GROUP", _str, "",
+           "a group name or gid; empty = PROXY_SOCKET_USER's primary group, or unchanged",
            "group of PROXY_SOCKET: the balancer's group", "master"),
         _s("PROXY_SOCKET_MODE", _octal_mode, "0660", "octal permissions 0000-0777",
            "permissions of PROXY_SOCKET (the owner and the balancer's group connect)",
@@ -320,7 +321,9 @@ SETTINGS: dict[str, Setting] = {
            "serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9628",
            "master"),
         _s("TIMEOUT", _int_parser(1, 86400), 60, "seconds 1-86400",
-           "idle timeout of each read and write"),
+           "idle timeout of each read and write; under `qmqpd serve` its global value is "
+           "also how long a connection whose request is in waits for a free worker "
+           "before it is answered Zserver busy: no worker free, try again later (#4.3.0)"),
         _s("SESSION_TIMEOUT", _int_parser(1, 86400), 3600, "seconds 1-86400",
            "hard limit on one whole session; MIN_RATE ends slow transfers long before it"),
         _s("MIN_RATE", _int_parser(0, 1 << 30), 512, "bytes per second, 0 = no minimum",
@@ -351,11 +354,11 @@ SETTINGS: dict[str, Setting] = {
            "base of the queues qmail-multi style"),
         _s("QUEUE_COUNT", _int_parser(1, 1000), 1, "an integer 1-1000",
            "number of queues under QUEUE_BASE"),
-        _s("QUEUE_START", _int_parser(0, 100000), 1, "an integer >= 0",
+        _s("QUEUE_START", _int_parser(0, 100000), 1, "an integer 0-100000",
            "number of the first queue under QUEUE_BASE"),
         _s("TODO_LAYOUT", _choice("flat", "split"), "flat", "flat or split",
            "todo/ and intd/ flat (qmail) or split like mess/ (IndiMail bigtodo)"),
-        _s("SPLIT", _int_parser(1, 10000), 23, "an integer >= 1", "conf-split of the queue"),
+        _s("SPLIT", _int_parser(1, 10000), 23, "an integer 1-10000", "conf-split of the queue"),
         _s("USE_FSYNC", _parse_bool, True, "1/0, yes/no, on/off; empty = off",
            "fdatasync message and envelope before the commit"),
         _s("USE_SYNCDIR", _parse_bool, True, "1/0, yes/no, on/off; empty = off",
@@ -391,15 +394,15 @@ SETTINGS: dict[str, Setting] = {
            "fewest todo/ entries (near-equal counts are ties, chosen at random), skipping "
            "queues over a QUEUE_MAX_* limit or stuck (QUEUE_STUCK_AGE) while another has "
            "room; random = any queue under the limits (qmail-multi)", "backlog"),
-        _s("QUEUE_STUCK_AGE", _int_parser(0, 86400 * 7), 120, "seconds, 0 = never avoid",
+        _s("QUEUE_STUCK_AGE", _int_parser(0, 86400 * 7), 120, "seconds 0-604800, 0 = never avoid",
            "a queue whose oldest todo/ entry is older looks stuck (qmail-send is not taking "
            "its mail): new mail goes to another queue while one has room", "backlog"),
         _s("QUEUE_MAX_TODO", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
-           "answer Zqueue backlog too large (#4.3.1) while the chosen queue has more todo/ "
-           "entries than this (qmail-send is behind); e.g. what its qmail-send takes in a "
-           "few minutes", "backlog"),
+           "answer Zqueue backlog too large, try another server (#4.3.1) while the chosen "
+           "queue has more todo/ entries than this (qmail-send is behind); e.g. what its "
+           "qmail-send takes in a few minutes", "backlog"),
         _s("QUEUE_MAX_TODO_AGE", _int_parser(0, 86400 * 7), 1800,
-           "seconds, 0 = no limit",
+           "seconds 0-604800, 0 = no limit",
            "answer Z (as QUEUE_MAX_TODO) while the chosen queue's oldest todo/ entry is "
            "older than this: qmail-send is stopped or stuck", "backlog"),
         _s("QUEUE_MAX_MESSAGES", _int_parser(0), 0, "an integer >= 0 (0 = no limit)",
@@ -446,7 +449,8 @@ SETTINGS: dict[str, Setting] = {
         _s("DKIMKEYS", _str, "dkimkeys", "a path (relative = under CONTROLDIR); empty = none",
            "file of domain:keypath lines overriding DKIMSIGN per domain", "signing"),
         _s("DKIMSIGNOPTIONS", _str, "", "-c r|s|t|u -l -q -t -i identity -x secs|- -z 1|2|3|4",
-           "DKIM signing options as qmail-dkim takes them", "signing"),
+           "DKIM signing options as qmail-dkim takes them; q= and t= are always written, "
+           "so -q and -t change nothing", "signing"),
         _s("DKIMSIGNEXTRA", _optional_str, None, "unset or a key path; % = domain",
            "a second DKIM signature with this key (e.g. Ed25519 beside RSA)", "signing"),
         _s("DKIMSIGNOPTIONSEXTRA", _str, "", "as DKIMSIGNOPTIONS",
@@ -464,7 +468,8 @@ SETTINGS: dict[str, Setting] = {
         _s("DKKEY", _str, "domainkeys/%/default", "a key path; % = domain",
            "key path used when DKSIGN is set but empty", "signing"),
         _s("DKSIGNOPTIONS", _str, "", "-c nofws|simple -h -b N -s keyfile",
-           "DomainKeys signing options as qmail-dk takes them", "signing"),
+           "DomainKeys signing options as qmail-dk takes them; -b is accepted and "
+           "changes nothing", "signing"),
         _s("DKVERIFY", _letters("ABCDEFGHIJKLMabcdefghijklm"), None,
            "unset, or result letters A-M (upper = D, lower = Z)",
            "verify DomainKey signatures, add Authentication-Results, reject listed results",
@@ -629,8 +634,8 @@ def _toml_value(value: Any) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):  # a float as TOML writes it (3.0), not as a string
+        return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -169,7 +169,8 @@ class MasterCollector:
         connections = CounterMetricFamily(
             "qmqpd_connections", "Accepted connections by what the master did: handed to a "
             "worker, denied (rules), refused_perip (MAXPERIP), dropped, too_slow (cut in the "
-            "wait for its request), proxy_rejected (bad or missing PROXY header)",
+            "wait for its request), proxy_rejected (bad or missing PROXY header), busy (no "
+            "worker within TIMEOUT), gave_way (the slowest session while others waited)",
             labels=["result"])
         for result, count in status.get("connections", {}).items():
             connections.add_metric([result], count)

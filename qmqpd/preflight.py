@@ -3,11 +3,12 @@ the plan checks as the service's user: what `qmqpd serve` refuses to start with,
 `qmqpd check` reports in the same words.
 
 `server_problems` runs where `serve` starts (usually root), before it binds: root without
-USER (unless ALLOW_ROOT), USER/GROUP that do not exist, PROXY_PROTOCOL without
-PROXY_TRUSTED, METRICS on the address and port the server listens on. `as_service_user`
-runs a check in a forked child that drops to USER/GROUP exactly as the master does before
-it plans, so file access (queues, keys, the rules cdb, QMAILQUEUE, the status directory) is
-tested with the service's credentials. Called by cli; never binds, never writes.
+USER (unless ALLOW_ROOT), USER/GROUP and PROXY_SOCKET_USER/_GROUP that do not exist,
+PROXY_PROTOCOL without PROXY_TRUSTED, METRICS on the address and port the server listens
+on. `as_service_user` runs a check in a forked child that drops to USER/GROUP exactly as
+the master does before it plans, so file access (queues, keys, the rules cdb, QMAILQUEUE,
+the status directory) is tested with the service's credentials. Called by cli; never
+binds, never writes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def server_problems(cfg: Config) -> list[ConfigError]:
         procctl.identity(cfg.user, cfg.group)
     except procctl.ProcError as error:
         found.append(problem(error.setting, cfg.source(error.setting), str(error)))
+    if cfg.proxy_socket:  # the socket's owner and group: the master chowns it at start
+        try:
+            procctl.identity(cfg.proxy_socket_user, cfg.proxy_socket_group)
+        except procctl.ProcError as error:
+            setting = f"PROXY_SOCKET_{error.setting}"
+            found.append(problem(setting, cfg.source(setting),
+                                 str(error).replace(error.setting, setting, 1)))
     try:
         proxy.Policy.from_config(cfg)
     except ConfigError as error:  # already names its setting and source

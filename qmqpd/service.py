@@ -395,7 +395,10 @@ def main(argv: Sequence[str], checker: Checker | None = None) -> int:
             print(f"created {service}, {state}")
             if checker is not None:
                 return report(service, settings_from_options(opts), checker)
-    except (ServiceError, OSError) as error:
+    except ServiceError as error:
         print(f"qmqpd service: {error}", file=sys.stderr)
-        return 100
+        return error.exit_code  # 100: the options must change
+    except OSError as error:  # a file or directory that cannot be written: try again
+        print(f"qmqpd service: {error}", file=sys.stderr)
+        return 111
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 from pathlib import Path
@@ -49,7 +50,10 @@ def test_uncommented_sample_loads(tmp_path: Path) -> None:
              and not line.endswith("= (unset)")]  # no TOML value means "not set"
     path = tmp_path / "all.toml"
     path.write_text("\n".join(lines) + "\n")
-    tomllib.loads(path.read_text())
+    data = tomllib.loads(path.read_text())
+    # a float default is written as a TOML float (3.0), not as the string "3.0"
+    assert all(isinstance(data[s.key], float) for s in SETTINGS.values()
+               if isinstance(s.default, float)), data
     cfg = load(str(path))
     for name, setting in SETTINGS.items():
         assert cfg[name] == setting.default, name
@@ -103,3 +107,24 @@ def test_every_command_block_that_is_not_run_says_why() -> None:
                 before = " ".join(lines[max(0, block.line - 5):block.line - 1]).lower()
                 assert "not run" in before or "does not run" in before, (
                     f"{doc}:{block.line}: say before the block why it is not run")
+
+
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every long option of parser and of its subcommands' parsers, recursively."""
+    found: set[str] = set()
+    for action in parser._actions:  # argparse keeps no public list of them
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found |= _long_options(child)
+        found |= {o for o in action.option_strings if o.startswith("--") and o != "--help"}
+    return found
+
+
+def test_man_pages_name_every_option() -> None:
+    """Each long option `qmqpd --help` and `qmqpc --help` list is in the man page."""
+    from qmqpd import cli, client
+
+    for page, parser in (("qmqpd.8", cli.build_parser()), ("qmqpc.1", client._parser())):
+        text = (ROOT / "man" / page).read_text()
+        missing = sorted(o for o in _long_options(parser) if f"Fl -{o[2:]}" not in text)
+        assert not missing, f"man/{page} does not name {missing}"

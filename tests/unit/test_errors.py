@@ -92,3 +92,29 @@ def test_a_refusal_exits_as_its_answer(status: str) -> None:
     error = BadEnvelope(Reply(status, "no"))
     assert error.exit_code == (100 if status == "D" else 111)
     assert error.reply.status == status
+
+
+def test_commands_exit_as_qmail_does(tmp_path: Path) -> None:
+    """Bad input exits 100, a file that cannot be read or written 111 (the man page's
+    EXIT STATUS): rules compile as tcprules does, dkim keygen, service."""
+    from qmqpd import cli
+
+    bad, good = tmp_path / "bad", tmp_path / "tcp.qmqp"
+    bad.write_text("1.2.3.4 deny\n")  # no colon
+    good.write_text("127.:allow\n")
+    unwritable = str(tmp_path / ("x" * 300))  # ENAMETOOLONG, for root too
+    assert cli.main(["rules", "compile", str(bad), str(tmp_path / "r.cdb")]) == 100
+    assert cli.main(["rules", "compile", str(good), unwritable + "/r.cdb"]) == 111
+    assert cli.main(["rules", "compile", str(tmp_path / "none"), str(tmp_path / "r.cdb")]) == 111
+    assert cli.main(["rules", "compile", str(good), str(tmp_path / "r.cdb")]) == 0
+
+    keygen = ["dkim", "keygen", "--bits", "1024", "--keydir"]
+    made = [*keygen, str(tmp_path / "keys"), "--domain", "example.org"]
+    assert cli.main(made) == 0
+    assert cli.main(made) == 100  # the key exists: --force replaces it
+    assert cli.main([*keygen, str(tmp_path / "keys"), "--domain", "../etc"]) == 100
+    assert cli.main([*keygen, unwritable, "--domain", "example.org"]) == 111
+
+    service = ["service", "--qmqp=628", "--qbase=/var/qmail/queue"]
+    assert cli.main([*service, "--maxdaemons=0", f"--servicedir={tmp_path}"]) == 100
+    assert cli.main([*service, f"--servicedir={unwritable}"]) == 111

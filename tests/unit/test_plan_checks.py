@@ -196,3 +196,20 @@ def test_anything_else_goes_to_the_parser(argv: list[str]) -> None:
     from qmqpd import cli
 
     assert cli._session_fast_path(argv) is None
+
+
+def test_a_missing_proxy_socket_owner_is_named_before_the_start() -> None:
+    """PROXY_SOCKET_USER/_GROUP that do not exist: `qmqpd check` and `serve` name them
+    (before, the start failed binding, with a line naming USER, and check said nothing)."""
+    from qmqpd import preflight
+
+    settings = {"PROXY_SOCKET": "/run/qmqpd-test/lb.sock", "ALLOW_ROOT": "1",
+                "PROXY_SOCKET_USER": "no-such-user-qmqpd", "PROXY_SOCKET_GROUP": "0"}
+    found = {p.setting: str(p) for p in preflight.server_problems(load(None, settings))}
+    assert set(found) == {"PROXY_SOCKET_USER"}, found
+    assert "'no-such-user-qmqpd': no such user" in found["PROXY_SOCKET_USER"]
+    settings.update(PROXY_SOCKET_USER="0", PROXY_SOCKET_GROUP="no-such-group-qmqpd")
+    found = {p.setting: str(p) for p in preflight.server_problems(load(None, settings))}
+    assert set(found) == {"PROXY_SOCKET_GROUP"}, found
+    settings.update(PROXY_SOCKET="")  # no socket: its owner is not looked up
+    assert preflight.server_problems(load(None, settings)) == []

@@ -259,8 +259,9 @@ def test_keygen_main_prints_the_zone_line(tmp_path: Path, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert out.startswith('s1._domainkey.example.com. IN TXT ( "v=DKIM1; k=rsa; p=')
     assert all(len(part) <= 255 for part in re.findall(r'"([^"]*)"', out))
+    # the key exists: a permanent failure, qmail's 100 (--force replaces it)
     assert keys.main(["keygen", "--domain", "example.com", "--selector", "s1",
-                      "--keydir", str(tmp_path)]) == 1
+                      "--keydir", str(tmp_path)]) == 100
 
 
 # --- DomainKeys canonicalisation -----------------------------------------------------------
