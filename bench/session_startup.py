@@ -233,7 +233,12 @@ def in_process(messages: int) -> None:
     except ImportError:  # a tree from before the session plan: settings per message
         target: object = cfg
     else:
-        target = plan.build_book(cfg, [("bench", rule_env)] if rule_env else [])
+        from qmqpd.injector import Writer
+
+        target, problems = plan.check_all(cfg, [("bench", rule_env)] if rule_env else [],
+                                          Writer.current())
+        if problems:
+            raise plan.PlanError(problems)
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(2)
     os.dup2(devnull, 2)  # the session log lines

@@ -17,8 +17,8 @@ from qmqpd.filters.base import Stage, Verdict
 from qmqpd.message import Message, Record, Reply
 
 # The stages in the order they run: (module, the settings that switch it on). Adding a stage
-# is one module (with a `name` and `from_config(config)`), one line here, and its settings'
-# rows in the key table of qmqpd/config.py.
+# is one module (its `from_config(config)` returns a `base.Stage` or None), one line here,
+# and its settings' rows in the key table of qmqpd/config.py.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("qmqpd.filters.virus", ("QHPSI",)),
     ("qmqpd.filters.dk", ("DKSIGN", "DKVERIFY")),

@@ -15,7 +15,8 @@ operation instead of one for the scan, sends 1 KiB chunks, and cannot tell clamd
 limit from a dead scanner once clamd has closed the stream — and it imports pkg_resources,
 ~70 ms for every `qmqpd session` process.
 
-Called by filters.pipeline (from_config, process); never touches queues or other stages.
+Called by filters.pipeline (from_config, process) and by the session plan (`ping`: is
+clamd there at start and reload); never touches queues or other stages.
 """
 
 from __future__ import annotations
@@ -95,6 +96,21 @@ class Scanner:
         except OSError as error:
             raise ScannerError(_describe(error)) from None
         return _result(answer)
+
+    def ping(self, timeout: float) -> str | None:
+        """None when clamd answers PING with PONG within timeout, else why not (the check
+        at planning: clamd may be down now and started later)."""
+        deadline = time.monotonic() + timeout
+        try:
+            sock = self._connect(timeout)
+            try:
+                _send(sock, b"zPING\0", deadline)
+                answer = _read_answer(sock, deadline)
+            finally:
+                sock.close()
+        except OSError as error:
+            return error.strerror or type(error).__name__
+        return None if answer.startswith("PONG") else f"answered {answer[:32]!r} to PING"
 
 
 class UnixScanner(Scanner):

@@ -3,9 +3,10 @@
 Owns the two parsers every address goes through: `parse_ip` (scope dropped, v4-mapped
 IPv6 as the IPv4 it is, so a dual-stack socket's `::ffff:a.b.c.d` counts, matches rules
 and is trusted as a.b.c.d) and `split_host_port` (the one syntax of CLAMD_TCP, METRICS,
-DNS_SERVERS and qmqpservers lines). Called by rules, limits, proxy, config, metrics,
-qmqpc and the filter stages. Stdlib only, importing nothing of the project (config, a
-shared leaf, uses it); it never resolves a name or opens a socket.
+DNS_SERVERS and qmqpservers lines; the metrics endpoint splits its checked METRICS
+itself, taking port 0 too, which tests use). Called by rules, limits, proxy, config,
+preflight, qmqpc and the filter stages. Stdlib only, importing nothing of the project
+(config, a shared leaf, uses it); it never resolves a name or opens a socket.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ master replans from the same watcher), each rule's merged settings, and the deci
 `Deny` (close, nothing sent), `Refuse` (Z over MAXPERIP) or `Admit` with the client's
 facts and a `Lease` from the ledger.
 Called by: the master, once per accepted connection (and again once its PROXY header
-names the real client), and once per turn (`new_turn`).
+names the real client), and once per turn (`rules.new_turn`, `replan_if_changed`).
 Never touches: a socket (the master passes the addresses), workers or the lobby. Each
 decision is logged here, where it is made.
 """
@@ -129,14 +129,17 @@ def proxy_policy(config: Config) -> proxy.Policy:
 
 
 class Admission:
-    def __init__(self, config: Config, policy: proxy.Policy, plans: Plans,
-                 rules: RulesWatcher, ledger: Ledger, hostname: str) -> None:
+    def __init__(self, config: Config, plans: Plans, ledger: Ledger, hostname: str,
+                 policy: proxy.Policy | None = None) -> None:
+        """config's decisions: its PROXY policy (made and logged here unless the caller
+        made it earlier, as a start does before it binds; ValueError when unusable), its
+        rules file opened, plans' settings per rule; leases from ledger."""
         self.config = config
         self.plans = plans
-        self.rules = rules
+        self.policy = proxy_policy(config) if policy is None else policy
+        self.rules = open_rules(config)
         self.ledger = ledger
         self.hostname = hostname
-        self.policy = policy
         self.unusable_rules: set[str | None] = set()
 
     def replan_if_changed(self, now: float, planner: Callable[[Config], Plans]) -> None:

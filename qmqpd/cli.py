@@ -105,9 +105,7 @@ def plan_all(cfg: config_mod.Config) -> tuple[PlanBook | None, list[config_mod.C
 
     writer, problems = _writer(cfg)
     envs: list[tuple[str, dict[str, str | None]]] = []
-    stamp = None
     if cfg.rules:
-        stamp = plan.rules_stamp(cfg.rules)
         try:
             envs = rules.rule_envs(cfg.rules)
         except rules.RulesError as error:
@@ -115,7 +113,7 @@ def plan_all(cfg: config_mod.Config) -> tuple[PlanBook | None, list[config_mod.C
     problems += _process_problems(cfg)
     if writer is None:
         return None, problems
-    book, found = plan.check_all(cfg, envs, writer, cfg.rules, stamp)
+    book, found = plan.check_all(cfg, envs, writer, cfg.rules)
     return book, problems + found
 
 

@@ -80,13 +80,14 @@ def unsupported() -> str | None:
     return None
 
 
-# This process's pid, kept current over fork (descriptors are reopened in a child).
-_pid = os.getpid()
+# This process's pid, kept current over fork (descriptors are reopened in a child); the
+# queue writer reads it too: no getpid call per message.
+pid = os.getpid()
 
 
 def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
+    global pid
+    pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -150,7 +151,7 @@ class GroupCommit:
         self._syncfs: Callable[[int], None] | None = None
 
     def _open(self) -> None:
-        if self._pid == _pid:
+        if self._pid == pid:
             return
         self._pid = 0
         opened: list[int] = []
@@ -172,10 +173,10 @@ class GroupCommit:
             raise
         self._dir_fd, self._record_fd, *rounds = opened
         self._round_fds = tuple(rounds)
-        self._pid = _pid
+        self._pid = pid
 
     def close(self) -> None:
-        if self._pid == _pid:
+        if self._pid == pid:
             for fd in (self._record_fd, *self._round_fds, self._dir_fd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -253,7 +254,7 @@ class GroupCommit:
         ended = time.monotonic_ns()
         length = ended - started
         average = (last.average * 7 + length) // 8 if last.average else length
-        self._update(good=started, ended=ended, average=average, leader=_pid, running=0)
+        self._update(good=started, ended=ended, average=average, leader=pid, running=0)
         self._reached(prefix + "recorded")
 
     def _gather(self, last: _Round) -> None:
@@ -261,7 +262,7 @@ class GroupCommit:
         to one average round (at most GATHER_LIMIT_NS) after the last one ended, so that
         those about to finish join this round instead of paying for the next (jbd2 waits
         the same way before a commit). A lone writer never waits."""
-        if last.leader in (0, _pid):
+        if last.leader in (0, pid):
             return
         pause = min(last.average, GATHER_LIMIT_NS) - (time.monotonic_ns() - last.ended)
         if pause > 0:

@@ -25,16 +25,28 @@ from typing import Any
 
 from qmqpd import log
 from qmqpd.limits import Lease, Ledger
-from qmqpd.lobby import HANDOFF_BYTES, Lobby, bytes_waiting
+from qmqpd.lobby import HANDOFF_BYTES, Event, Lobby, bytes_waiting
 from qmqpd.message import Reply
 from qmqpd.pool import Pool
 
-# A client waiting this long while every worker is busy makes the slowest session give way.
+# The give-way thresholds are constants, not settings: they act only while clients wait
+# and every worker is busy, and none follows from MAXDAEMONS, PREFORK or TIMEOUT.
+# A client waiting this long while every worker is busy makes the slowest session give
+# way. A working session is done in milliseconds, so half a second of waiting means the
+# workers wait on their clients; it is below TIMEOUT's floor (1 s), so the give-way can
+# come before a waiting client is answered busy, whatever TIMEOUT is.
 GIVE_WAY_AFTER = 0.5
-# Only a session this old, receiving slower than this on average, gives way.
+# Only a session this old is judged: its average over a shorter time is mostly the
+# connect and TCP slow start. RATE_GRACE's longer allowance (a lossy link's backoff) is
+# for MIN_RATE, which cuts a session whether or not anyone waits; here clients wait.
 MIN_AGE = 1.0
+# Slower than this on average since its connect, a session gives way: 64 KiB/s (512
+# kbit/s) is below any working relay link and far above MIN_RATE's floor, so a trickle
+# gives way and a slow but working link does not.
 GIVE_WAY_RATE = 64 * 1024
-# At most one session gives way per this many seconds for each waiting client.
+# One look reads TCP_INFO of every session in service (up to MAXDAEMONS calls), so at
+# most one look, and one session giving way, per this long; and never more sessions on
+# their way out at once than clients waiting.
 GIVE_WAY_INTERVAL = 0.1
 GIVE_WAY_REPLY = "Zserver busy, too slow: try again later (#4.3.0)"
 # struct tcp_info (linux/tcp.h): tcpi_bytes_received, a u64 at byte 128 (Linux 4.1+).
@@ -74,8 +86,9 @@ class Handoff:
         self.seats: dict[Lease, Seat] = {}
         self.next_give_way = 0.0
 
-    def run(self, now: float) -> None:
-        """Waiting connections go to idle workers, whole requests first, oldest first."""
+    def run(self, now: float) -> list[Event]:
+        """Waiting connections go to idle workers, whole requests first, oldest first; the
+        lobby's events of those found gone on the way, for the master to count."""
         while (self.lobby.ready and not self.ledger.full and self.pool.has_idle()
                and (conn := self.lobby.take_ready()) is not None):
             assert conn.lease is not None and conn.client is not None
@@ -96,6 +109,7 @@ class Handoff:
             self.observer.connection("dropped", conn.ip)
             log.event("drop", ip=conn.ip, error="no worker could take the connection")
             self.lobby.refuse(conn.sock, Reply.named("temporary").line, now)
+        return self.lobby.take_events() if self.lobby.events else []
 
     def _seat(self, sock: socket.socket, started: float, total: int) -> Seat | None:
         """What give_way needs of a session about to start; None when it cannot tell

@@ -186,14 +186,11 @@ def _choose(route: Route, limits: backlog.Limits) -> tuple[Queue | None, backlog
 class Injector:
     """One session's way into the queue; the queue is chosen once, at construction."""
 
-    def __init__(self, config: Config, client: Client, route: Route | None = None) -> None:
-        self.config = config  # the session plan's settings: base merged with the rule env (plan.py)
+    def __init__(self, config: Config, client: Client, route: Route) -> None:
+        """config and route: the session plan's (plan.py), its settings the base merged
+        with the client's rule env, its queues checked when the plan was made."""
+        self.config = config
         self.client = client
-        if route is None:  # not planned ahead: only the check that needs no disk
-            missing = _no_queue(config)
-            if missing is not None:
-                raise missing
-            route = Route.from_config(config)
         self.program = list(route.program)
         # An external program picks its own queue unless QUEUEDIR names one. Native:
         # QUEUEDIR, or one of QUEUE_BASE/queueN by backlog (or at random, as qmail-multi).

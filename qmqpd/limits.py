@@ -5,8 +5,10 @@ budget, and the `Ledger` that issues a `Lease` per admitted client: its per-IP s
 admission, its capacity slot at the hand-off, both given back by one `release()`. A lease
 has one owner at a time (the lobby, then a worker record in the pool); a second release
 is a bug that is logged and ignored, never raised, so it cannot end the master.
-Called by: admission (admit), lobby and pool (pass the lease on, release), the master
-(resize, snapshots). Never touches sockets, clocks or processes.
+Called by: admission (admit), the hand-off (start: the lease passes to a worker), the
+lobby, the hand-off and the master (release: the master when it settles a worker's
+record), the master (resize) and the observer (counts for the status).
+Never touches sockets, clocks or processes.
 """
 
 from __future__ import annotations

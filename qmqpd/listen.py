@@ -1,9 +1,12 @@
 """Listening sockets: opening, pausing, closing.
 
-Owns: the sockets the server accepts on (PORT on each LOCALIP), bound before the
-privilege drop, and whether they are registered in the master's selector (accepting or
-paused). `open_socket` is the one way a listening TCP socket is made (METRICS may use it).
-Called by: the master (open at start, pause/resume each turn, close at stop and in a child).
+Owns: the sockets the server accepts on (PORT on each LOCALIP, and PROXY_SOCKET), bound
+before the privilege drop, which setting to fix when one cannot be bound, and whether they
+are registered in the master's selector (accepting or paused). `open_socket` is the one
+way a listening TCP socket is made, METRICS's too; SHORTAGE, the accept errors that mean
+out of descriptors or memory (pause, never exit).
+Called by: the master (open at start, pause/resume each turn, close at stop and in a
+child) and the metrics endpoint (`open_socket`, SHORTAGE).
 Never touches: clients (it accepts them and hands them on at once, knowing nothing of them).
 """
 
@@ -17,7 +20,8 @@ import socket
 import stat
 from collections.abc import Callable, Iterator
 
-from qmqpd import log
+from qmqpd import log, procctl
+from qmqpd.config import Config, problem
 from qmqpd.errors import TemporaryError
 
 # The kernel's queue of connections not yet accepted: the master accepts eagerly (idle
@@ -25,6 +29,8 @@ from qmqpd.errors import TemporaryError
 LISTEN_BACKLOG = 1024
 # Connections accepted in one go before the loop looks at timers and signals again.
 ACCEPT_BATCH = 256
+# "Out of descriptors or memory": the caller sheds load or pauses, never spins or exits.
+SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ListenError(TemporaryError):
@@ -113,18 +119,25 @@ class Listeners:
         self.watching = False
         self.failure: OSError | None = None  # what ended the last accept batch, if not EAGAIN
 
-    def open(self, addresses: tuple[str, ...], port: int, backlog: int,
-             unix: tuple[str, int, int, int] | None = None) -> None:
-        """TCP on each address and port; unix = (path, uid, gid, mode) adds PROXY_SOCKET."""
-        self.sockets = open_listeners(addresses, port, max(LISTEN_BACKLOG, backlog))
-        if unix is not None:
-            try:
-                self.sockets.append(open_unix(unix[0], max(LISTEN_BACKLOG, backlog),
-                                              *unix[1:]))
-            except ListenError as error:
-                self.close_fds()
-                error.setting = "PROXY_SOCKET"
-                raise
+    def open(self, cfg: Config) -> None:
+        """PORT on each LOCALIP, and PROXY_SOCKET when set (owned by PROXY_SOCKET_USER and
+        _GROUP, ProcError when they do not exist, with PROXY_SOCKET_MODE); a ConfigError
+        names the setting to fix."""
+        backlog = max(LISTEN_BACKLOG, cfg.maxdaemons)
+        owner = (procctl.identity(cfg.proxy_socket_user, cfg.proxy_socket_group)[:2]
+                 if cfg.proxy_socket else (-1, -1))
+        try:
+            self.sockets = open_listeners(cfg.localip, cfg.port, backlog)
+            if cfg.proxy_socket:
+                try:
+                    self.sockets.append(open_unix(cfg.proxy_socket, backlog, *owner,
+                                                  int(cfg.proxy_socket_mode, 8)))
+                except ListenError as error:
+                    self.close_fds()
+                    error.setting = "PROXY_SOCKET"
+                    raise
+        except ListenError as error:
+            raise problem(error.setting, cfg.source(error.setting), str(error)) from None
         self.names = [name(sock) for sock in self.sockets]
 
     def log(self, **fields: object) -> None:

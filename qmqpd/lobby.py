@@ -1,18 +1,20 @@
 """Connections without a worker: the lobby.
 
 Owns: every accepted client socket the master holds that no worker has — its phase, its
-deadline, its lease while it is here — and refused sockets lingering after their Z.
+deadline, its lease while it is here — refused sockets lingering after their Z, and the
+descriptor budget they are held within (room for one more, shedding when short).
 A connection goes through the phases of ALLOWED_FROM, each with a deadline:
   HEADER   its PROXY header, read and consumed here (PROXY_TIMEOUT; no lease yet)
   FIRST    its first bytes (FIRST_BYTE_TIMEOUT)
   REQUEST  the rest of its request, or HANDOFF_BYTES of it (the worker's MIN_RATE rule)
-  WAITING  it has what a worker needs and waits for an idle one (WAIT_TIMEOUT: then Z)
+  WAITING  it has what a worker needs and waits for an idle one (TIMEOUT: then Z busy)
   LINGER   refused: after the Z, what it still sends is read and dropped (bounded)
   GONE     out of the lobby: closed, handed to a worker, or given back for admission
 Readiness is one peek at the QMQP length prefix, parsed by the worker's own
 `netstring.read_length` with the worker's limits; the request itself is only peeked, so the
 worker reads it whole from the socket.
-Called by: the master (enter, readable, expire, take_ready, shed, close_all).
+Called by: the master (has_room and make_room before an accept, enter, readable, expire,
+shed_load, close_all) and the hand-off (take_ready, refuse).
 Never touches: counters (it returns `Event`s and the master counts), rules or workers.
 A connection whose PROXY header says the balancer speaks for itself (LOCAL) and that
 sends nothing is a health check (HEALTH), not a dropped connection.
@@ -53,7 +55,7 @@ _PEEK_FLAGS = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 64 * 1024
 LINGER_MAX = 1024
-# The answer to a client that waited WAIT_TIMEOUT for a worker: try another server.
+# The answer to a client that waited TIMEOUT for a worker: try another server.
 BUSY_REPLY = "Zserver busy: no worker free, try again later (#4.3.0)"
 # A waiting client whose FIN comes this long after its last data has given up (it timed
 # out and closed); one that half-closes right after its request (FIN with the data) waits on.
@@ -153,13 +155,6 @@ def request_total(head: bytes) -> int | None:
     return head.index(b":") + 1 + length + 1
 
 
-def request_size(head: bytes) -> int | None:
-    """Bytes to wait for before the hand-off: the whole request up to HANDOFF_BYTES (None
-    and 0 as request_total: the worker answers a refused prefix at once)."""
-    total = request_total(head)
-    return total if not total else min(total, HANDOFF_BYTES)
-
-
 def bytes_waiting(sock: socket.socket) -> int:
     """Bytes in the socket's receive queue (FIONREAD): counted, not copied."""
     (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)))
@@ -213,8 +208,15 @@ class Lobby:
         """Client sockets held (they count against the master's descriptor budget)."""
         return len(self.conns) + len(self.lingering)
 
-    def sheddable(self) -> bool:
-        return bool(self.lingering) or len(self.conns) > self.ready
+    def has_room(self) -> bool:
+        """One more client socket fits the descriptor budget, or an older one can be given
+        up for it (a lingerer, or one not yet waiting for a worker)."""
+        return (not self.budget.over(self.held()) or bool(self.lingering)
+                or len(self.conns) > self.ready)
+
+    def make_room(self) -> list[Event]:
+        """For the socket about to be accepted: at the budget, the first `shed` victim goes."""
+        return self.shed(1)[1] if self.budget.over(self.held()) else []
 
     def next_deadline(self) -> float | None:
         return self.timers[0][0] if self.timers else None
@@ -448,7 +450,7 @@ class Lobby:
     def expire(self, now: float) -> list[Event]:
         """Connections past their phase's deadline: no PROXY header or nothing sent in
         time: closed; a request arriving slower than MIN_RATE: answered Z, as its worker
-        would; no worker within WAIT_TIMEOUT: answered Z (busy); lingerers: closed."""
+        would; no worker within TIMEOUT: answered Z (busy); lingerers: closed."""
         while self.timers and self.timers[0][0] <= now:
             armed, _order, conn = heapq.heappop(self.timers)
             if conn.phase is Phase.GONE or conn.armed != armed:

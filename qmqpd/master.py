@@ -3,7 +3,8 @@
 Owns: the selector, the signals, one loop `turn()` (signals by name → settle worker
 records → timers → select → dispatch), and start, reload, stop and abort. It wires the
 parts and keeps no connection or slot state: listen (listening sockets), admission (PROXY
-policy, rules, MAXPERIP → a decision), lobby (connections without a worker), limits'
+policy, rules, MAXPERIP → a decision), lobby (connections without a worker, within the
+descriptor budget), handoff (lobby → worker; the slowest session giving way), limits'
 Ledger (slots; a Lease goes lobby → worker, released once), pool (workers; `poll()` says
 which sessions ended and who died), status.Observer (counters, status, metrics, title).
 Called by: `qmqpd serve` (cli) through `run()`.
@@ -22,7 +23,6 @@ the loop stops the workers in order, writes a final status and exits 111.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import os
 import selectors
@@ -34,7 +34,7 @@ from types import FrameType
 from typing import Any
 
 from qmqpd import admission, listen, log, metrics, procctl, status
-from qmqpd.config import Config, problem
+from qmqpd.config import Config
 from qmqpd.handoff import Handoff
 from qmqpd.limits import DescriptorBudget, Ledger
 from qmqpd.lobby import HEADER_READ, HEALTH, SHORT, Conn, Event, Lobby
@@ -43,11 +43,9 @@ from qmqpd.pool import BootFailure, Ended, Pool
 ACCEPT_PAUSE = 0.5  # after running out of descriptors or memory, stop accepting this long
 TICK = 1.0  # longest sleep of the loop: bounds how late a deadline is noticed
 ABORT_GRACE = 5.0  # an aborting master waits this long for TERMed workers, then KILLs
-# Settings a HUP cannot change (sockets bound, privileges dropped); the errors that mean
-# "out of descriptors or memory" (shed load, never exit).
+# Settings a HUP cannot change (sockets bound, privileges dropped).
 RESTART_ONLY = ("LOCALIP", "PORT", "USER", "GROUP", "STATUS_FILE", "METRICS", "PROXY_SOCKET",
                 "PROXY_SOCKET_USER", "PROXY_SOCKET_GROUP", "PROXY_SOCKET_MODE")
-SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LISTEN, _WAKEUP, _HANGUP, _WORKERS = "listen", "wakeup", "hangup", "workers"
 # cli passes the planner (qmqpd.plan; raises ConfigError): no filter or queue code here
 Planner = Callable[[Config], admission.Plans]
@@ -64,15 +62,15 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.listeners = listen.Listeners(self.selector, _LISTEN)
         self.ledger = Ledger(config.maxdaemons)
-        self.budget = DescriptorBudget(1024, config.maxdaemons + config.prefork)
-        self.lobby = Lobby(self.selector, self.ledger, self.budget)
+        self.lobby = Lobby(self.selector, self.ledger,
+                           DescriptorBudget(1024, config.maxdaemons + config.prefork))
         self.exporter = (metrics.Exporter(config.metrics, self._status,
                                           lambda: metrics.queue_dirs(self.config))
                          if config.metrics else None)
         self.observer = status.Observer(config.status_file, procctl.set_title, self.exporter)
-        self.admission: admission.Admission | None = None
-        self.pool: Pool | None = None
-        self.handoff: Handoff | None = None
+        self.admission: admission.Admission | None = None  # once planned, in start
+        self.pool = Pool(self._enter_worker, config, after_fork=self._in_child)
+        self.handoff = Handoff(self.lobby, self.ledger, self.pool, self.observer)
         self.signals: list[str] = []  # names, in the order they came
         self.reap_due = True
         self.wakeup_r, self.wakeup_w = -1, -1
@@ -87,31 +85,25 @@ class Master:
         nofile = procctl.raise_fd_limit()
         # the metrics endpoint's connections come out of the limit before the clients'
         scrapes = self.exporter.size(nofile) if self.exporter is not None else 0
-        self.budget = DescriptorBudget(nofile - scrapes, cfg.maxdaemons + cfg.prefork)
-        self.lobby.configure(cfg.first_byte_timeout, cfg.timeout, self.budget)
-        unix = ((cfg.proxy_socket, *_owner(cfg, "PROXY_SOCKET_"), int(cfg.proxy_socket_mode, 8))
-                if cfg.proxy_socket else None)
-        try:
-            self.listeners.open(cfg.localip, cfg.port, cfg.maxdaemons, unix)
-        except listen.ListenError as error:
-            raise problem(error.setting, cfg.source(error.setting), str(error)) from None
-        if self.exporter is not None:  # before the privilege drop: the port may be low
+        self.lobby.configure(cfg.first_byte_timeout, cfg.timeout,
+                             DescriptorBudget(nofile - scrapes, cfg.maxdaemons + cfg.prefork))
+        # before the privilege drop: the ports may be low (ConfigError names the setting)
+        self.listeners.open(cfg)
+        if self.exporter is not None:
             self.exporter.open()
             self.exporter.register(self.selector)
-        self.observer.writer.prepare(*_owner(cfg))
+        self.observer.writer.prepare(*procctl.identity(cfg.user, cfg.group)[:2])
         procctl.drop_privileges(cfg.user, cfg.group)
         plans = self.planner(cfg)  # as the workers' user: keys, queues, every rule
-        self.admission = admission.Admission(cfg, policy, plans, admission.open_rules(cfg),
-                                             self.ledger, socket.gethostname())
+        self.admission = admission.Admission(cfg, plans, self.ledger, socket.gethostname(),
+                                             policy)
         self._install_signals()
         gc.collect()
         gc.freeze()
-        self.pool = Pool(self._enter_worker, cfg, after_fork=self._in_child)
-        self.handoff = Handoff(self.lobby, self.ledger, self.pool, self.observer)
         self.selector.register(self.pool.fileno(), selectors.EVENT_READ, _WORKERS)
         self.selector.register(self.lobby.hangup.fileno(), selectors.EVENT_READ, _HANGUP)
         # last: once "listen" is logged, every start warning is out and clients are served
-        self.listeners.log(nofile=nofile, client_fds=self.budget.clients)
+        self.listeners.log(nofile=nofile, client_fds=self.lobby.budget.clients)
 
     def _enter_worker(self, channel: socket.socket, _config: Config) -> None:
         """In a fresh worker: serve with the plans that were current at the fork."""
@@ -132,8 +124,7 @@ class Master:
         """In a fresh worker: drop every master resource it inherited."""
         self.listeners.close_fds()
         self.lobby.close_fds()
-        if self.handoff is not None:
-            self.handoff.close_fds()
+        self.handoff.close_fds()
         for fd in (self.wakeup_r, self.wakeup_w):
             os.close(fd)
         if self.exporter is not None:
@@ -141,13 +132,12 @@ class Master:
         self.selector.close()
 
     def run(self) -> int:
-        assert self.pool is not None
         try:
             while self.accepting or self.pool.workers:
                 try:
                     self.turn()
                 except OSError as error:
-                    if error.errno not in SHORTAGE:
+                    if error.errno not in listen.SHORTAGE:
                         raise
                     self._shed(time.monotonic(), error.strerror or str(error))
         except BootFailure as failure:
@@ -163,7 +153,7 @@ class Master:
 
     def turn(self) -> None:
         """One turn: signals by name → settle worker records → timers → select → dispatch."""
-        assert self.pool is not None and self.admission is not None
+        assert self.admission is not None
         now = time.monotonic()
         self._handle_signals(now)
         self.admission.rules.new_turn()
@@ -175,7 +165,7 @@ class Master:
             self._dispatch(key.data, key.fileobj, time.monotonic())
 
     def _timers(self, now: float) -> None:
-        assert self.pool is not None and self.admission is not None
+        assert self.admission is not None
         if self.pool.maintain(now):
             self._shed(now, "a worker could not be started")
         self._count(self.lobby.expire(now), now)
@@ -183,7 +173,7 @@ class Master:
             self.exporter.expire(now)
         if self.accepting:  # a replaced rules cdb: planned again
             self.admission.replan_if_changed(now, self.planner)
-        if self.lobby.ready and self.handoff is not None:
+        if self.lobby.ready:
             self._hand_ready(now)
             self.handoff.give_way(now)
         self.listeners.watch(self._can_take(now))
@@ -193,7 +183,7 @@ class Master:
                            len(self.lobby.conns), self.accepting, self._status)
 
     def _timeout(self, now: float) -> float:
-        assert self.pool is not None  # the soonest of every deadline, at most TICK away
+        """The soonest of every deadline, at most TICK away."""
         paused = self.accept_paused_until if self.accept_paused_until > now else None
         soonest = min(d for d in (now + TICK, self.pool.next_deadline(), self.stop_deadline,
                                   self.lobby.next_deadline(), paused,
@@ -219,10 +209,9 @@ class Master:
     def settle(self, now: float) -> None:
         """Read the workers' records, reap the dead, give back the leases of ended sessions,
         hand waiting connections to idle workers. Each turn and after each accept only."""
-        assert self.pool is not None
         reap, self.reap_due = self.reap_due, False
         for event in self.pool.poll(now, reap):
-            if event.session is not None and self.handoff is not None:
+            if event.session is not None:
                 self.handoff.ended(event.session)
             if isinstance(event, Ended):
                 self.ledger.release(event.session)
@@ -234,23 +223,17 @@ class Master:
             self._hand_ready(now)
 
     def _hand_ready(self, now: float) -> None:  # waiting connections to idle workers
-        if self.accepting and self.handoff is not None:
-            self.handoff.run(now)
-        if self.lobby.events:  # those found gone before their turn
-            self._count(self.lobby.take_events(), now)
+        if self.accepting:
+            self._count(self.handoff.run(now), now)  # those found gone before their turn
 
     def _can_take(self, now: float) -> bool:
-        if not self.accepting or now < self.accept_paused_until:
-            return False
-        # at the budget, only if an older socket can be given up for the new one
-        return not self.budget.over(self.lobby.held()) or self.lobby.sheddable()
+        return self.accepting and now >= self.accept_paused_until and self.lobby.has_room()
 
     def _room(self, now: float) -> bool:
         """One more client may be accepted (an older held socket given up if need be)."""
         if not self._can_take(now):
             return False
-        if self.budget.over(self.lobby.held()):
-            self._count(self.lobby.shed(1)[1], now)
+        self._count(self.lobby.make_room(), now)
         return True
 
     def _accept(self, listener: socket.socket, now: float) -> None:
@@ -261,7 +244,7 @@ class Master:
             unix = listener.family == socket.AF_UNIX  # PROXY_SOCKET: a balancer on this host
             self._admit(sock, ("127.0.0.1", 0) if unix else peer, None, now, unix)
         error = self.listeners.failure
-        if error is not None and error.errno in SHORTAGE:
+        if error is not None and error.errno in listen.SHORTAGE:
             self._shed(now, error.strerror or str(error))
         elif error is not None:
             log.error("accept failed; pausing", error=error.strerror)
@@ -325,7 +308,6 @@ class Master:
                 self._reload()
 
     def _shutdown(self, now: float) -> None:
-        assert self.pool is not None
         if not self.accepting:  # a second TERM: do not wait any longer
             log.event("shutdown", phase="now")
             self.pool.hurry(now)
@@ -339,15 +321,13 @@ class Master:
         self.pool.stop(now, self.stop_deadline)
 
     def _reload(self) -> None:
-        assert self.pool is not None and self.admission is not None
+        assert self.admission is not None
         if not self.accepting:
             return
         try:
             new = self.config_loader()
             plans = self.planner(new)
-            admitting = admission.Admission(new, admission.proxy_policy(new), plans,
-                                            admission.open_rules(new), self.ledger,
-                                            self.admission.hostname)
+            admitting = admission.Admission(new, plans, self.ledger, self.admission.hostname)
         except Exception as error:
             log.error("reload failed; keeping the running config", error=str(error))
             return
@@ -359,15 +339,14 @@ class Master:
         self.admission.rules.close()
         self.admission = admitting
         self.ledger.capacity.resize(new.maxdaemons)
-        self.budget = DescriptorBudget(self.budget.nofile, new.maxdaemons + new.prefork)
-        self.lobby.configure(new.first_byte_timeout, new.timeout, self.budget)
+        self.lobby.configure(new.first_byte_timeout, new.timeout, DescriptorBudget(
+            self.lobby.budget.nofile, new.maxdaemons + new.prefork))
         self.pool.reload(new)
         log.event("reload", generation=self.pool.generation, maxdaemons=new.maxdaemons,
                   maxperip=new.maxperip, prefork=new.prefork)
 
     def _abort(self) -> int:
         """Stop accepting, TERM then KILL every worker, write the final status: exit 111."""
-        assert self.pool is not None
         self.accepting = False
         with contextlib.suppress(Exception):  # the workers go whatever state the rest is in
             self.listeners.close()
@@ -381,19 +360,10 @@ class Master:
 
     def _status(self) -> dict[str, object]:
         """What `qmqpd status` and the metrics show: counts and client IPs, no mail."""
-        assert self.pool is not None
         return self.observer.status(
             state="running" if self.accepting else "stopping", started=self.started_at,
             listen=self.listeners.names, config=self.config, waiting=len(self.lobby.conns),
             workers=self.pool.counts(), generation=self.pool.generation, ledger=self.ledger)
-
-
-def _owner(cfg: Config, prefix: str = "") -> tuple[int, int]:
-    """(uid, gid) of USER and GROUP (or PROXY_SOCKET_USER and _GROUP); -1 = unchanged."""
-    user, group = cfg[prefix + "USER"], cfg[prefix + "GROUP"]
-    uid, gid = procctl.resolve_user(user)[:2] if user else (-1, -1)
-    gids = procctl.resolve_groups(group) if group else []
-    return uid, gids[0] if gids else gid
 
 
 def run(config: Config, worker_entry: PlannedEntry, config_loader: Callable[[], Config],

@@ -340,7 +340,8 @@ REPLIES: dict[str, str] = {
     "verify_tempfailed": "Z{stage}: {text} (#4.7.1)",
 }
 
-# qmail-queue exit code -> reply name, as qmail.c maps them (IndiMail's texts).
+# qmail-queue exit code -> the answer line (status letter and text), as qmail.c maps them
+# (IndiMail's texts); a code not listed gets reply_for_exit's default.
 EXIT_REPLIES: dict[int, str] = {
     11: "Dqq envelope address too long (#5.1.3)",
     115: "Dqq envelope address too long (#5.1.3)",

@@ -60,7 +60,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from qmqpd import backlog, log
+from qmqpd import backlog, listen, log
 from qmqpd.status import ANSWER_NAMES
 
 # Text format 0.0.4: what every Prometheus and promtool reads.
@@ -105,8 +105,6 @@ EVICTIONS_PER_LOOK = 4
 LISTEN_BACKLOG = 4096
 SHORTAGE_PAUSE = 1.0
 SHORTAGE_WARNING_INTERVAL = 10.0
-# "Out of descriptors or memory": pause the listener, never spin on it.
-SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            431: "Request Header Fields Too Large"}
 
@@ -334,18 +332,10 @@ class Exporter:
     # ---- the socket -------------------------------------------------------------------
     def open(self) -> None:
         host, port = split_address(self.address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
-            sock.listen(LISTEN_BACKLOG)
-            sock.setblocking(False)
-        except OSError as error:
-            sock.close()
-            raise OSError(error.errno, f"METRICS {self.address}: {error.strerror}") from None
+            sock = listen.open_socket(host, port, LISTEN_BACKLOG)
+        except listen.ListenError as error:
+            raise OSError(f"METRICS: {error}") from None
         self.listener = _Listener(sock)
         self.selector = selectors.DefaultSelector()
         log.event("metrics_listen", addr=host, port=sock.getsockname()[1],

@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 
 RuleEnv = Mapping[str, "str | None"]
 EnvKey = tuple[tuple[str, "str | None"], ...]
-# The identity of the rules cdb a book was planned from: (dev, inode, mtime_ns, size).
-Stamp = tuple[int, int, int, int] | None
 
 
 def env_key(env: RuleEnv) -> EnvKey:
@@ -59,15 +57,6 @@ def make_plan(config: Config, writer: Writer) -> tuple[SessionPlan | None, list[
     return SessionPlan(config, Route.from_config(config), tuple(stages)), []
 
 
-def rules_stamp(path: str) -> Stamp:
-    """The rules file's identity now (None when it cannot be read)."""
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
-
-
 class PlanBook:
     """The plans of one configuration: the base plan and one per distinct rule env.
 
@@ -76,14 +65,11 @@ class PlanBook:
     """
 
     def __init__(self, config: Config, writer: Writer | None = None,
-                 plans: Mapping[EnvKey, SessionPlan] | None = None,
-                 rules: str = "", stamp: Stamp = None) -> None:
+                 plans: Mapping[EnvKey, SessionPlan] | None = None) -> None:
         self.config = config
         self.writer = writer or Writer.current()
         self._plans: dict[EnvKey, SessionPlan] = dict(plans or {})
         self._failed: dict[EnvKey, PlanError] = {}
-        self.rules = rules
-        self._seen = stamp
         self.warnings: list[str] = []  # what may fail later; serve logs, check prints
 
     def __len__(self) -> int:
@@ -114,19 +100,9 @@ class PlanBook:
             return plan.config
         return self.config.overlay(dict(key), "rule env") if key else self.config
 
-    def rules_changed(self) -> bool:
-        """True once each time the rules file differs from the one last planned or seen."""
-        if not self.rules:
-            return False
-        current = rules_stamp(self.rules)
-        if current == self._seen:
-            return False
-        self._seen = current
-        return True
-
 
 def check_all(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]], writer: Writer,
-              rules: str = "", stamp: Stamp = None) -> tuple[PlanBook, list[ConfigError]]:
+              rules: str = "") -> tuple[PlanBook, list[ConfigError]]:
     """Plan the base settings and every rule env; the book and every problem found
     (each once, in the order found). Beyond what a plan needs, each distinct setting is
     checked against what it would meet: MIN_FREE against the queue's filesystem, every
@@ -149,23 +125,14 @@ def check_all(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]], writer: 
         plan, found = make_plan(merged, writer)
         found += _min_free_problems(merged)
         if plan is not None:
-                warnings.update(dict.fromkeys(_clamd_warnings(merged)))
+            warnings.update(dict.fromkeys(_clamd_warnings(merged)))
         for error in found:
             problems.setdefault(str(error), error)
         if plan is not None and not found:
             plans[key] = plan
-    book = PlanBook(config, writer, plans, rules, stamp)
+    book = PlanBook(config, writer, plans)
     book.warnings = list(warnings)
     return book, list(problems.values())
-
-
-def build_book(config: Config, rule_envs: Iterable[tuple[str, RuleEnv]] = (),
-               writer: Writer | None = None, rules: str = "", stamp: Stamp = None) -> PlanBook:
-    """Every plan of this configuration, or PlanError listing every problem."""
-    book, problems = check_all(config, rule_envs, writer or Writer.current(), rules, stamp)
-    if problems:
-        raise PlanError(problems)
-    return book
 
 
 def _min_free_problems(config: Config) -> list[ConfigError]:
@@ -192,42 +159,13 @@ def _clamd_warnings(config: Config) -> list[str]:
     """QHPSI on and clamd not answering PING: every message gets Z until it answers."""
     if not config.qhpsi:
         return []
+    from qmqpd.filters import virus  # the stage's own clamd client, only with QHPSI on
+
     target = config.clamd_tcp or config.clamd_socket
-    reason = clamd_ping(config.clamd_tcp, config.clamd_socket, min(config.clamd_timeout, 3.0))
+    reason = virus.scanner_for(config).ping(min(config.clamd_timeout, 3.0))
     if reason is None:
         return []
     return [f"QHPSI (qhpsi) from {config.source('QHPSI')}: clamd at {target} does not answer "
             f"({reason}); every message gets Z until it does"
             + ("" if not config.qhpsi_pass_on_error else
                " (QHPSI_PASS_ON_ERROR: queued unscanned instead)")]
-
-
-def clamd_ping(tcp: str, unix: str, timeout: float) -> str | None:
-    """None when clamd answers PING with PONG, else why not."""
-    import socket
-
-    try:
-        if tcp:
-            host, _colon, port = tcp.rpartition(":")
-            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(unix)
-            except OSError:
-                sock.close()
-                raise
-        with sock:
-            sock.sendall(b"zPING\0")
-            answer = b""
-            while b"\0" not in answer and len(answer) < 64:
-                block = sock.recv(64)
-                if not block:
-                    break
-                answer += block
-    except OSError as error:
-        return error.strerror or type(error).__name__
-    if not answer.startswith(b"PONG"):
-        return f"answered {answer[:32]!r} to PING"
-    return None

@@ -6,8 +6,9 @@
             failure
 
 Owns: worker processes, their channels and the selector those sit in, and what a busy
-worker holds for its client (its `Lease`, handed in by the master with the connection).
-Called by: the master (spawn via maintain, take_idle, hand, poll, reload, stop, abort).
+worker holds for its client (its `Lease`, handed in by the hand-off with the connection).
+Called by: the master (maintain, which spawns; poll, reload, stop, hurry, abort) and the
+hand-off (has_idle, hand_to_idle).
 Never touches: rules, limits' counters or a client's data; `poll()` returns what happened
 (`Ended`, `Exit`) and the master settles the leases.
 

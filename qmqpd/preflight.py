@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 
 from qmqpd import procctl, proxy
+from qmqpd.address import split_host_port
 from qmqpd.config import Config, ConfigError, problem
 
 # What a check run as the service's user hands back: (plans made or None, problems, warnings)
@@ -62,10 +63,10 @@ def _metrics_clash(cfg: Config) -> str | None:
 
     if not cfg.metrics:
         return None
-    host, _colon, port = cfg.metrics.rpartition(":")
-    if int(port) != cfg.port:
+    host, port = split_host_port(cfg.metrics)
+    if port != cfg.port:
         return None
-    metrics_ip = ipaddress.ip_address(host.strip("[]"))
+    metrics_ip = ipaddress.ip_address(host)
     for address in cfg.localip:
         listen_ip = ipaddress.ip_address(address.split("%")[0])
         if metrics_ip == listen_ip or metrics_ip.is_unspecified or listen_ip.is_unspecified:

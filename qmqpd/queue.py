@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from qmqpd import commit
 from qmqpd.commit import ROUND_STEPS, CommitError, GroupCommit, unsupported
 from qmqpd.errors import PermanentError, TemporaryError
 from qmqpd.fsio import write_all
@@ -80,16 +81,6 @@ GROUP_COMMIT_STEPS = (COMMIT_STEPS[:6] + tuple(f"files_{step}" for step in ROUND
                       + ("todo_linked",) + tuple(f"todo_{step}" for step in ROUND_STEPS))
 
 _sequence = itertools.count(1)
-# This process's pid, kept current over fork: no getpid call per message.
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 class QueueError(TemporaryError):
@@ -189,7 +180,7 @@ class Queue:
     def write(self, message: Message, uid: int | None = None) -> int:
         """Queue one message; returns its id N. Raises QueueError, leaving nothing behind."""
         envelope = envelope_bytes(message.sender, message.recipients,
-                                  os.getuid() if uid is None else uid, _pid)
+                                  os.getuid() if uid is None else uid, commit.pid)
         made: list[str] = []
         try:
             qid = self._write_files(message, envelope, made)
@@ -248,7 +239,7 @@ class Queue:
     def _create_pid_file(self) -> tuple[int, str]:
         pid_dir = os.path.join(self.path, "pid")
         for _ in range(PID_ATTEMPTS):
-            name = os.path.join(pid_dir, f"{_pid}.{int(time.time())}.{next(_sequence)}")
+            name = os.path.join(pid_dir, f"{commit.pid}.{int(time.time())}.{next(_sequence)}")
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                              FILE_MODE)
@@ -361,8 +352,8 @@ class Queue:
         """0644 whatever the umask; owned like the queue when running as root."""
         if stat.S_IMODE(info.st_mode) != FILE_MODE:
             os.fchmod(fd, FILE_MODE)
-        if self._euid_pid != _pid:  # once per process: a worker's user is set before
-            self._euid, self._euid_pid = os.geteuid(), _pid
+        if self._euid_pid != commit.pid:  # once per process: a worker's user is set before
+            self._euid, self._euid_pid = os.geteuid(), commit.pid
         if self._euid == 0:
             uid, gid = self._queue_owner()
             if (info.st_uid, info.st_gid) != (uid, gid):
@@ -481,9 +472,9 @@ _pool_pid = 0
 def _sync_pool() -> _SyncThreads:
     """Two threads per process, made on first use (a forked worker makes its own)."""
     global _pool, _pool_pid
-    if _pool is None or _pool_pid != _pid:
+    if _pool is None or _pool_pid != commit.pid:
         _pool = _SyncThreads(2)
-        _pool_pid = _pid
+        _pool_pid = commit.pid
     return _pool
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd.config import ConfigError, load
-from qmqpd.injector import Injector
+from qmqpd.config import Config, load
+from qmqpd.injector import Injector, Route
 from qmqpd.message import Client, Message, MessageData
 from qmqpd.queue import create_queue, free_bytes
 from tests.support import wait_until
@@ -23,6 +23,11 @@ RECEIVED = b"Received: from unknown (127.0.0.1)\n  by test with QMQP; 1 Jan 2025
 BODY = b"Subject: t\n\nhello\n"
 CLIENT = Client(remote_ip="127.0.0.1", remote_port="40000", local_ip="127.0.0.1",
                 local_port="628")
+
+
+def injector_for(config: Config, client: Client = CLIENT) -> Injector:
+    """As a worker makes it: with the route the session plan made from the settings."""
+    return Injector(config, client, Route.from_config(config))
 
 
 def make_message(body: bytes = BODY) -> Message:
@@ -37,7 +42,7 @@ def files_in(path: Path) -> list[str]:
 
 def native(queue: Path, **settings: str) -> Injector:
     env = {"QUEUEDIR": str(queue), "USE_FSYNC": "0", "USE_SYNCDIR": "0", **settings}
-    return Injector(load(environ=env), CLIENT)
+    return injector_for(load(environ=env))
 
 
 # -- native ----------------------------------------------------------------------------
@@ -93,11 +98,6 @@ def test_write_failure_maps_to_reply_and_leaves_nothing(queue: Path) -> None:
     assert files_in(queue) == [str(queue / "todo")]
 
 
-def test_no_queue_configured_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="QUEUEDIR"):
-        Injector(load(environ={}), CLIENT)
-
-
 def test_queue_count_spreads_over_every_queue(tmp_path: Path) -> None:
     for n in range(1, 5):
         create_queue(str(tmp_path / f"queue{n}"), split=3)
@@ -105,7 +105,7 @@ def test_queue_count_spreads_over_every_queue(tmp_path: Path) -> None:
                            "SPLIT": "3", "USE_FSYNC": "0", "USE_SYNCDIR": "0"})
     chosen: collections.Counter[str] = collections.Counter()
     for _ in range(200):
-        injector = Injector(config, CLIENT)
+        injector = injector_for(config)
         outcome = injector.inject(make_message())
         assert outcome.reply.status == "K"
         assert outcome.queue == injector.queue_path
@@ -118,7 +118,7 @@ def test_queue_count_spreads_over_every_queue(tmp_path: Path) -> None:
 def test_queue_start_offsets_the_numbers(tmp_path: Path) -> None:
     config = load(environ={"QUEUE_BASE": str(tmp_path), "QUEUE_COUNT": "2",
                            "QUEUE_START": "7"})
-    names = {os.path.basename(Injector(config, CLIENT).queue_path) for _ in range(100)}
+    names = {os.path.basename(injector_for(config).queue_path) for _ in range(100)}
     assert names == {"queue7", "queue8"}
 
 
@@ -127,7 +127,7 @@ def test_rule_env_overrides_the_queue(tmp_path: Path, queue: Path) -> None:
     create_queue(str(other))
     client = Client(remote_ip="127.0.0.2", rule_env={"QUEUEDIR": str(other)})
     config = load(environ={"QUEUEDIR": str(queue), "USE_FSYNC": "0"})
-    injector = Injector(config.overlay(client.rule_env, "rule env"), client)
+    injector = injector_for(config.overlay(client.rule_env, "rule env"), client)
     outcome = injector.inject(make_message())
     assert outcome.queue == str(other)
     assert len(os.listdir(other / "todo")) == 1 and os.listdir(queue / "todo") == []
@@ -164,7 +164,7 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def external(program: str, client: Client = CLIENT, **settings: str) -> Injector:
-    return Injector(load(environ={"QMAILQUEUE": program, **settings}), client)
+    return injector_for(load(environ={"QMAILQUEUE": program, **settings}), client)
 
 
 def test_external_program_gets_message_envelope_and_env(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import subprocess
 import tempfile
 import time
@@ -366,6 +367,16 @@ def test_size_limits_skip_scanning_with_a_header(start: Starter, clamd_daemon: C
 
 
 # --- the stage itself ----------------------------------------------------------------------
+
+def test_ping_finds_clamd_or_says_why_not(clamd_daemon: Clamd, tmp_path: Path) -> None:
+    """What start and check ask before they warn that every message would get Z."""
+    assert virus.UnixScanner(path=str(clamd_daemon.socket_path)).ping(10.0) is None
+    assert virus.UnixScanner(path=str(tmp_path / "none")).ping(1.0) == "No such file or directory"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(str(tmp_path / "silent"))
+        silent.listen(1)  # connects, never answers
+        assert virus.UnixScanner(path=str(tmp_path / "silent")).ping(0.2) == "TimeoutError"
+
 
 def test_spooled_message_is_streamed_not_loaded(clamd_daemon: Clamd) -> None:
     """Scanning a 1.8 MB spooled message allocates only about one chunk at a time."""

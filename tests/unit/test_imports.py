@@ -51,10 +51,12 @@ PENDING: dict[str, set[str]] = {
                      "qmqpd.admission", "qmqpd.listen", "qmqpd.lobby", "qmqpd.handoff"},
     # the planned backlog row: queue choice and flow control, its gauges, its status lines
     "qmqpd.injector": {"qmqpd.backlog"},
-    "qmqpd.metrics": {"qmqpd.backlog"},
+    "qmqpd.metrics": {"qmqpd.backlog",
+                      "qmqpd.listen"},  # the one way a listening socket is made (METRICS too)
     "qmqpd.status": {"qmqpd.backlog"},
     "qmqpd.queue": {"qmqpd.commit"},  # the shared commit rounds of COMMIT_MODE=syncfs
     "qmqpd.pool": {"qmqpd.limits"},  # a busy worker holds its client's Lease
+    "qmqpd.plan": {"filters.virus"},  # is clamd there: PING through the stage's own client
 }
 PENDING_PACKAGES: dict[str, set[str]] = {
     "qmqpd.metrics": {"prometheus_client"},  # the card names it in the job column only
@@ -79,7 +81,8 @@ PENDING_MODULES: dict[str, set[str]] = {
     # the one IP parser (v4-mapped folded) and host:port syntax, config's too: stdlib only
     "qmqpd.address": set(),
     # the master split by ownership (the card's "Next step" table)
-    "qmqpd.listen": set(),  # listening sockets: stdlib
+    # listening sockets; PROXY_SOCKET's owner resolved as the privilege drop resolves USER
+    "qmqpd.listen": {"qmqpd.procctl"},
     "qmqpd.admission": {"qmqpd.proxy", "qmqpd.rules", "qmqpd.limits"},  # the decision
     # the wait for the request: PROXY header reader, leases, the worker's length parser
     "qmqpd.lobby": {"qmqpd.proxy", "qmqpd.limits", "qmqpd.netstring"},

@@ -4,7 +4,8 @@ connects, sessions ending, workers dying mid-session, clients going away and rel
 After every turn each slot the ledger counts is held by a lease that a connection in the
 lobby or a busy worker owns; at the end every counter is back at zero. A slip (a lease
 released twice, an exception in the loop) costs a log line or an orderly exit 111, never
-a traceback with orphaned workers."""
+a traceback with orphaned workers. The same harness shows that a reload changing PORT
+leaves the title and status naming the port bound."""
 
 from __future__ import annotations
 
@@ -261,3 +262,24 @@ def test_whatever_escapes_the_loop_stops_the_workers_and_exits_111(
                 os.waitpid(pid, os.WNOHANG)
         final = json.loads((tmp_path / "status.json").read_text())
         assert final["state"] == "stopped" and final["exit"] == 111
+
+
+def test_a_reload_that_changes_port_keeps_showing_the_port_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PORT takes effect only after a restart: after a HUP that changes it, the title and
+    the status still name the address the master listens on."""
+    monkeypatch.setattr(master_module, "TICK", 0.02)
+    with in_process_master(tmp_path) as master:
+        bound = list(master.listeners.names)
+        new_port = master.listeners.sockets[0].getsockname()[1] % 60000 + 1024
+        master.config_loader = lambda: make_config(tmp_path, PORT=str(new_port))
+        titles: list[str] = []
+        master.observer.set_title = titles.append
+        master.signals.append("SIGHUP")
+        master.turn()
+        assert master.config.port == new_port  # the reload took
+        master.observer.title_shows = ()  # the next turn shows the title again
+        master.turn()
+        assert titles and titles[-1].startswith(f"qmqpd: master {','.join(bound)} ")
+        assert f":{new_port}" not in titles[-1]
+        assert master._status()["listen"] == bound

@@ -121,7 +121,8 @@ def test_one_plan_per_distinct_rule_env(tmp_path: Path) -> None:
     cfg = settings(QUEUEDIR=str(tmp_path / "q"))
     envs = [("10.", {"DATABYTES": "100", "RELAYCLIENT": ""}), ("11.", {"DATABYTES": "100"}),
             ("12.", {"MARK": "x"}), ("13.", {"DATABYTES": "200"})]
-    book = plan.build_book(cfg, envs)  # type: ignore[arg-type]
+    book, problems = plan.check_all(cfg, envs, Writer.current())  # type: ignore[arg-type]
+    assert problems == []
     assert len(book) == 3  # base (also 12.), DATABYTES=100 (10. and 11.), DATABYTES=200
     assert book.for_env({"DATABYTES": "100", "OTHER": "y"}) is book.for_env(envs[1][1])
     assert book.for_env({}).config.databytes == 20_000_000
@@ -131,31 +132,22 @@ def test_one_plan_per_distinct_rule_env(tmp_path: Path) -> None:
 def test_a_bad_rule_env_is_reported_with_its_rule(tmp_path: Path) -> None:
     create_queue(str(tmp_path / "q"))
     cfg = settings(QUEUEDIR=str(tmp_path / "q"))
-    with pytest.raises(plan.PlanError) as raised:
-        plan.build_book(cfg, [("10.1.", {"DATABYTES": "lots"})], rules="r.cdb")  # type: ignore[arg-type]
-    assert str(raised.value) == ("DATABYTES (databytes) from rule 10.1. in r.cdb: bad value "
-                                 "'lots'; allowed: bytes, 0 = no limit")
+    envs = [("10.1.", {"DATABYTES": "lots"})]
+    _book, (found,) = plan.check_all(cfg, envs, Writer.current(), "r.cdb")  # type: ignore[arg-type]
+    assert str(found) == ("DATABYTES (databytes) from rule 10.1. in r.cdb: bad value "
+                          "'lots'; allowed: bytes, 0 = no limit")
 
 
 def test_an_env_planned_on_first_use_keeps_its_failure(tmp_path: Path) -> None:
     create_queue(str(tmp_path / "q"))
-    book = plan.build_book(settings(QUEUEDIR=str(tmp_path / "q")))  # type: ignore[arg-type]
+    cfg = settings(QUEUEDIR=str(tmp_path / "q"))
+    book, problems = plan.check_all(cfg, (), Writer.current())  # type: ignore[arg-type]
+    assert problems == []
     with pytest.raises(plan.PlanError, match="SPLIT"):
         book.for_env({"SPLIT": "5"})
     (tmp_path / "q" / "mess" / "0").rename(tmp_path / "gone")  # the retry would differ...
     with pytest.raises(plan.PlanError, match="SPLIT"):  # ...but the verdict is kept
         book.for_env({"SPLIT": "5"})
-
-
-def test_rules_changed_reports_each_change_once(tmp_path: Path) -> None:
-    rules = tmp_path / "rules.cdb"
-    rules.write_bytes(b"one")
-    book = plan.PlanBook(settings(), rules=str(rules), stamp=plan.rules_stamp(str(rules)))  # type: ignore[arg-type]
-    assert not book.rules_changed()
-    rules.write_bytes(b"second")
-    assert book.rules_changed() and not book.rules_changed()
-    rules.unlink()
-    assert book.rules_changed() and not book.rules_changed()
 
 
 def test_problem_shape() -> None:
