@@ -156,11 +156,16 @@ def read_reply(sock: socket.socket, limit: int = 4096) -> bytes:
 
 def exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 20,
              source: str | None = None) -> bytes:
-    """Send raw bytes, half-close, return the raw answer."""
+    """Send raw bytes, half-close, return the raw answer (b"" from a server that closed
+    or reset the connection before taking it all, e.g. a denied client)."""
     with socket.create_connection((host, port), timeout=timeout,
                                   source_address=(source, 0) if source else None) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as error:  # the server's close or reset arrived first
+            if error.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise
         return read_reply(sock)
 
 
