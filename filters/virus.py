@@ -36,6 +36,7 @@ from qmqpd.message import Message, Reply
 
 CHUNK = 65536
 ANSWER_LIMIT = 4096  # clamd's answer is one short line
+_END = b"\0\0\0\0"  # a zero-length chunk: the end of the stream
 
 CLEAN = b"X-QHPSI: clean\n"
 INFECTED = b"X-QHPSI: Virus found\n"
@@ -131,10 +132,8 @@ class TcpScanner(Scanner):
 
 def _stream(sock: socket.socket, chunks: Iterable[bytes], deadline: float | None) -> str:
     try:
-        _send(sock, b"zINSTREAM\0", deadline)
-        for chunk in _nonempty(chunks):
-            _send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
-        _send(sock, b"\0\0\0\0", deadline)
+        for block in _writes(chunks):
+            _send(sock, block, deadline)
     except (BrokenPipeError, ConnectionResetError) as error:
         # At StreamMaxLength clamd writes why and closes; the line may still be readable.
         try:
@@ -164,9 +163,32 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _nonempty(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """A zero-length chunk ends an INSTREAM, so empty pieces are left out."""
-    return (chunk for chunk in chunks if chunk)
+def _writes(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The whole INSTREAM (command, length-prefixed chunks, end mark) as few writes as
+    possible: the pieces are joined into chunks of up to CHUNK bytes, and the command and
+    the end mark ride on the first and last write. A message under CHUNK is one write, so
+    neither side pays a system call and a wake-up per piece (the queue's head is one piece,
+    the client's bytes another). Empty pieces are left out: a zero-length chunk ends the
+    stream."""
+    command = b"zINSTREAM\0"
+    pending: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        piece = memoryview(chunk)  # slices of a view are not copies
+        while piece:
+            take = piece[: CHUNK - size]
+            piece = piece[len(take):]
+            pending.append(take)
+            size += len(take)
+            if size == CHUNK:
+                yield command + _frame(pending, size)
+                command, pending, size = b"", [], 0
+    tail = _frame(pending, size) if size else b""
+    yield command + tail + _END
+
+
+def _frame(pieces: list[memoryview], size: int) -> bytes:
+    return struct.pack("!L", size) + b"".join(pieces)
 
 
 def _remaining(deadline: float | None) -> float | None:
