@@ -1,12 +1,14 @@
-"""The virus stage: the whole final message streamed to clamd (INSTREAM), with IndiMail's
-QHPSI settings.
+"""The virus stage: the whole final message scanned by clamd, with IndiMail's QHPSI
+settings.
 
 clamd gets headers and body together, so it parses the message as mail and scans every
-decoded MIME part (base64, quoted-printable, archives inside them). Spooled messages are
-streamed from their file in chunks, never loaded whole. A scan that cannot be done (clamd
-down, hung, answering an error, or closing the stream at its StreamMaxLength) is a
-temporary failure unless QHPSI_PASS_ON_ERROR is set: an unscanned message is never
-accepted by accident.
+decoded MIME part (base64, quoted-printable, archives inside them). On a unix socket a
+message held in memory is handed over as a descriptor of a memory file (FILDES), so clamd
+scans it in place instead of receiving a stream and writing it to a temporary file first;
+over TCP, and for spooled messages, it is streamed (INSTREAM) — spooled ones from their
+file in chunks, never loaded whole. A scan that cannot be done (clamd down, hung,
+answering an error, or closing the stream at its StreamMaxLength) is a temporary failure
+unless QHPSI_PASS_ON_ERROR is set: an unscanned message is never accepted by accident.
 
 The INSTREAM client is our own, a few lines of clamd's documented protocol (`man clamd`):
 the clamd package's `instream` (1.0.2, the last release) connects with no time limit,
@@ -21,11 +23,13 @@ clamd there at start and reload); never touches queues or other stages.
 
 from __future__ import annotations
 
+import array
+import os
 import re
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from qmqpd import log
@@ -37,6 +41,8 @@ from qmqpd.message import Message, Reply
 
 CHUNK = 65536
 ANSWER_LIMIT = 4096  # clamd's answer is one short line
+_END = b"\0\0\0\0"  # a zero-length chunk: the end of the stream
+_HAS_MEMFD = hasattr(os, "memfd_create")  # Linux; elsewhere every message is streamed
 
 CLEAN = b"X-QHPSI: clean\n"
 INFECTED = b"X-QHPSI: Virus found\n"
@@ -58,7 +64,7 @@ class ScanResult:
     name: str = ""
 
 
-# clamd's answer to INSTREAM: "stream: OK", "stream: NAME FOUND" or "... ERROR".
+# clamd's answer: "stream: OK" (INSTREAM) or "fd[N]: OK" (FILDES), "...: NAME FOUND", "... ERROR".
 _ANSWER = re.compile(r"(?P<path>.*): ((?P<name>.+) )?(?P<status>FOUND|OK|ERROR)\Z")
 
 
@@ -76,7 +82,15 @@ class Scanner:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def scan(self, message: Message) -> ScanResult:
+        """The final message, headers and body: streamed (INSTREAM)."""
+        return self.scan_chunks(message.final_chunks(CHUNK))
+
     def scan_chunks(self, chunks: Iterable[bytes]) -> ScanResult:
+        return self._ask(lambda sock, deadline: _stream(sock, chunks, deadline))
+
+    def _ask(self, talk: Callable[[socket.socket, float | None], str]) -> ScanResult:
+        """One connection, one command, one answer, all within CLAMD_TIMEOUT."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
             try:
@@ -87,7 +101,7 @@ class Scanner:
                 raise ScannerError(f"cannot connect to clamd at {self.describe()}: "
                                    f"{_describe(error)}") from None
             try:
-                answer = _stream(sock, chunks, deadline)
+                answer = talk(sock, deadline)
             finally:
                 sock.close()
         except TimeoutError:
@@ -114,12 +128,22 @@ class Scanner:
 
 
 class UnixScanner(Scanner):
+    """clamd on a local socket. A message held in memory is handed over as a file
+    descriptor (FILDES, as clamdscan and clamav-milter do): clamd scans it in place,
+    instead of receiving the stream and writing it to a file of its own first."""
+
     def __init__(self, path: str, timeout: float | None = None) -> None:
         super().__init__(timeout)
         self.path = path
 
     def describe(self) -> str:
         return self.path
+
+    def scan(self, message: Message) -> ScanResult:
+        if not (message.data.in_memory and _HAS_MEMFD):
+            return super().scan(message)  # a spooled message is streamed, never copied whole
+        head, body = message.head, message.data.bytes()
+        return self._ask(lambda sock, deadline: _pass_fd(sock, head, body, deadline))
 
     def _connect(self, timeout: float | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -147,10 +171,8 @@ class TcpScanner(Scanner):
 
 def _stream(sock: socket.socket, chunks: Iterable[bytes], deadline: float | None) -> str:
     try:
-        _send(sock, b"zINSTREAM\0", deadline)
-        for chunk in _nonempty(chunks):
-            _send(sock, struct.pack("!L", len(chunk)) + chunk, deadline)
-        _send(sock, b"\0\0\0\0", deadline)
+        for block in _writes(chunks):
+            _send(sock, block, deadline)
     except (BrokenPipeError, ConnectionResetError) as error:
         # At StreamMaxLength clamd writes why and closes; the line may still be readable.
         try:
@@ -160,6 +182,24 @@ def _stream(sock: socket.socket, chunks: Iterable[bytes], deadline: float | None
         if "size limit" in answer:
             raise StreamTooLong(answer) from None
         raise ScannerError(f"clamd closed the stream: {_describe(error)}") from None
+    return _read_answer(sock, deadline)
+
+
+def _pass_fd(sock: socket.socket, head: bytes, body: bytes, deadline: float | None) -> str:
+    """FILDES: the message in an anonymous memory file, its descriptor sent to clamd."""
+    fd = os.memfd_create("qmqpd-scan", os.MFD_CLOEXEC)
+    try:
+        written = os.writev(fd, [head, body])
+        if written != len(head) + len(body):  # a memory file is written whole or fails
+            raise OSError(f"short write to the scan's memory file ({written} bytes)")
+        os.lseek(fd, 0, os.SEEK_SET)  # clamd reads from the descriptor's offset
+        _send(sock, b"zFILDES\0", deadline)
+        sock.settimeout(_remaining(deadline))
+        # the descriptor travels with one byte of data, as clamdscan sends it
+        sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                 array.array("i", [fd]))])
+    finally:
+        os.close(fd)  # clamd holds its own copy once the message is sent
     return _read_answer(sock, deadline)
 
 
@@ -180,9 +220,32 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _nonempty(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """A zero-length chunk ends an INSTREAM, so empty pieces are left out."""
-    return (chunk for chunk in chunks if chunk)
+def _writes(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The whole INSTREAM (command, length-prefixed chunks, end mark) as few writes as
+    possible: the pieces are joined into chunks of up to CHUNK bytes, and the command and
+    the end mark ride on the first and last write. A message under CHUNK is one write, so
+    neither side pays a system call and a wake-up per piece (the queue's head is one piece,
+    the client's bytes another). Empty pieces are left out: a zero-length chunk ends the
+    stream."""
+    command = b"zINSTREAM\0"
+    pending: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        piece = memoryview(chunk)  # slices of a view are not copies
+        while piece:
+            take = piece[: CHUNK - size]
+            piece = piece[len(take):]
+            pending.append(take)
+            size += len(take)
+            if size == CHUNK:
+                yield command + _frame(pending, size)
+                command, pending, size = b"", [], 0
+    tail = _frame(pending, size) if size else b""
+    yield command + tail + _END
+
+
+def _frame(pieces: list[memoryview], size: int) -> bytes:
+    return struct.pack("!L", size) + b"".join(pieces)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -243,7 +306,7 @@ class VirusStage:
         if self._outside_limits(size):
             return Verdict.accept(NOT_SCANNED_SIZE, result="skipped", size=size)
         try:
-            result = self.scanner.scan_chunks(message.final_chunks(CHUNK))
+            result = self.scanner.scan(message)
         except StreamTooLong as error:
             return self._could_not_scan(Reply.named("scanner_size_limit"), error)
         except ScannerError as error:

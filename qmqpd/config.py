@@ -416,13 +416,14 @@ SETTINGS: dict[str, Setting] = {
            "the wait of each message above QUEUE_SOFT_TODO", "backlog"),
         _s("QHPSI", _scan_switch, None,
            "1/yes/on or a scanner command line = scan; unset, empty, 0, no, off = do not scan",
-           "scan each message with clamd (INSTREAM); a rule's QHPSI=\"\" turns it off",
+           "scan each message with clamd; a rule's QHPSI=\"\" turns it off",
            "virus"),
         _s("QHPSIMINSIZE", _int_parser(0), 0, "bytes, 0 = no lower limit",
            "smaller messages are not scanned (logged, X-QHPSI: not scanned)", "virus"),
         _s("QHPSIMAXSIZE", _int_parser(0), 0, "bytes, 0 = no upper limit",
            "larger messages are not scanned (logged, X-QHPSI: not scanned); keep it at or "
-           "below clamd's StreamMaxLength, else such messages get Z", "virus"),
+           "below clamd's StreamMaxLength, else such messages get Z when streamed (over "
+           "CLAMD_TCP, or above 1 MiB)", "virus"),
         _s("REJECTVIRUS", _int_parser(0), 1, "0, 1 or 2 (above 2 = 1)",
            "infected: 1 = reject with D, 0 = queue with X-QHPSI: Virus found, "
            "2 = answer K and discard", "virus"),

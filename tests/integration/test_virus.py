@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import subprocess
 import tempfile
@@ -396,3 +397,53 @@ def test_spooled_message_is_streamed_not_loaded(clamd_daemon: Clamd) -> None:
     assert verdict.action == "reject"
     assert str(verdict.facts["found"]).startswith(SIGNATURE)
     assert peak < 512 << 10, f"peak {peak} bytes while scanning"
+
+
+def _in_memory(body: bytes) -> Message:
+    return Message(SENDER, list(RECIPIENTS), MessageData(body), received=b"Received: test\n")
+
+
+def test_in_memory_message_goes_by_descriptor_on_the_socket_and_streamed_over_tcp(
+        tmp_path: Path) -> None:
+    """A clamd whose StreamMaxLength (64 KiB) is below a 100 KB message: on the unix socket
+    the message is handed over as a descriptor and scanned to its end (EICAR found after
+    the padding); over TCP it must be streamed and clamd's size-limit answer is a Z."""
+    daemon = Clamd(tmp_path / "small-clamd", stream_max_length=64 << 10).start()
+    try:
+        body = b"Subject: padded\n\n" + b"p" * (100 << 10) + b"\n" + eicar() + b"\n"
+        by_fd = virus.VirusStage(virus.UnixScanner(str(daemon.socket_path), timeout=10))
+        verdict = by_fd.process(_in_memory(body))
+        assert verdict.action == "reject"
+        assert str(verdict.facts["found"]).startswith(SIGNATURE)
+        host, port = daemon.tcp.split(":")
+        streamed = virus.VirusStage(virus.TcpScanner(host, int(port), timeout=10))
+        verdict = streamed.process(_in_memory(body))
+        assert verdict.action == "tempfail"
+        assert "INSTREAM size limit" in str(verdict.facts["error"])
+    finally:
+        daemon.stop()
+
+
+def test_scans_by_descriptor_leave_no_descriptor_open(clamd_daemon: Clamd) -> None:
+    stage = virus.VirusStage(virus.UnixScanner(str(clamd_daemon.socket_path), timeout=10))
+    before = len(os.listdir("/proc/self/fd"))
+    for number in range(20):
+        assert stage.process(_in_memory(clean_message(number))).action == "accept"
+    assert stage.process(_in_memory(raw_eicar())).action == "reject"
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_silent_clamd_socket_is_z_at_the_deadline(tmp_path: Path) -> None:
+    """A socket that takes connections but never answers (clamd hung): the descriptor is
+    sent into the socket's buffer, and the answer's wait ends at CLAMD_TIMEOUT."""
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.bind(str(path))
+        silent.listen(4)
+        stage = virus.VirusStage(virus.UnixScanner(str(path), timeout=0.5))
+        started = time.monotonic()
+        verdict = stage.process(_in_memory(clean_message()))
+        took = time.monotonic() - started
+    assert verdict.action == "tempfail"
+    assert "CLAMD_TIMEOUT" in str(verdict.facts["error"])
+    assert 0.4 < took < 5

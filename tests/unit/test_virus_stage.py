@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -147,3 +149,36 @@ def test_no_clamd_at_the_socket_is_a_scanner_error(tmp_path) -> None:
     scanner = virus.UnixScanner(str(tmp_path / "absent.sock"), timeout=1)
     with pytest.raises(virus.ScannerError, match="cannot connect to clamd at"):
         scanner.scan_chunks([b"x"])
+
+
+def _instream_payload(writes: list[bytes]) -> tuple[bytes, list[int]]:
+    """What clamd reads from an INSTREAM: the data and each chunk's length."""
+    stream = b"".join(writes)
+    assert stream.startswith(b"zINSTREAM\0")
+    at, data, lengths = len(b"zINSTREAM\0"), b"", []
+    while True:
+        (length,) = struct.unpack("!L", stream[at:at + 4])
+        at += 4
+        if length == 0:
+            break
+        lengths.append(length)
+        data += stream[at:at + length]
+        at += length
+    assert at == len(stream), "bytes after the end mark"
+    return data, lengths
+
+
+@given(st.lists(st.binary(max_size=3 * virus.CHUNK), max_size=5))
+def test_instream_carries_every_piece_in_order(pieces: list[bytes]) -> None:
+    writes = list(virus._writes(pieces))
+    data, lengths = _instream_payload(writes)
+    assert data == b"".join(pieces)
+    assert all(0 < length <= virus.CHUNK for length in lengths)
+    assert len(writes) == len(data) // virus.CHUNK + 1  # full chunks, then the rest and the end
+
+
+def test_a_small_message_is_one_write() -> None:
+    """The queue's head and the client's bytes go to clamd in one write, not four."""
+    writes = list(virus._writes([b"Received: x\n", b"Subject: s\n\nbody\n"]))
+    assert writes == [b"zINSTREAM\0" + struct.pack("!L", 29)
+                      + b"Received: x\nSubject: s\n\nbody\n" + b"\0\0\0\0"]
