@@ -145,8 +145,14 @@ FLAKY_LAUNCHER = textwrap.dedent("""
     failures = sys.argv[2]
 
     def flaky_worker(channel, plans):
-        if len(os.listdir(failures)) < 3:  # the first three die while they boot
-            open(os.path.join(failures, str(os.getpid())), "w").close()
+        # the first three die while they boot: each claims one of three names, atomically,
+        # since workers boot side by side
+        for slot in range(3):
+            try:
+                os.close(os.open(os.path.join(failures, str(slot)),
+                                 os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
             raise RuntimeError("worker cannot boot yet")
         worker.worker_main(channel, plans)
 
