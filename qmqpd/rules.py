@@ -513,7 +513,8 @@ class RuleTable:
         self._error = ""
         # The rule found per client address in the open cdb: the master looks up the same
         # few addresses over and over, and a cdb never changes while open (a new file is a
-        # reopen, which forgets them). Bounded by RULE_CACHE.
+        # reopen, which forgets them). Bounded by RULE_CACHE. A remembered Rule is shared:
+        # callers read its env, never change it.
         self._found: dict[str, Rule] = {}
         if path is not None:
             self._refresh()
