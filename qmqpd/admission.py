@@ -25,6 +25,10 @@ from qmqpd.rules import Rule, RuleTable
 
 # How often the rules file is looked at when no client arrives (for the planner).
 RULES_CHECK_INTERVAL = 1.0
+# Rule envs whose limits are remembered at once (a bound against a huge rules file).
+RULE_LIMITS_CACHE = 4096
+# A rule's MAXPERIP, MIN_RATE and RATE_GRACE, as the master applies them.
+RuleLimits = tuple[int, int, float]
 
 
 class Plans(Protocol):
@@ -141,6 +145,9 @@ class Admission:
         self.ledger = ledger
         self.hostname = hostname
         self.unusable_rules: set[str | None] = set()
+        # (MAXPERIP, MIN_RATE, RATE_GRACE) per rule env, read from its plan once rather
+        # than through Config attributes on every connection; dropped with the plans.
+        self._limits: dict[tuple[tuple[str, str | None], ...], RuleLimits] = {}
 
     def replan_if_changed(self, now: float, planner: Callable[[Config], Plans]) -> None:
         """A replaced rules cdb is planned again: every rule env checked (a bad one is one
@@ -157,6 +164,7 @@ class Admission:
             return
         self.plans = plans
         self.unusable_rules.clear()
+        self._limits.clear()
         log.event("replan", reason="rules changed", rules=self.config.rules)
 
     def decide(self, peer: tuple, local: tuple | None, balancer: bool = False) -> Decision:
@@ -180,8 +188,7 @@ class Admission:
         if not rule.allow:
             log.event("deny", ip=ip, rule=rule.key, reason=rule.reason or None)
             return Deny(ip, rule.key, rule.reason)
-        settings = self._rule_settings(rule)
-        limit = int(settings.maxperip)
+        limit, min_rate, grace = self._rule_limits(rule)
         lease = self.ledger.admit(ip, limit)
         if lease is None:
             answer = Reply.named("too_many_per_ip").line
@@ -193,19 +200,33 @@ class Admission:
                         local_ip=fold_ip(str(local[0])), local_port=str(local[1]),
                         local_host=self.hostname, proto="TCP6" if ":" in ip else "TCP",
                         rule_env=dict(rule.env))
-        return Admit(lease, client, int(settings.min_rate), float(settings.rate_grace))
+        return Admit(lease, client, min_rate, grace)
 
     def client_of(self, header: proxy.ProxyHeader, peer: tuple[str, int]) -> tuple[str, int]:
         return self.policy.client_of(header, peer)
 
-    def _rule_settings(self, rule: Rule) -> Config:
+    def _rule_limits(self, rule: Rule) -> RuleLimits:
+        """MAXPERIP, MIN_RATE and RATE_GRACE of the rule's settings, remembered per env."""
+        env = tuple(rule.env.items())
+        limits = self._limits.get(env)
+        if limits is None:
+            settings, usable = self._rule_settings(rule)
+            limits = (int(settings.maxperip), int(settings.min_rate),
+                      float(settings.rate_grace))
+            if usable:  # an unusable env goes back to the plans (and its warning) each time
+                if len(self._limits) >= RULE_LIMITS_CACHE:
+                    self._limits.clear()
+                self._limits[env] = limits
+        return limits
+
+    def _rule_settings(self, rule: Rule) -> tuple[Config, bool]:
         """The rule's validated settings (rule env over the global), as its worker applies
         them: MAXPERIP here, MIN_RATE and RATE_GRACE in the lobby."""
         try:
-            return self.plans.settings(rule.env)
+            return self.plans.settings(rule.env), True
         except ConfigError as error:  # only a rule added after the last planning
             if rule.key not in self.unusable_rules:  # once per rule, not per connection
                 self.unusable_rules.add(rule.key)
                 log.warning("rule settings unusable; using the global ones",
                             rule=rule.key, error=str(error))
-            return self.config
+            return self.config, False

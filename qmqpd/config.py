@@ -492,11 +492,16 @@ SETTINGS: dict[str, Setting] = {
 class Config:
     """Frozen settings: attribute per key (lower case), plus where each value came from."""
 
-    __slots__ = ("_sources", "_values")
+    __slots__ = ("__dict__", "_sources", "_values")
 
     def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
         object.__setattr__(self, "_values", dict(values))
         object.__setattr__(self, "_sources", dict(sources))
+        # Each setting also as a plain attribute under its lower-case name, so reading one
+        # (the master does per connection) is a dict lookup, not a call of __getattr__.
+        # Names the class itself uses (methods) are left to __getattr__, as before.
+        self.__dict__.update((name.lower(), value) for name, value in self._values.items()
+                             if not hasattr(Config, name.lower()))
 
     def __getattr__(self, key: str) -> Any:
         try:

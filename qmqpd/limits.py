@@ -83,7 +83,7 @@ class Capacity:
         return self.busy >= self.maximum
 
     def acquire(self) -> bool:
-        if self.full:
+        if self.busy >= self.maximum:  # self.full, without a property call per hand-off
             return False
         self.busy += 1
         return True
@@ -106,7 +106,7 @@ WORKER = "worker"
 RELEASED = "released"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lease:
     """One admitted client's slots: its per-IP slot from admission on, the capacity slot
     from the hand-off on. Only its `Ledger` changes it."""
@@ -136,7 +136,8 @@ class Ledger:
 
     @property
     def full(self) -> bool:
-        return self.capacity.full
+        capacity = self.capacity  # capacity.full, read here: the master asks every turn
+        return capacity.busy >= capacity.maximum
 
     def start(self, lease: Lease) -> bool:
         """The lease passes to a worker and takes a capacity slot; False when all are busy."""
@@ -148,7 +149,7 @@ class Ledger:
     def release(self, lease: Lease) -> bool:
         """Give back every slot the lease holds, once; a second release is logged, not
         raised (False), so a bookkeeping slip costs a log line, never the master."""
-        if lease.released:
+        if lease.owner == RELEASED:  # lease.released, without a property call
             self.double_releases += 1
             log.error("lease released twice; ignored", ip=lease.ip)
             return False

@@ -84,10 +84,17 @@ class Client(FrozenRecord):
                  local_port: str = "", remote_host: str = "", remote_info: str = "",
                  local_host: str = "", proto: str = "TCP",
                  rule_env: Mapping[str, str | None] | None = None) -> None:
-        self._set(remote_ip=remote_ip, remote_port=remote_port, local_ip=local_ip,
-                  local_port=local_port, remote_host=remote_host, remote_info=remote_info,
-                  local_host=local_host, proto=proto,
-                  rule_env={} if rule_env is None else rule_env)
+        # Set one by one, not through _set(**fields): the master builds one per connection.
+        set_field = object.__setattr__
+        set_field(self, "remote_ip", remote_ip)
+        set_field(self, "remote_port", remote_port)
+        set_field(self, "local_ip", local_ip)
+        set_field(self, "local_port", local_port)
+        set_field(self, "remote_host", remote_host)
+        set_field(self, "remote_info", remote_info)
+        set_field(self, "local_host", local_host)
+        set_field(self, "proto", proto)
+        set_field(self, "rule_env", {} if rule_env is None else rule_env)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Client:

@@ -492,6 +492,8 @@ def is_loopback(ip: str) -> bool:
 
 
 NO_RULES_REASON = "no rules configured: only loopback clients are allowed"
+# Client addresses whose rule a RuleTable remembers at once.
+RULE_CACHE = 4096
 
 
 class RuleTable:
@@ -509,6 +511,11 @@ class RuleTable:
         self._identity: tuple[int, int, int, int] | None = None
         self._cidr_lengths: frozenset[int] = frozenset()
         self._error = ""
+        # The rule found per client address in the open cdb: the master looks up the same
+        # few addresses over and over, and a cdb never changes while open (a new file is a
+        # reopen, which forgets them). Bounded by RULE_CACHE. A remembered Rule is shared:
+        # callers read its env, never change it.
+        self._found: dict[str, Rule] = {}
         if path is not None:
             self._refresh()
             if self._error and _looks_like_text(path):
@@ -523,6 +530,19 @@ class RuleTable:
             self._refresh()
         if self._db is None:
             return Rule(False, {}, None, self._error)
+        if host or info:
+            return self._read(ip, host, info)
+        rule = self._found.get(ip)
+        if rule is None:
+            rule = self._read(ip, "", "")
+            if self._db is not None:  # read without error
+                if len(self._found) >= RULE_CACHE:
+                    self._found.clear()
+                self._found[ip] = rule
+        return rule
+
+    def _read(self, ip: str, host: str, info: str) -> Rule:
+        assert self._db is not None
         try:
             found = _find(self._db, ip, host, info, self._cidr_lengths)
         except OSError as error:  # a cdb damaged in place, not replaced by rename
@@ -543,6 +563,7 @@ class RuleTable:
             self._db.close()
         self._db = None
         self._identity = None
+        self._found.clear()
 
     def _refresh(self) -> None:
         """Reopen when the file's identity changed; one stat per lookup when it did not."""

@@ -228,7 +228,7 @@ class Observer:
         self.next_busy_warning = 0.0
 
     def connection(self, result: str, ip: str = "") -> None:
-        self.counters.connection(result)
+        self.counters.connections[result] += 1  # counters.connection(), once per client
         if self.feed is not None and result in REFUSALS:
             self.feed.refused(ip, result)
 

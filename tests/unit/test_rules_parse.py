@@ -284,6 +284,23 @@ def test_rewrite_in_place_with_new_size_is_seen(tmp_path):
     assert table.lookup("192.0.2.1").env == {"A": "1"}
 
 
+def test_remembered_rules_are_bounded_and_forgotten_on_refresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(rules, "RULE_CACHE", 2)
+    table = make_table(tmp_path, '192.0.2.1:allow,A="1"\n192.0.2.2:deny\n:allow\n')
+    for _ in range(2):  # more addresses than the cache holds, each asked twice
+        assert table.lookup("192.0.2.1", refresh=False).env == {"A": "1"}
+        assert not table.lookup("192.0.2.2", refresh=False).allow
+        assert table.lookup("192.0.2.3", refresh=False) == Rule(True, {}, "")
+    other = tmp_path / "new"
+    other.write_text('192.0.2.1:deny\n:allow,B="2"\n')
+    compile_rules(str(other), str(other) + ".cdb")
+    os.rename(str(other) + ".cdb", str(tmp_path / "tcp.qmqp.cdb"))
+    assert table.lookup("192.0.2.1", refresh=False).env == {"A": "1"}  # not looked at yet
+    assert table.refresh()
+    assert not table.lookup("192.0.2.1", refresh=False).allow
+    assert table.lookup("192.0.2.3", refresh=False).env == {"B": "2"}
+
+
 def test_check_output_format(tmp_path):
     make_table(tmp_path, '1.2.3.4:allow,A="x",!B\n1.2.:deny\n')
     cdb = str(tmp_path / "tcp.qmqp.cdb")
