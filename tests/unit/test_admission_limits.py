@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd import admission, config, log, rules
+from qmqpd import config, log, rules
 from qmqpd.admission import Admission, Admit, Refuse
 from qmqpd.config import Config
 from qmqpd.limits import Ledger
@@ -44,8 +44,7 @@ def make_admission(tmp: Path, text: str, **extra: str) -> tuple[Admission, Confi
     env = {"MAXPERIP": "2", "MIN_RATE": "100", "RATE_GRACE": "5",
            "RULES": compile_rules(tmp, text), **extra}
     cfg = config.load(None, environ=env)
-    gate = Admission(cfg, admission.proxy_policy(cfg), PlanBook(cfg),
-                     admission.open_rules(cfg), Ledger(50), "host.example")
+    gate = Admission(cfg, PlanBook(cfg), Ledger(50), "host.example")
     return gate, cfg
 
 
