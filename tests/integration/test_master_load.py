@@ -270,7 +270,11 @@ def test_idle_and_slow_connections_hold_no_worker(
         assert is_ok(reply), reply
         assert took < FRESH_CLIENT_BOUND, took
         workers = server.workers()
-        assert len(workers) <= 75 and not server.titled("receiving"), workers
+        # no worker holds an idle or slow connection (the fresh client's worker may not
+        # have put its title back to idle yet: it answers first)
+        held = {pid: title for pid, title in workers.items()
+                if " 127.0.1." in title or " 127.0.4." in title}
+        assert len(workers) <= 75 and not held, workers
         wait_until(lambda: all(s.answer for s in senders), seconds=grace + 20,
                    what="every slow sender cut")
         # after FIRST_BYTE_TIMEOUT the idle ones are closed without a word
