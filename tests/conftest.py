@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from qmqpd import ipc
+from qmqpd import ipc, log
 from qmqpd.queue import create_queue
 from tests.support import TcpServerSession
 
@@ -17,6 +19,15 @@ from tests.support import TcpServerSession
 # servers run as whoever runs the suite, on purpose (subprocesses inherit this).
 if os.geteuid() == 0:
     os.environ.setdefault("ALLOW_ROOT", "1")
+
+
+@pytest.fixture
+def events() -> Iterator[io.StringIO]:
+    """The event lines the code under test logs."""
+    stream = io.StringIO()
+    log.set_stream(stream)
+    yield stream
+    log.set_stream(sys.stderr)
 
 
 @pytest.fixture

@@ -5,30 +5,16 @@ every connection."""
 
 from __future__ import annotations
 
-import io
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from qmqpd import config, log, rules
+from qmqpd import config, rules
 from qmqpd.admission import Admission, Admit, Refuse
 from qmqpd.config import Config
 from qmqpd.limits import Ledger
 from qmqpd.plan import PlanBook
 
 LOCAL = ("127.0.0.1", 628)
-
-
-@pytest.fixture
-def events() -> Iterator[io.StringIO]:
-    """The event lines admission logs."""
-    stream = io.StringIO()
-    log.set_stream(stream)
-    yield stream
-    log.set_stream(sys.stderr)
 
 
 def compile_rules(tmp: Path, text: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qmqpd import config, ipc, log, status
+from qmqpd import config, ipc, status
 from qmqpd.filters.pipeline import StageVerdict
 from qmqpd.handler import SessionResult
 from qmqpd.message import Reply
@@ -32,15 +32,6 @@ def fake_master() -> Iterator[int]:
     yield proc.pid
     proc.kill()
     proc.wait(5)
-
-
-@pytest.fixture
-def events() -> Iterator[io.StringIO]:
-    """The event lines the code under test logs."""
-    stream = io.StringIO()
-    log.set_stream(stream)
-    yield stream
-    log.set_stream(sys.stderr)
 
 
 # ---- the done record ------------------------------------------------------------------
