@@ -227,7 +227,10 @@ def test_idle_connections_hold_no_worker(server_factory: Callable[..., Server]) 
         assert is_ok(reply), reply
         assert took < FRESH_CLIENT_BOUND, took
         workers = server.workers()
-        assert len(workers) <= 75 and not server.titled("receiving"), workers
+        # no worker holds an idle connection (the fresh client's worker may not have put
+        # its title back to idle yet: it answers first)
+        assert len(workers) <= 75 and not [title for title in workers.values()
+                                           if " 127.0.1." in title], workers
         # waiting connections count toward MAXPERIP
         with socket.create_connection(("127.0.0.1", server.port), timeout=10,
                                       source_address=("127.0.1.1", 0)) as extra:
